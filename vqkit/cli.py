@@ -1,0 +1,85 @@
+"""The ``vqkit`` command line: argument parsing, exit codes and printing only.
+
+Each subcommand lives in a module of :mod:`vqkit.commands` exposing
+``configure(parser)`` and ``run(args) -> int``; modules are imported when the parser is
+built, so they must import heavy libraries (torch, mlflow) inside ``run`` only.
+User errors (:class:`~vqkit.errors.VqkitError`) print ``vqkit: error: ...`` lines and
+exit 2 without a traceback; internal bugs keep their traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import warnings
+from typing import Sequence
+
+from vqkit import __version__
+from vqkit.errors import EXIT_USER_ERROR, Problem, VqkitError, suggest
+
+#: (command, module in vqkit.commands, one-line help)
+COMMANDS: list[tuple[str, str, str]] = [
+    ("plugins", "listing", "list plugin distributions and their status"),
+    ("components", "listing", "list registered components and their params"),
+    ("validate", "recipes", "validate recipes and report every problem"),
+    ("explain", "recipes", "print the normalized recipe (defaults filled in)"),
+]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises :class:`VqkitError` instead of exiting, with suggestions."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        if "invalid choice" in message and self._subparsers is not None:
+            bad = message.split("invalid choice: ")[1].split(" ")[0].strip("'")
+            choices = [name for name, _, _ in COMMANDS]
+            raise VqkitError(Problem(f"unknown command {bad!r}" + suggest(bad, choices)))
+        if message.startswith("unrecognized arguments"):
+            bad = message.split(": ", 1)[1]
+            opts = [o for a in self._actions for o in a.option_strings]
+            first = bad.split()[0]
+            raise VqkitError(Problem(f"{self.prog}: unknown option {first!r}" + suggest(first, opts)))
+        raise VqkitError(Problem(f"{self.prog}: {message}"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="vqkit", description="Train vector-quantized autoencoders from YAML recipes.")
+    parser.add_argument("--version", action="version", version=f"vqkit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, module, help_text in COMMANDS:
+        mod = importlib.import_module(f"vqkit.commands.{module}")
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        getattr(mod, f"configure_{name.replace('-', '_')}")(p)
+        p.set_defaults(_run=getattr(mod, f"run_{name.replace('-', '_')}"))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from vqkit.plugins import format_warning_once
+
+    format_warning_once()
+    warnings.simplefilter("default")
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "_run", None):
+            parser.print_help()
+            return EXIT_USER_ERROR
+        return int(args._run(args) or 0)
+    except VqkitError as exc:
+        for problem in exc.problems:
+            print(f"vqkit: error: {problem}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("vqkit: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+def entry() -> None:  # console_scripts target
+    sys.exit(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    entry()

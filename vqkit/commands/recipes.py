@@ -1,0 +1,59 @@
+"""``vqkit validate`` and ``vqkit explain``."""
+from __future__ import annotations
+
+import json
+import sys
+
+from vqkit.errors import VqkitError
+
+
+def _add_set(p) -> None:
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+        help="override a recipe key (value parsed as YAML); repeatable",
+    )
+
+
+def configure_validate(p) -> None:
+    p.add_argument("recipes", nargs="+", metavar="RECIPE")
+    _add_set(p)
+    p.add_argument("--json", action="store_true", help="print a JSON list of problems per recipe")
+
+
+def run_validate(args) -> int:
+    from vqkit.recipe import load_recipe
+
+    report = []
+    failed = False
+    for path in args.recipes:
+        try:
+            load_recipe(path, args.overrides)
+            report.append({"recipe": path, "ok": True, "problems": []})
+            if not args.json:
+                print(f"{path}: ok")
+        except VqkitError as exc:
+            failed = True
+            report.append({"recipe": path, "ok": False, "problems": [p.to_json() for p in exc.problems]})
+            if not args.json:
+                for problem in exc.problems:
+                    print(f"vqkit: error: {problem}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    return 2 if failed else 0
+
+
+def configure_explain(p) -> None:
+    p.add_argument("recipe", metavar="RECIPE")
+    _add_set(p)
+    p.add_argument("--json", action="store_true", help="print JSON instead of YAML")
+
+
+def run_explain(args) -> int:
+    from vqkit.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.json:
+        print(json.dumps(recipe.to_dict(), indent=2))
+    else:
+        sys.stdout.write(recipe.to_yaml())
+    return 0

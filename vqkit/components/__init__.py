@@ -1,0 +1,2 @@
+"""Built-in components. Each module is a plugin registered through the ``vqkit``
+entry-point group (see setup.cfg), exactly like a third-party plugin."""

@@ -1,0 +1,58 @@
+"""User-facing errors: one type, printed without traceback, exit code 2."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Iterable, Sequence
+
+EXIT_USER_ERROR = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """One thing wrong with user input, located as precisely as known."""
+
+    message: str
+    path: str = ""
+    file: str | None = None
+    line: int | None = None  # 1-based
+    col: int | None = None  # 1-based
+
+    def __str__(self) -> str:
+        where = ""
+        if self.file:
+            where = self.file
+            if self.line is not None:
+                where += f":{self.line}"
+                if self.col is not None:
+                    where += f":{self.col}"
+            where += ": "
+        path = f"{self.path}: " if self.path else ""
+        return f"{where}{path}{self.message}"
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class VqkitError(Exception):
+    """An error the user can fix (bad recipe, unknown component, missing file,
+    broken plugin). The CLI prints each problem and exits 2 without a traceback."""
+
+    def __init__(self, problems: str | Problem | Sequence[Problem]):
+        if isinstance(problems, str):
+            problems = [Problem(problems)]
+        elif isinstance(problems, Problem):
+            problems = [problems]
+        self.problems: list[Problem] = list(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+def suggest(name: str, choices: Iterable[str]) -> str:
+    """' (did you mean 'x'? valid: a, b, c)' for an unknown ``name``."""
+    choices = sorted(set(choices))
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
+    parts = []
+    if close:
+        parts.append(f"did you mean {close[0]!r}?")
+    parts.append("valid: " + (", ".join(choices) if choices else "(none registered)"))
+    return " (" + " ".join(parts) + ")"

@@ -1,0 +1,507 @@
+"""Recipes: load YAML safely, merge ``extends:``, apply ``--set`` overrides, validate
+every block and every component's params, and normalize (defaults filled in).
+
+All problems of a recipe are collected and raised together as one
+:class:`~vqkit.errors.VqkitError`, each located as ``file:line:col: key.path: message``.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from vqkit.errors import Problem, VqkitError, suggest
+from vqkit.plugins import NOUNS, get_registry
+
+SCHEMA_VERSION = 1
+
+Path_ = tuple  # a key path: tuple of str (mapping keys) and int (list indices)
+
+
+# =========================================================================== schema
+class _Block(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class ComponentRef(_Block):
+    name: str = Field(description="registered component name")
+    params: dict[str, Any] = Field(default_factory=dict, description="the component's params")
+
+
+class LossRef(ComponentRef):
+    weight: float = Field(1.0, ge=0, description="weight of this loss in the generator objective")
+    start_step: int = Field(0, ge=0, description="step from which the loss is applied")
+
+
+class DiscriminatorRef(ComponentRef):
+    loss: Literal["hinge", "non-saturating"] = Field("hinge", description="GAN loss")
+    weight: float = Field(0.1, ge=0, description="weight of the adversarial generator loss")
+    start_step: int = Field(0, ge=0, description="step from which the discriminator trains")
+    adaptive_weight: bool = Field(
+        True, description="scale the adversarial loss by the ratio of gradient norms at the "
+        "decoder's last layer (VQGAN)"
+    )
+    lr: Optional[float] = Field(None, gt=0, description="discriminator LR (default: train.lr)")
+
+
+class ResetRef(ComponentRef):
+    name: str = Field("none", description="registered reset policy")
+    every: int = Field(100, ge=1, description="call the policy every N steps")
+    start_step: int = Field(0, ge=0, description="first step at which resets may happen")
+    stop_step: Optional[int] = Field(
+        None, ge=0, description="no resets after this step (default: never stop)"
+    )
+
+
+class TrainConfig(_Block):
+    steps: int = Field(1000, ge=1, description="optimizer steps")
+    batch_size: int = Field(64, ge=1, description="images per step (per process)")
+    lr: float = Field(2.0e-4, gt=0, description="peak learning rate")
+    optimizer: Literal["adam", "adamw"] = Field("adam", description="optimizer")
+    betas: tuple[float, float] = Field((0.9, 0.99), description="Adam betas")
+    weight_decay: float = Field(0.0, ge=0, description="weight decay")
+    schedule: Literal["constant", "cosine", "linear"] = Field(
+        "constant", description="LR schedule after warm-up"
+    )
+    warmup_steps: int = Field(0, ge=0, description="linear LR warm-up steps")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="final LR / peak LR for decays")
+    grad_clip: Optional[float] = Field(1.0, gt=0, description="max gradient norm (null: off)")
+    amp: bool = Field(False, description="automatic mixed precision (bf16 on CPU, fp16 on CUDA)")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    num_workers: int = Field(0, ge=0, description="data-loader worker processes")
+    log_every: int = Field(50, ge=1, description="log metrics every N steps")
+    eval_every: int = Field(500, ge=1, description="evaluate on the test split every N steps")
+    image_every: int = Field(500, ge=1, description="log reconstruction grids every N steps")
+    checkpoint_every: int = Field(500, ge=1, description="checkpoint every N steps")
+    keep_checkpoints: int = Field(2, ge=1, description="periodic checkpoints kept locally")
+
+
+class EvalConfig(_Block):
+    num_samples: int = Field(512, ge=1, description="test images used per evaluation")
+    batch_size: int = Field(128, ge=1, description="batch size for evaluation")
+    metrics: list[Literal["psnr", "ssim", "lpips"]] = Field(
+        default_factory=lambda: ["psnr", "ssim"], description="metrics computed"
+    )
+
+
+class TrackingConfig(_Block):
+    uri: Optional[str] = Field(
+        None, description="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
+        "sqlite:///mlflow.db in the working directory)"
+    )
+    experiment: str = Field("vqkit", description="MLflow experiment name")
+    run_name: Optional[str] = Field(None, description="MLflow run name (default: recipe name)")
+    output_dir: str = Field("runs", description="local folder for checkpoints and buffers")
+
+
+class RecipeModel(_Block):
+    vqkit: Literal[1] = Field(description="recipe schema version")
+    name: str = Field(description="experiment name")
+    seed: int = Field(0, description="global seed")
+    data: ComponentRef
+    encoder: ComponentRef
+    quantizer: ComponentRef
+    decoder: ComponentRef
+    losses: list[LossRef] = Field(min_length=1, description="generator reconstruction losses")
+    discriminator: Optional[DiscriminatorRef] = None
+    reset: ResetRef = Field(default_factory=lambda: ResetRef(name="none"))
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+
+# which top-level component blocks map to which registry kind
+COMPONENT_BLOCKS = {
+    "data": "datasets",
+    "encoder": "encoders",
+    "quantizer": "quantizers",
+    "decoder": "decoders",
+    "discriminator": "discriminators",
+    "reset": "reset_policies",
+}
+
+
+# =========================================================================== YAML with marks
+class _Loc:
+    """Where each key path came from: path -> (file, line, col)."""
+
+    def __init__(self) -> None:
+        self.marks: dict[Path_, tuple[str, int, int]] = {}
+
+    def find(self, path: Path_) -> dict[str, Any]:
+        """Location of ``path`` or of its longest known prefix."""
+        p = tuple(path)
+        while True:
+            if p in self.marks:
+                f, line, col = self.marks[p]
+                return {"file": f, "line": line, "col": col}
+            if not p:
+                return {}
+            p = p[:-1]
+
+
+def _dotted(path: Path_) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def _load_yaml(path: Path, loc: _Loc, problems: list[Problem]) -> Any:
+    """Parse one YAML file with the safe loader, recording the mark of every key."""
+    shown = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        problems.append(Problem(f"recipe file not found: {shown}"))
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        problems.append(Problem(f"cannot read recipe {shown}: {exc}"))
+        return None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is None:
+            problems.append(Problem("recipe is empty", file=shown, line=1, col=1))
+            return None
+        dupes: list[Problem] = []
+        _walk(node, (), shown, loc, dupes)
+        if dupes:
+            problems.extend(dupes)
+            return None
+        return yaml.SafeLoader(text).get_single_data()
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        msg = exc.problem or "invalid YAML"
+        if "could not determine a constructor" in (exc.problem or ""):
+            msg = f"{exc.problem.replace('could not determine a constructor for the tag', 'tag')} is not allowed (recipes are plain YAML: only safe tags)"
+        elif exc.context:
+            msg = f"{exc.context}: {exc.problem}"
+        problems.append(
+            Problem(
+                f"YAML error: {msg}",
+                file=shown,
+                line=mark.line + 1 if mark else None,
+                col=mark.column + 1 if mark else None,
+            )
+        )
+    except yaml.YAMLError as exc:
+        problems.append(Problem(f"YAML error: {exc}", file=shown))
+    return None
+
+
+def _walk(node: yaml.Node, path: Path_, file: str, loc: _Loc, dupes: list[Problem]) -> None:
+    loc.marks[path] = (file, node.start_mark.line + 1, node.start_mark.column + 1)
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value
+            if key in seen:
+                dupes.append(
+                    Problem(
+                        f"duplicate key {key!r} (first at line {seen[key]})",
+                        path=_dotted(path + (key,)),
+                        file=file,
+                        line=key_node.start_mark.line + 1,
+                        col=key_node.start_mark.column + 1,
+                    )
+                )
+            seen[key] = key_node.start_mark.line + 1
+            # point at the key: that is where a user looks for a wrong name
+            loc.marks[path + (key,)] = (file, key_node.start_mark.line + 1, key_node.start_mark.column + 1)
+            _walk_value(value_node, path + (key,), file, loc, dupes)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _walk(item, path + (i,), file, loc, dupes)
+
+
+def _walk_value(node: yaml.Node, path: Path_, file: str, loc: _Loc, dupes: list[Problem]) -> None:
+    key_mark = loc.marks[path]
+    _walk(node, path, file, loc, dupes)
+    if not isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+        loc.marks[path] = key_mark
+
+
+def _merge(base: Any, over: Any) -> Any:
+    """Deep-merge mappings; anything else in ``over`` replaces ``base``."""
+    if isinstance(base, dict) and isinstance(over, dict):
+        out = dict(base)
+        for k, v in over.items():
+            out[k] = _merge(base[k], v) if k in base else copy.deepcopy(v)
+        return out
+    return copy.deepcopy(over)
+
+
+def _read_with_extends(
+    path: Path, loc: _Loc, problems: list[Problem], chain: tuple[Path, ...] = ()
+) -> Any:
+    resolved = path.resolve()
+    if resolved in chain:
+        cycle = " -> ".join(str(p) for p in chain + (resolved,))
+        problems.append(Problem(f"`extends` cycle: {cycle}", file=str(path)))
+        return None
+    own = _Loc()
+    data = _load_yaml(path, own, problems)
+    if data is None:
+        return None
+    if not isinstance(data, dict):
+        problems.append(Problem("a recipe must be a mapping of keys", **own.find(())))
+        return None
+    parent_ref = data.pop("extends", None)
+    if parent_ref is not None:
+        if not isinstance(parent_ref, str):
+            problems.append(
+                Problem("must be a path to a recipe file", path="extends", **own.find(("extends",)))
+            )
+            parent = None
+        else:
+            parent_path = (path.parent / parent_ref) if not os.path.isabs(parent_ref) else Path(parent_ref)
+            if not parent_path.exists():
+                problems.append(
+                    Problem(f"recipe file not found: {parent_path}", path="extends", **own.find(("extends",)))
+                )
+                parent = None
+            else:
+                parent = _read_with_extends(parent_path, loc, problems, chain + (resolved,))
+        if parent is not None:
+            # the child's keys override the parent's locations
+            _drop_locations_under(loc, data)
+            loc.marks.update({k: v for k, v in own.marks.items() if k != ("extends",)})
+            return _merge(parent, data)
+    loc.marks.update(own.marks)
+    return data
+
+
+def _drop_locations_under(loc: _Loc, data: dict) -> None:
+    """Forget parent locations of list values the child replaces wholesale."""
+    for key, value in data.items():
+        if not isinstance(value, dict):
+            for p in [p for p in loc.marks if p[:1] == (key,)]:
+                del loc.marks[p]
+
+
+# =========================================================================== overrides
+def parse_override(text: str) -> tuple[Path_, Any]:
+    """``a.b.0.c=value`` -> (('a', 'b', 0, 'c'), value parsed as YAML)."""
+    if "=" not in text:
+        raise VqkitError(Problem(f"--set expects KEY.PATH=VALUE, got {text!r}"))
+    key, _, raw = text.partition("=")
+    parts: list[str | int] = []
+    for part in key.strip().split("."):
+        if not part:
+            raise VqkitError(Problem(f"--set: empty key in {key!r}"))
+        parts.append(int(part) if part.isdigit() else part)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise VqkitError(Problem(f"--set {key}: value is not valid YAML: {exc}")) from None
+    return tuple(parts), value
+
+
+def _apply_override(data: dict, path: Path_, value: Any, loc: _Loc, problems: list[Problem]) -> None:
+    cur: Any = data
+    for i, part in enumerate(path[:-1]):
+        nxt = path[i + 1]
+        if isinstance(cur, dict):
+            if part not in cur or cur[part] is None:
+                cur[part] = [] if isinstance(nxt, int) else {}
+            cur = cur[part]
+        elif isinstance(cur, list) and isinstance(part, int) and part < len(cur):
+            cur = cur[part]
+        else:
+            problems.append(Problem(f"--set: cannot descend into {_dotted(path[: i + 1])}", path=_dotted(path)))
+            return
+    last = path[-1]
+    if isinstance(cur, dict):
+        cur[last] = value
+    elif isinstance(cur, list) and isinstance(last, int) and last <= len(cur):
+        if last == len(cur):
+            cur.append(value)
+        else:
+            cur[last] = value
+    else:
+        problems.append(Problem("--set: no such key or index", path=_dotted(path)))
+        return
+    for p in [p for p in loc.marks if p[: len(path)] == path]:
+        del loc.marks[p]
+    loc.marks[path] = ("--set", None, None)  # type: ignore[assignment]
+
+
+# =========================================================================== validation
+class Recipe:
+    """A validated, normalized recipe."""
+
+    def __init__(self, model: RecipeModel, component_params: dict[Path_, BaseModel], source: str):
+        self.model = model
+        self.source = source
+        self._params = component_params
+
+    def params_of(self, *path: str | int) -> BaseModel:
+        """The validated ``Params`` instance of the component at ``path`` (e.g. ``"encoder"``
+        or ``("losses", 0)``)."""
+        return self._params[tuple(path)]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The normalized recipe: every default filled in, component params included."""
+        data = self.model.model_dump(mode="json")
+        for path, params in self._params.items():
+            target: Any = data
+            for p in path:
+                target = target[p]
+            target["params"] = params.model_dump(mode="json")
+        return data
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def sha256(self) -> str:
+        return hashlib.sha256(self.to_yaml().encode()).hexdigest()
+
+    def flat_params(self) -> dict[str, Any]:
+        """The normalized recipe flattened to dotted keys (MLflow params)."""
+        out: dict[str, Any] = {}
+
+        def rec(prefix: str, value: Any) -> None:
+            if isinstance(value, dict) and value:
+                for k, v in value.items():
+                    rec(f"{prefix}.{k}" if prefix else str(k), v)
+            elif isinstance(value, list) and value and any(isinstance(v, (dict, list)) for v in value):
+                for i, v in enumerate(value):
+                    rec(f"{prefix}.{i}", v)
+            else:
+                out[prefix] = value
+
+        rec("", self.to_dict())
+        return out
+
+
+def _pydantic_problems(exc: ValidationError, base: Path_, loc: _Loc, model: type[BaseModel] | None = None) -> list[Problem]:
+    problems = []
+    for err in exc.errors():
+        path = base + tuple(err["loc"])
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden" and model is not None:
+            fields = _fields_at(model, tuple(err["loc"])[:-1])
+            if fields is not None:
+                msg = f"unknown key {str(path[-1])!r}" + suggest(str(path[-1]), fields)
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        elif err["type"] == "literal_error":
+            msg = msg.replace("Input should be", "must be")
+        else:
+            got = err.get("input")
+            if not isinstance(got, (dict, list)) and err["type"] not in ("value_error",):
+                msg = f"{msg} (got {got!r})"
+        problems.append(Problem(msg, path=_dotted(path), **loc.find(path)))
+    return problems
+
+
+def _fields_at(model: type[BaseModel], path: Path_) -> list[str] | None:
+    """Field names of the (nested) model at ``path``, for did-you-mean on unknown keys."""
+    cur: Any = model
+    for part in path:
+        if isinstance(part, int):
+            continue
+        field = getattr(cur, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        ann = field.annotation
+        cur = _model_in(ann)
+        if cur is None:
+            return None
+    return list(getattr(cur, "model_fields", {}))
+
+
+def _model_in(ann: Any) -> Any:
+    import typing
+
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    for arg in typing.get_args(ann):
+        m = _model_in(arg)
+        if m is not None:
+            return m
+    return None
+
+
+def validate_data(data: Any, loc: _Loc, source: str) -> Recipe:
+    """Validate a merged recipe mapping; raise one :class:`VqkitError` with every problem."""
+    problems: list[Problem] = []
+    if not isinstance(data, dict):
+        raise VqkitError(Problem("a recipe must be a mapping of keys", **loc.find(())))
+    version = data.get("vqkit")
+    if "vqkit" in data and version != SCHEMA_VERSION:
+        raise VqkitError(
+            Problem(
+                f"unsupported recipe schema version {version!r}; this vqkit reads version {SCHEMA_VERSION}",
+                path="vqkit",
+                **loc.find(("vqkit",)),
+            )
+        )
+    try:
+        model = RecipeModel.model_validate(data)
+    except ValidationError as exc:
+        problems.extend(_pydantic_problems(exc, (), loc, RecipeModel))
+        model = None
+
+    # component names and params, checked even when other blocks failed
+    registry = get_registry()
+    params: dict[Path_, BaseModel] = {}
+    refs: list[tuple[Path_, str, Any]] = []
+    for block, kind in COMPONENT_BLOCKS.items():
+        value = data.get(block)
+        if block == "reset" and value is None:
+            value = {"name": "none"}
+        if isinstance(value, dict):
+            refs.append(((block,), kind, value))
+    losses = data.get("losses")
+    if isinstance(losses, list):
+        for i, value in enumerate(losses):
+            if isinstance(value, dict):
+                refs.append((("losses", i), "perceptual_losses", value))
+    for path, kind, ref in refs:
+        name = ref.get("name")
+        if not isinstance(name, str):
+            continue  # the block schema already reported it
+        if name not in registry.names(kind):
+            problems.append(
+                Problem(registry.unknown_message(kind, name), path=_dotted(path + ("name",)), **loc.find(path + ("name",)))
+            )
+            continue
+        entry = registry.get(kind, name)
+        raw = ref.get("params") or {}
+        if not isinstance(raw, dict):
+            continue
+        try:
+            params[path] = entry.cls.Params.model_validate(raw)
+        except ValidationError as exc:
+            for p in _pydantic_problems(exc, path + ("params",), loc, entry.cls.Params):
+                problems.append(
+                    dataclasses.replace(p, message=f"{p.message} [{NOUNS[kind]} {name!r}, provided by {entry.distribution or entry.plugin}]")
+                )
+    if problems:
+        raise VqkitError(problems)
+    assert model is not None
+    return Recipe(model, params, source)
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, merge, override, validate and normalize the recipe at ``path``."""
+    problems: list[Problem] = []
+    loc = _Loc()
+    data = _read_with_extends(Path(path), loc, problems)
+    if problems:
+        raise VqkitError(problems)
+    for text in overrides:
+        key, value = parse_override(text)
+        _apply_override(data, key, value, loc, problems)
+    if problems:
+        raise VqkitError(problems)
+    return validate_data(data, loc, str(path))
+
+
+def recipe_from_dict(data: dict[str, Any], source: str = "<dict>") -> Recipe:
+    """Validate a recipe given as a mapping (e.g. read back from a checkpoint)."""
+    return validate_data(copy.deepcopy(data), _Loc(), source)
