@@ -385,7 +385,9 @@ def _pydantic_problems(exc: ValidationError, base: Path_, loc: _Loc, model: type
         if err["type"] == "extra_forbidden" and model is not None:
             fields = _fields_at(model, tuple(err["loc"])[:-1])
             if fields is not None:
-                msg = f"unknown key {str(path[-1])!r}" + suggest(str(path[-1]), fields)
+                msg = f"unknown key {str(path[-1])!r}" + (
+                    suggest(str(path[-1]), fields) if fields else " (this component takes no params)"
+                )
         elif err["type"] == "missing":
             msg = "required key is missing"
         elif err["type"] == "literal_error":
