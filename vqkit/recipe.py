@@ -132,11 +132,16 @@ class _Loc:
     """Where each key path came from: path -> (file, line, col)."""
 
     def __init__(self) -> None:
-        self.marks: dict[Path_, tuple[str, int, int]] = {}
+        self.marks: dict[Path_, tuple[str, int, int]] = {}  # where the key is
+        self.values: dict[Path_, tuple[str, int, int]] = {}  # where a scalar value is
 
-    def find(self, path: Path_) -> dict[str, Any]:
-        """Location of ``path`` or of its longest known prefix."""
+    def find(self, path: Path_, value: bool = False) -> dict[str, Any]:
+        """Location of ``path`` (its value when ``value`` and known) or of its longest
+        known prefix."""
         p = tuple(path)
+        if value and p in self.values:
+            f, line, col = self.values[p]
+            return {"file": f, "line": line, "col": col}
         while True:
             if p in self.marks:
                 f, line, col = self.marks[p]
@@ -221,6 +226,7 @@ def _walk_value(node: yaml.Node, path: Path_, file: str, loc: _Loc, dupes: list[
     key_mark = loc.marks[path]
     _walk(node, path, file, loc, dupes)
     if not isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+        loc.values[path] = loc.marks[path]
         loc.marks[path] = key_mark
 
 
@@ -269,8 +275,10 @@ def _read_with_extends(
             # the child's keys override the parent's locations
             _drop_locations_under(loc, data)
             loc.marks.update({k: v for k, v in own.marks.items() if k != ("extends",)})
+            loc.values.update({k: v for k, v in own.values.items() if k != ("extends",)})
             return _merge(parent, data)
     loc.marks.update(own.marks)
+    loc.values.update(own.values)
     return data
 
 
@@ -278,8 +286,9 @@ def _drop_locations_under(loc: _Loc, data: dict) -> None:
     """Forget parent locations of list values the child replaces wholesale."""
     for key, value in data.items():
         if not isinstance(value, dict):
-            for p in [p for p in loc.marks if p[:1] == (key,)]:
-                del loc.marks[p]
+            for marks in (loc.marks, loc.values):
+                for p in [p for p in marks if p[:1] == (key,)]:
+                    del marks[p]
 
 
 # =========================================================================== overrides
@@ -324,8 +333,9 @@ def _apply_override(data: dict, path: Path_, value: Any, loc: _Loc, problems: li
     else:
         problems.append(Problem("--set: no such key or index", path=_dotted(path)))
         return
-    for p in [p for p in loc.marks if p[: len(path)] == path]:
-        del loc.marks[p]
+    for marks in (loc.marks, loc.values):
+        for p in [p for p in marks if p[: len(path)] == path]:
+            del marks[p]
     loc.marks[path] = ("--set", None, None)  # type: ignore[assignment]
 
 
@@ -396,7 +406,8 @@ def _pydantic_problems(exc: ValidationError, base: Path_, loc: _Loc, model: type
             got = err.get("input")
             if not isinstance(got, (dict, list)) and err["type"] not in ("value_error",):
                 msg = f"{msg} (got {got!r})"
-        problems.append(Problem(msg, path=_dotted(path), **loc.find(path)))
+        at_value = err["type"] not in ("extra_forbidden", "missing")
+        problems.append(Problem(msg, path=_dotted(path), **loc.find(path, value=at_value)))
     return problems
 
 
@@ -439,7 +450,7 @@ def validate_data(data: Any, loc: _Loc, source: str) -> Recipe:
             Problem(
                 f"unsupported recipe schema version {version!r}; this vqkit reads version {SCHEMA_VERSION}",
                 path="vqkit",
-                **loc.find(("vqkit",)),
+                **loc.find(("vqkit",), value=True),
             )
         )
     try:
@@ -469,7 +480,11 @@ def validate_data(data: Any, loc: _Loc, source: str) -> Recipe:
             continue  # the block schema already reported it
         if name not in registry.names(kind):
             problems.append(
-                Problem(registry.unknown_message(kind, name), path=_dotted(path + ("name",)), **loc.find(path + ("name",)))
+                Problem(
+                    registry.unknown_message(kind, name),
+                    path=_dotted(path + ("name",)),
+                    **loc.find(path + ("name",), value=True),
+                )
             )
             continue
         entry = registry.get(kind, name)

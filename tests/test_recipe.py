@@ -1,0 +1,171 @@
+"""Recipe loading, inheritance, overrides, validation and normalization."""
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+import yaml
+
+from tests import schema_plugin
+from vqkit.errors import VqkitError
+from vqkit.plugins import build_registry
+from vqkit.recipe import load_recipe
+
+GOOD = """\
+vqkit: 1
+name: test
+seed: 3
+data: {name: t-folder, params: {root: /data}}
+encoder: {name: t-conv, params: {channels: [8, 16], latent_dim: 4}}
+quantizer: {name: t-vq, params: {codebook_size: 64}}
+decoder: {name: t-conv}
+losses:
+  - {name: pixel-l1}
+  - {name: pixel-l2, weight: 0.5, start_step: 10}
+train: {steps: 20, batch_size: 4}
+"""
+
+
+@pytest.fixture(autouse=True)
+def _schema_registry(use_registry):
+    use_registry(build_registry(extra_plugins=[("schema-test", schema_plugin)]))
+
+
+def write(tmp_path, text, name="r.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def problems(path, overrides=()):
+    with pytest.raises(VqkitError) as info:
+        load_recipe(path, overrides)
+    return [str(p) for p in info.value.problems]
+
+
+def test_good_recipe_is_normalized_with_defaults(tmp_path):
+    recipe = load_recipe(write(tmp_path, GOOD))
+    data = recipe.to_dict()
+    assert data["encoder"]["params"] == {"channels": [8, 16], "latent_dim": 4, "activation": "silu"}
+    assert data["decoder"]["params"] == {"channels": [64, 32]}
+    assert data["quantizer"]["params"] == {"codebook_size": 64, "beta": 0.25}
+    assert data["losses"][1] == {"name": "pixel-l2", "params": {}, "weight": 0.5, "start_step": 10}
+    assert data["reset"]["name"] == "none" and data["reset"]["every"] == 100
+    assert data["train"]["lr"] == pytest.approx(2e-4)
+    assert data["tracking"]["experiment"] == "vqkit"
+    # normalizing is idempotent: the normalized recipe validates to itself
+    again = load_recipe(write(tmp_path, recipe.to_yaml(), "n.yaml"))
+    assert again.to_dict() == data and again.sha256() == recipe.sha256()
+    flat = recipe.flat_params()
+    assert flat["quantizer.params.codebook_size"] == 64
+    assert flat["losses.1.weight"] == 0.5
+    assert recipe.params_of("encoder").latent_dim == 4
+
+
+def test_misspelt_component_gives_location_and_suggestion(tmp_path):
+    path = write(tmp_path, GOOD.replace("name: t-vq", "name: t-vqq"))
+    [msg] = problems(path)
+    assert msg.startswith(f"{path}:6:19: quantizer.name: unknown quantizer 't-vqq'")
+    assert "did you mean 't-vq'?" in msg and "valid: t-vq" in msg
+
+
+def test_all_errors_are_collected(tmp_path):
+    text = GOOD.replace("latent_dim: 4", "latent_dim: four").replace("steps: 20", "steps: 20, stepz: 3")
+    text = text.replace("name: pixel-l2", "name: pixel-l3").replace("codebook_size: 64", "codebook_size: 64, bta: 1")
+    msgs = problems(write(tmp_path, text))
+    assert len(msgs) == 4, msgs
+    joined = "\n".join(msgs)
+    assert ":5:" in joined and "encoder.params.latent_dim: Input should be a valid integer" in joined
+    assert "train.stepz: unknown key 'stepz' (did you mean 'steps'?" in joined
+    assert "losses.1.name: unknown perceptual loss 'pixel-l3' (did you mean 'pixel-l2'?" in joined
+    assert "quantizer.params.bta: unknown key 'bta' (did you mean 'beta'?" in joined
+    assert "provided by schema-test" in joined
+
+
+@pytest.mark.parametrize("mutation,expected", [
+    (lambda t: t.replace("seed: 3", "seed: [3]"), "seed: Input should be a valid integer"),
+    (lambda t: t.replace("weight: 0.5", "weight: -1"), "losses.1.weight: Input should be greater than or equal to 0"),
+    (lambda t: t.replace("activation", "x") + "", None),
+    (lambda t: t.replace("train: {steps: 20, batch_size: 4}", "train: {optimizer: sgd}"), "train.optimizer: must be 'adam' or 'adamw'"),
+    (lambda t: t.replace("losses:\n  - {name: pixel-l1}\n  - {name: pixel-l2, weight: 0.5, start_step: 10}\n", "losses: []\n"), "losses: List should have at least 1 item"),
+    (lambda t: t.replace("data: {name: t-folder, params: {root: /data}}", "data: {name: t-folder}"), "data.params.root: required key is missing"),
+    (lambda t: t.replace("vqkit: 1", "vqkit: 2"), "vqkit: unsupported recipe schema version 2"),
+    (lambda t: t.replace("vqkit: 1\n", ""), "vqkit: required key is missing"),
+    (lambda t: t + "decoder: {name: t-conv}\n", "decoder: duplicate key 'decoder' (first at line 7)"),
+    (lambda t: t + "extra_block: 1\n", "extra_block: unknown key 'extra_block'"),
+])
+def test_bad_values(tmp_path, mutation, expected):
+    text = mutation(GOOD)
+    if expected is None:
+        load_recipe(write(tmp_path, text))  # a harmless change still validates
+        return
+    msgs = problems(write(tmp_path, text))
+    assert any(expected in m for m in msgs), msgs
+    assert all(m.startswith(str(tmp_path)) for m in msgs), msgs
+
+
+def test_yaml_syntax_error_has_line(tmp_path):
+    path = write(tmp_path, GOOD.replace("decoder: {name: t-conv}", "decoder: {name: t-conv"))
+    [msg] = problems(path)
+    assert msg.startswith(f"{path}:8:") and "YAML error" in msg
+
+
+@pytest.mark.parametrize("tag", ["!!python/object/apply:os.system ['echo hi']", "!!python/name:os.system", "!!python/object:os.PathLike {}"])
+def test_python_tags_are_refused(tmp_path, tag):
+    path = write(tmp_path, GOOD.replace("name: test", f"name: {tag}"))
+    [msg] = problems(path)
+    assert msg.startswith(f"{path}:2:7:") and "is not allowed" in msg
+
+
+def test_missing_and_empty_files(tmp_path):
+    assert problems(tmp_path / "nope.yaml") == [f"recipe file not found: {tmp_path / 'nope.yaml'}"]
+    assert problems(write(tmp_path, "")) == [f"{tmp_path / 'r.yaml'}:1:1: recipe is empty"]
+    assert "a recipe must be a mapping" in problems(write(tmp_path, "- a\n- b\n"))[0]
+
+
+def test_extends_merges_and_reports_child_locations(tmp_path):
+    write(tmp_path, GOOD, "base.yaml")
+    child = write(tmp_path, """\
+        extends: base.yaml
+        name: child
+        quantizer: {params: {beta: 0.5}}
+        losses:
+          - {name: pixel-l2}
+        """, "child.yaml")
+    data = load_recipe(child).to_dict()
+    assert data["name"] == "child"
+    assert data["quantizer"] == {"name": "t-vq", "params": {"codebook_size": 64, "beta": 0.5}}
+    assert [loss["name"] for loss in data["losses"]] == ["pixel-l2"]  # lists are replaced
+    # an error in the parent points at the parent file, one in the child at the child
+    write(tmp_path, GOOD.replace("latent_dim: 4", "latent_dim: x"), "base.yaml")
+    write(tmp_path, "extends: base.yaml\ntrain: {steps: -1}\n", "child.yaml")
+    msgs = problems(child)
+    assert any(m.startswith(f"{tmp_path / 'base.yaml'}:5:") and "latent_dim" in m for m in msgs), msgs
+    assert any(m.startswith(f"{child}:2:") and "train.steps" in m for m in msgs), msgs
+
+
+def test_extends_cycle_and_missing_parent(tmp_path):
+    write(tmp_path, "extends: b.yaml\n", "a.yaml")
+    write(tmp_path, "extends: a.yaml\n", "b.yaml")
+    assert "`extends` cycle" in problems(tmp_path / "a.yaml")[0]
+    write(tmp_path, "extends: gone.yaml\nname: x\n", "c.yaml")
+    [msg] = problems(tmp_path / "c.yaml")
+    assert msg.startswith(f"{tmp_path / 'c.yaml'}:1:") and "gone.yaml" in msg
+
+
+def test_set_overrides(tmp_path):
+    path = write(tmp_path, GOOD)
+    recipe = load_recipe(path, ["train.steps=7", "quantizer.params.beta=0.1", "losses.0.weight=2", "tracking.uri=sqlite:///x.db", "encoder.params.channels=[4, 8]"])
+    data = recipe.to_dict()
+    assert data["train"]["steps"] == 7 and data["quantizer"]["params"]["beta"] == 0.1
+    assert data["losses"][0]["weight"] == 2.0 and data["tracking"]["uri"] == "sqlite:///x.db"
+    assert data["encoder"]["params"]["channels"] == [4, 8]
+    msgs = problems(path, ["train.steps=abc"])
+    assert msgs == ["--set: train.steps: Input should be a valid integer, unable to parse string as an integer (got 'abc')"]
+    assert "expects KEY.PATH=VALUE" in problems(path, ["train.steps"])[0]
+    assert "cannot descend into losses.9" in problems(path, ["losses.9.weight=1"])[0]
+
+
+def test_normalized_recipe_is_plain_yaml(tmp_path):
+    text = load_recipe(write(tmp_path, GOOD)).to_yaml()
+    assert yaml.safe_load(text)["name"] == "test"
