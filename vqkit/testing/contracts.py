@@ -249,9 +249,9 @@ def check_loss_values_and_gradients(cls: type) -> None:
         rec = _to_range(_images(c, seed=3), cls.input_range).requires_grad_(True)
         value = loss(rec, target, discriminator=disc)
         assert value.dim() == 0 and torch.isfinite(value), f"{cls.__name__}: loss must be a finite scalar"
-        assert float(value) >= 0, f"{cls.__name__}: negative distance"
+        assert float(value.detach()) >= 0, f"{cls.__name__}: negative distance"
         same = loss(target, target, discriminator=disc)
-        assert float(same) <= float(value), f"{cls.__name__}: identical images are not closer than different ones"
+        assert float(same.detach()) <= float(value.detach()), f"{cls.__name__}: identical images are not closer than different ones"
         value.backward()
         assert rec.grad is not None and rec.grad.abs().sum() > 0, f"{cls.__name__}: no gradient to the reconstruction"
         if disc is not None:
