@@ -1,0 +1,219 @@
+"""Code-book health during training: feed the reset policy and the monitor, apply resets.
+
+The trainer calls :meth:`CodebookManager.after_step` once per optimizer step. It
+
+1. flattens this rank's encoder outputs ``z`` ``(B, D, h, w)`` to ``(N, D)`` and the
+   indices ``(B, h, w)`` to ``(N,)``, and gathers both from every rank
+   (:meth:`DistContext.all_gather_cat`), so that the policy and the monitor see the same
+   data on every rank;
+2. calls ``policy.observe`` and ``monitor.update``;
+3. when a reset is due (``step >= reset.start_step``, ``(step + 1) % reset.every == 0``,
+   ``step <= reset.stop_step``), calls ``policy.plan`` on rank 0 only, broadcasts the
+   plan (its size first, then indices and vectors), checks it, and on every rank applies
+   it identically: ``quantizer.replace_codes`` (which resets the quantizer's usage
+   counters and EMA state of those codes), then zeroes the per-row optimizer state
+   (Adam ``exp_avg``, ``exp_avg_sq``, ...) of those rows for every parameter of
+   ``quantizer.code_parameters()`` in every optimizer that holds it, and records the
+   reset in the monitor.
+
+So the code-books of all ranks stay bit-identical.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from vqkit.interfaces import CodebookResetPolicy, Quantizer, ResetPlan
+from vqkit.telemetry import CodebookMonitor
+
+if TYPE_CHECKING:  # pragma: no cover
+    from vqkit.recipe import ResetRef
+    from vqkit.train.distributed import DistContext
+
+__all__ = ["CodebookManager", "check_plan", "reset_due", "reset_optimizer_rows"]
+
+
+def reset_due(step: int, every: int, start_step: int = 0, stop_step: int | None = None) -> bool:
+    """Whether a reset is due after optimizer step ``step`` (0-based)."""
+    if step < start_step or (stop_step is not None and step > stop_step):
+        return False
+    return (step + 1) % every == 0
+
+
+def check_plan(plan: ResetPlan, codebook: torch.Tensor, who: str = "reset policy") -> None:
+    """Raise ``RuntimeError`` if ``plan`` breaks the :class:`ResetPlan` contract for a
+    code-book ``(K, D)``: int64 ``(n,)`` unique indices in ``[0, K)``, finite vectors
+    ``(n, D)``, pairwise distinct."""
+    k, d = codebook.shape
+    idx, vec = plan.indices, plan.vectors
+    problems = []
+    if idx.dtype != torch.int64 or idx.dim() != 1:
+        problems.append(f"indices must be int64 (n,), got {idx.dtype} {tuple(idx.shape)}")
+    if vec.dim() != 2 or vec.shape[1] != d or vec.shape[0] != idx.shape[0]:
+        problems.append(f"vectors must be ({idx.shape[0]}, {d}), got {tuple(vec.shape)}")
+    if not problems and idx.numel():
+        if int(idx.min()) < 0 or int(idx.max()) >= k:
+            problems.append(f"indices must lie in [0, {k})")
+        if torch.unique(idx).numel() != idx.numel():
+            problems.append("indices contain duplicates")
+        if not torch.isfinite(vec).all():
+            problems.append("vectors contain NaN or inf")
+        elif torch.unique(vec, dim=0).shape[0] != vec.shape[0]:
+            problems.append("two reset codes got the same vector")
+    if problems:
+        raise RuntimeError(f"{who} returned an invalid ResetPlan: " + "; ".join(problems))
+
+
+def reset_optimizer_rows(
+    params: Iterable[torch.nn.Parameter],
+    optimizers: Iterable[torch.optim.Optimizer],
+    idx: torch.Tensor,
+) -> int:
+    """Zero rows ``idx`` of every per-row state tensor (same shape as its parameter,
+    e.g. Adam ``exp_avg``/``exp_avg_sq``/``max_exp_avg_sq``) of ``params`` in every
+    optimizer that holds them. Scalar state (``step``) is left alone. Returns the number
+    of state tensors touched."""
+    touched = 0
+    params = list(params)
+    for opt in optimizers:
+        for p in params:
+            state = opt.state.get(p)
+            if not state:
+                continue
+            for value in state.values():
+                if torch.is_tensor(value) and value.dim() >= 1 and value.shape == p.shape:
+                    value[idx.to(value.device)] = 0
+                    touched += 1
+    return touched
+
+
+class CodebookManager:
+    """Connects a quantizer, its reset policy, the monitor and the process group.
+
+    Args:
+        quantizer: the (unwrapped, not DDP) quantizer module.
+        policy: the reset policy built from the recipe's ``reset:`` block.
+        reset_cfg: that block (:class:`vqkit.recipe.ResetRef`: ``every``, ``start_step``,
+            ``stop_step``); ``None`` means never reset.
+        monitor: the usage monitor (fed with the assignments of all ranks).
+        dist: the process group context; ``None`` means single process.
+    """
+
+    def __init__(
+        self,
+        quantizer: Quantizer,
+        policy: CodebookResetPolicy,
+        reset_cfg: ResetRef | None,
+        monitor: CodebookMonitor,
+        dist: DistContext | None = None,
+    ):
+        self.quantizer = quantizer
+        self.policy = policy
+        self.reset_cfg = reset_cfg
+        self.monitor = monitor
+        self.dist = dist
+        #: the plan applied after the most recent due step (``None`` if none)
+        self.last_plan: ResetPlan | None = None
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def _distributed(self) -> bool:
+        return self.dist is not None and self.dist.enabled
+
+    @property
+    def _is_main(self) -> bool:
+        return self.dist is None or self.dist.is_main
+
+    def due(self, step: int) -> bool:
+        """Whether a reset is planned after ``step``."""
+        cfg = self.reset_cfg
+        if cfg is None:
+            return False
+        return reset_due(step, cfg.every, cfg.start_step, cfg.stop_step)
+
+    def _gather(self, z: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        d = z.shape[1]
+        flat_z = z.detach().movedim(1, -1).reshape(-1, d).float()
+        flat_i = indices.detach().reshape(-1).long()
+        if flat_z.shape[0] != flat_i.shape[0]:
+            raise ValueError(
+                f"z {tuple(z.shape)} and indices {tuple(indices.shape)} do not describe the "
+                "same positions (expected z (B, D, h, w) and indices (B, h, w))"
+            )
+        if self._distributed:
+            flat_z = self.dist.all_gather_cat(flat_z)
+            flat_i = self.dist.all_gather_cat(flat_i)
+        return flat_z, flat_i
+
+    def _share_plan(self, plan: ResetPlan | None, codebook: torch.Tensor) -> ResetPlan | None:
+        """Rank 0's plan on every rank: size first, then indices and vectors."""
+        if not self._distributed:
+            return plan
+        n = torch.tensor([len(plan) if plan is not None else -1], dtype=torch.int64)
+        n = int(self.dist.broadcast(n, src=0).item())
+        if n < 0:
+            return None
+        d = codebook.shape[1]
+        if plan is None:  # not rank 0: receive into buffers of the agreed shape
+            idx = torch.zeros(n, dtype=torch.int64, device=codebook.device)
+            vec = torch.zeros(n, d, dtype=codebook.dtype, device=codebook.device)
+        else:
+            idx = plan.indices.to(codebook.device)
+            vec = plan.vectors.to(device=codebook.device, dtype=codebook.dtype)
+        idx = self.dist.broadcast(idx, src=0)
+        vec = self.dist.broadcast(vec, src=0)
+        return ResetPlan(idx, vec)
+
+    # ------------------------------------------------------------------ the step
+    def after_step(
+        self,
+        step: int,
+        z: torch.Tensor,
+        indices: torch.Tensor,
+        optimizers: list[torch.optim.Optimizer],
+    ) -> int:
+        """Observe this step and reset codes if due. ``z``: detached encoder outputs
+        float ``(B, D, h, w)`` of this rank; ``indices``: int64 ``(B, h, w)``.
+        Returns the number of codes reset after this step (the same on every rank)."""
+        flat_z, flat_i = self._gather(z, indices)
+        self.policy.observe(flat_z, flat_i)
+        self.monitor.update(flat_i)
+        if not self.due(step):
+            return 0
+        codebook = self.quantizer.codebook().detach()
+        plan = None
+        if self._is_main:
+            plan = self.policy.plan(codebook.clone(), step)
+            if plan is not None and len(plan) == 0:
+                plan = None
+            if plan is not None:
+                plan = ResetPlan(
+                    plan.indices.to(device=codebook.device, dtype=torch.int64),
+                    plan.vectors.to(device=codebook.device, dtype=codebook.dtype),
+                )
+                check_plan(plan, codebook, who=f"reset policy {type(self.policy).__name__}")
+        plan = self._share_plan(plan, codebook)
+        self.last_plan = plan
+        if plan is None:
+            return 0
+        self.apply(plan, step, optimizers)
+        return len(plan)
+
+    def apply(self, plan: ResetPlan, step: int, optimizers: Iterable[torch.optim.Optimizer]) -> None:
+        """Replace the codes of ``plan`` and reset everything that depends on them."""
+        with torch.no_grad():
+            self.quantizer.replace_codes(plan.indices, plan.vectors)
+        reset_optimizer_rows(self.quantizer.code_parameters(), optimizers, plan.indices)
+        self.monitor.record_reset(step, len(plan))
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Policy and monitor state: tensors and plain Python only (safe for
+        ``torch.load(weights_only=True)``)."""
+        return {"policy": self.policy.state_dict(), "monitor": self.monitor.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.policy.load_state_dict(state["policy"])
+        self.monitor.load_state_dict(state["monitor"])
