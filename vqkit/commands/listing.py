@@ -7,7 +7,6 @@ from vqkit.commands._table import table
 from vqkit.errors import Problem, VqkitError, suggest
 from vqkit.interfaces import KINDS
 
-
 ALIASES = {"loss": "perceptual_losses", "losses": "perceptual_losses", "resets": "reset_policies",
            "reset": "reset_policies", "data": "datasets"}
 

@@ -48,11 +48,12 @@ def example_params(cls: type) -> Any:
     return cls.Params()
 
 
-def _seeded(seed: int, fn: Callable[[], Any]) -> Any:
+def _seeded(seed: int, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` under torch seed ``seed``, leaving the global RNG as it was."""
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        return fn()
+        return fn(*args, **kwargs)
     finally:
         torch.random.set_rng_state(state)
 
@@ -79,7 +80,7 @@ def _encoder_input(enc: Encoder, channels: int) -> torch.Tensor:
 
 def check_encoder_shapes(cls: type) -> None:
     for c in (1, 3):
-        enc = _seeded(0, lambda: _encoder(cls, c))
+        enc = _seeded(0, _encoder, cls, c)
         x = _encoder_input(enc, c)
         z = enc(x)
         h, w = x.shape[-2] // enc.factor, x.shape[-1] // enc.factor
@@ -113,7 +114,7 @@ def _decoder(cls: type, out_channels: int = 3, latent_dim: int = 8, factor: int 
 
 def check_decoder_shapes(cls: type) -> None:
     for c, factor in ((1, 2), (3, 4), (3, 8)):
-        dec = _seeded(0, lambda: _decoder(cls, c, 8, factor))
+        dec = _seeded(0, _decoder, cls, c, 8, factor)
         z = torch.randn(2, 8, 3, 5)
         x = dec(z)
         assert x.shape == (2, c, 3 * factor, 5 * factor), f"{cls.__name__}: factor {factor}, {c} channels gave {tuple(x.shape)}"
@@ -139,7 +140,7 @@ def _quantizer(cls: type, dim: int = 8) -> Quantizer:
 
 
 def _latents(dim: int = 8) -> torch.Tensor:
-    return _seeded(1, lambda: torch.randn(3, dim, 4, 5))
+    return _seeded(1, torch.randn, 3, dim, 4, 5)
 
 
 def check_quantizer_output(cls: type) -> None:
@@ -233,7 +234,7 @@ def _discriminator_for(cls: type, channels: int = 3) -> Discriminator | None:
 
 
 def _images(channels: int = 3, size: int = 32, seed: int = 2) -> torch.Tensor:
-    return _seeded(seed, lambda: torch.rand(2, channels, size, size))
+    return _seeded(seed, torch.rand, 2, channels, size, size)
 
 
 def _to_range(x01: torch.Tensor, rng: tuple[float, float]) -> torch.Tensor:
@@ -243,7 +244,7 @@ def _to_range(x01: torch.Tensor, rng: tuple[float, float]) -> torch.Tensor:
 
 def check_loss_values_and_gradients(cls: type) -> None:
     for c in (1, 3):
-        loss = _seeded(0, lambda: _loss(cls, c))
+        loss = _seeded(0, _loss, cls, c)
         disc = _discriminator_for(cls, c)
         target = _to_range(_images(c), cls.input_range)
         rec = _to_range(_images(c, seed=3), cls.input_range).requires_grad_(True)
@@ -270,7 +271,7 @@ def check_loss_determinism(cls: type) -> None:
 # ----------------------------------------------------------------------------- discriminators
 def check_discriminator(cls: type) -> None:
     for c in (1, 3):
-        d = _seeded(0, lambda: cls(example_params(cls), channels=c))
+        d = _seeded(0, cls, example_params(cls), channels=c)
         x = _images(c, size=64) * 2 - 1
         x.requires_grad_(True)
         logits = d(x)

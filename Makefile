@@ -1,0 +1,28 @@
+# Two entry points: `make quickstart` (set up + train the quickstart) and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: setup quickstart test lint bench
+setup: $(VENV)/.installed
+
+# torch is pinned so pip takes the CPU wheel (an unpinned torch pulls a multi-GB CUDA build)
+$(VENV)/.installed: setup.cfg pyproject.toml
+	scripts/system-deps.sh
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0 -e '.[test,lint]'
+	touch $@
+
+quickstart: setup
+	$(BIN)/vqkit train recipes/quickstart.yaml
+
+test: setup
+	$(BIN)/python -m pytest -n 2 --durations=15 tests
+
+lint: setup
+	$(BIN)/ruff check vqkit tests benchmarks plugins
+
+bench: setup
+	$(BIN)/python -m pip install -q torch==2.13.0 -e '.[bench]'
+	$(BIN)/python benchmarks/quantizer.py --quick
