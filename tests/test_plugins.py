@@ -75,6 +75,18 @@ def test_strict_mode_makes_broken_plugins_fatal(tmp_path, monkeypatch):
             build_registry()
 
 
+def test_plugins_command_still_lists_under_strict_mode(tmp_path, monkeypatch, capsys, use_registry):
+    monkeypatch.setenv("VQKIT_STRICT_PLUGINS", "1")
+    use_registry(None)
+    with _fake(tmp_path, "vqkit-broken", "vqkit_broken_mod5", ex.BROKEN_IMPORT):
+        assert main(["plugins"]) == 0
+        out, err = capsys.readouterr()
+        assert "broken" in out
+        assert err.startswith("vqkit: warning: plugin 'vqkit-broken' (distribution vqkit-broken) failed to import")
+        assert main(["components"]) == 2
+        assert "VQKIT_STRICT_PLUGINS=1" in capsys.readouterr().err
+
+
 def test_disabled_plugins_are_blocked(tmp_path, monkeypatch):
     monkeypatch.setenv("VQKIT_DISABLE_PLUGINS", "vqkit-huber, other")
     with _fake(tmp_path, "vqkit-huber", "vqkit_huber_mod3", ex.GOOD):

@@ -55,10 +55,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from vqkit.plugins import format_warning_once
+    with warnings.catch_warnings():
+        _plugin_warnings_as_lines()
+        return _main(argv)
 
-    format_warning_once()
-    warnings.simplefilter("default")
+
+def _plugin_warnings_as_lines() -> None:
+    """Show plugin warnings as one ``vqkit: warning:`` line on stderr, no source lines."""
+    from vqkit.plugins import PluginWarning
+
+    original = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, PluginWarning):
+            print(f"vqkit: warning: {message}", file=sys.stderr)
+        else:
+            original(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    warnings.simplefilter("default", PluginWarning)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)

@@ -16,14 +16,13 @@ import fnmatch
 import importlib.metadata as md
 import inspect
 import os
-import sys
 import warnings
 from typing import Any, Callable, Iterable
 
 import pluggy
 
 from vqkit import hookspecs
-from vqkit.errors import Problem, VqkitError, suggest
+from vqkit.errors import VqkitError, suggest
 from vqkit.interfaces import KINDS
 
 ENTRY_POINT_GROUP = "vqkit"
@@ -174,13 +173,16 @@ def _entry_points() -> list[md.EntryPoint]:
 def build_registry(
     entry_points: Iterable[md.EntryPoint] | None = None,
     extra_plugins: Iterable[tuple[str, object]] = (),
+    strict: bool | None = None,
 ) -> Registry:
     """Load plugins and collect their components into a fresh :class:`Registry`.
 
     ``entry_points`` defaults to the installed ``vqkit`` group. ``extra_plugins`` are
-    ``(name, module_or_object)`` pairs registered directly (used by tests).
+    ``(name, module_or_object)`` pairs registered directly (used by tests). ``strict``
+    defaults to ``$VQKIT_STRICT_PLUGINS``.
     """
-    strict = _truthy(os.environ.get(STRICT_ENV))
+    if strict is None:
+        strict = _truthy(os.environ.get(STRICT_ENV))
     blocked = {n.strip() for n in os.environ.get(DISABLE_ENV, "").split(",") if n.strip()}
     pm = pluggy.PluginManager("vqkit")
     pm.add_hookspecs(hookspecs)
@@ -307,18 +309,3 @@ def set_registry(registry: Registry | None) -> None:
     _REGISTRY = registry
 
 
-def format_warning_once() -> None:
-    """Show plugin warnings once, as one line on stderr, without source lines."""
-    original = warnings.showwarning
-
-    def show(message, category, filename, lineno, file=None, line=None):
-        if issubclass(category, PluginWarning):
-            print(f"vqkit: warning: {message}", file=sys.stderr)
-        else:
-            original(message, category, filename, lineno, file, line)
-
-    warnings.showwarning = show
-
-
-def problem_for_unknown(kind: str, name: str, **where: Any) -> Problem:
-    return Problem(get_registry().unknown_message(kind, name), **where)

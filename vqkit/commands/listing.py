@@ -26,9 +26,11 @@ def configure_plugins(p) -> None:
 
 
 def run_plugins(args) -> int:
-    from vqkit.plugins import get_registry
+    import vqkit.plugins as vp
 
-    plugins = get_registry().plugins
+    # `vqkit plugins` always works: under VQKIT_STRICT_PLUGINS=1 it still lists broken ones
+    registry = vp._REGISTRY or vp.build_registry(strict=False)
+    plugins = registry.plugins
     if args.json:
         print(json.dumps([pl.to_json() for pl in plugins], indent=2))
         return 0
