@@ -167,6 +167,9 @@ class _SeededPolicy(CodebookResetPolicy):
 class NoReset(CodebookResetPolicy):
     """Never reset codes."""
 
+    #: tells the contract suite (:mod:`vqkit.testing.reset_contracts`) to expect no plans
+    never_resets = True
+
     def __init__(self, params: Params | None = None, *, codebook_size: int = 0, dim: int = 0, seed: int = 0):
         self.params = params or self.Params()
 

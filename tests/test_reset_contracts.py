@@ -1,0 +1,28 @@
+"""Every registered reset policy passes the reset-policy contract suite."""
+from __future__ import annotations
+
+import pytest
+
+from vqkit.plugins import get_registry
+from vqkit.testing.reset_contracts import ResetPolicyContract, registered_reset_cases
+
+CASES = registered_reset_cases()
+
+
+@pytest.mark.parametrize(
+    "name,check", CASES, ids=[f"{n}/{c.__name__.removeprefix('check_')}" for n, c in CASES]
+)
+def test_reset_contract(name, check):
+    check(get_registry().get("reset_policies", name).cls)
+
+
+def test_builtin_policies_are_under_contract():
+    names = {n for n, _ in CASES}
+    assert {"none", "random", "jukebox", "kmeans"} <= names
+
+
+class TestJukeboxWithNoise(ResetPolicyContract):
+    """The pytest base class, as plugin authors use it, with non-default params."""
+
+    policy_cls = get_registry().get("reset_policies", "jukebox").cls
+    params = policy_cls.Params(noise=0.05, decay=0.9, buffer_size=300)
