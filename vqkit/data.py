@@ -131,7 +131,7 @@ def crop_offsets(
 
 def pil_to_uint8(img: Image.Image) -> torch.Tensor:
     """PIL ``"L"`` or ``"RGB"`` image -> ``uint8`` tensor ``(C, H, W)``."""
-    arr = np.asarray(img, dtype=np.uint8)
+    arr = np.array(img, dtype=np.uint8)  # a writable copy
     if arr.ndim == 2:
         arr = arr[:, :, None]
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))

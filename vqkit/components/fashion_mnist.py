@@ -152,6 +152,11 @@ class FashionMnist(TensorImageDataset):
         self.channels = params.channels
         self.image_size = (params.image_size, params.image_size)
 
+    @classmethod
+    def example_params(cls, workdir: Path | None = None) -> FashionMnistParams:
+        """Small params for contract checks and tests (the first 64 images)."""
+        return cls.Params(limit=64)
+
     @staticmethod
     def _fit(x: torch.Tensor, params: FashionMnistParams) -> torch.Tensor:
         size = params.image_size

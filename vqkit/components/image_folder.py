@@ -118,6 +118,26 @@ def split_files(files: Sequence[str], test_fraction: float) -> dict[str, list[st
     }
 
 
+def write_example_images(folder: Path, count: int = 8) -> list[Path]:
+    """Write ``count`` small PNG/JPEG crops of scikit-image's bundled photographs
+    (various sizes, RGB and grey) into ``folder``; return their paths."""
+    from vqkit.components.natural_patches import SOURCES, skimage_data_dir
+
+    folder.mkdir(parents=True, exist_ok=True)
+    names = sorted(SOURCES)
+    paths = []
+    for k in range(count):
+        with Image.open(skimage_data_dir() / SOURCES[names[k % len(names)]]) as src:
+            img = src.convert("RGB" if k % 3 else "L")
+        w, h = 40 + 7 * k, 36 + 5 * (k % 4)
+        img = img.crop((10 * k, 5 * k, 10 * k + 3 * w, 5 * k + 3 * h)).resize((w, h))
+        path = folder / ("sub" if k % 2 else "") / f"img{k:02d}.{'jpg' if k % 4 == 3 else 'png'}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        img.save(path)
+        paths.append(path)
+    return paths
+
+
 class ImageFolder(Dataset):
     """Every PNG/JPEG under a folder, resized and cropped; split by hashed file path.
 
@@ -160,6 +180,14 @@ class ImageFolder(Dataset):
         self._cache: list[torch.Tensor | None] = [None] * len(self.files)
         self._stacked: torch.Tensor | None = None
         self._preload()
+
+    @classmethod
+    def example_params(cls, workdir: Path) -> ImageFolderParams:
+        """Params over a small folder of real photographs written under ``workdir``
+        (used by the contract checks and tests)."""
+        folder = Path(workdir) / "image-folder-example"
+        write_example_images(folder)
+        return cls.Params(root=str(folder), image_size=32, test_fraction=0.25)
 
     # -- loading ----------------------------------------------------------------------
     def _resized(self, i: int) -> torch.Tensor:

@@ -123,6 +123,11 @@ class NaturalPatches(TensorImageDataset):
         self.channels = params.channels
         self.image_size = (size, size)
 
+    @classmethod
+    def example_params(cls, workdir: Path | None = None) -> NaturalPatchesParams:
+        """Small params for contract checks and tests (8 crops per image)."""
+        return cls.Params(patches_per_image=8)
+
     @staticmethod
     def _load(name: str, channels: int) -> Image.Image:
         path = skimage_data_dir() / SOURCES[name]
