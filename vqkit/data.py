@@ -28,6 +28,7 @@ from vqkit.interfaces import Dataset
 
 __all__ = [
     "to_float",
+    "float_items",
     "rng",
     "name_key",
     "hash_fraction",
@@ -43,6 +44,22 @@ __all__ = [
 def to_float(images: torch.Tensor) -> torch.Tensor:
     """``uint8`` images (any shape) -> float32 in ``[-1, 1]`` (0 -> -1, 255 -> 1)."""
     return images.to(torch.float32).div_(127.5).sub_(1.0)
+
+
+def float_items(images: torch.Tensor) -> list[torch.Tensor]:
+    """``uint8`` ``(B, C, H, W)`` -> list of ``B`` float32 ``(C, H, W)`` items in ``[-1, 1]``.
+
+    Small items are converted in one vectorized call; large ones one by one, which
+    keeps each conversion in cache and avoids a second batch-sized allocation
+    (``DataLoader``'s collate stacks the list into a new batch tensor anyway).
+    """
+    if images.shape[0] and images[0].numel() * 4 >= ITEM_BYTES_ONE_BY_ONE:
+        return [to_float(x) for x in images.unbind(0)]
+    return list(to_float(images).unbind(0))
+
+
+#: float item size above which :func:`float_items` converts items one by one
+ITEM_BYTES_ONE_BY_ONE = 1 << 16
 
 
 def name_key(name: str) -> int:
@@ -164,5 +181,6 @@ class TensorImageDataset(Dataset):
         return to_float(self._expand(self._images.index_select(0, idx)))
 
     def __getitems__(self, indices: Sequence[int]) -> list[torch.Tensor]:
-        """Batched item access used by ``DataLoader`` (one vectorized conversion)."""
-        return list(self.get_batch(indices).unbind(0))
+        """Batched item access used by ``DataLoader`` (one gather, fast conversion)."""
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return float_items(self._expand(self._images.index_select(0, idx)))

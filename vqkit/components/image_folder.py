@@ -36,6 +36,7 @@ from vqkit import hookimpl
 from vqkit.data import (
     cover_size,
     crop_offsets,
+    float_items,
     hash_fraction,
     open_image,
     pil_to_uint8,
@@ -257,7 +258,10 @@ class ImageFolder(Dataset):
 
     def __getitems__(self, indices: Sequence[int]) -> list[torch.Tensor]:
         """Batched item access used by ``DataLoader``."""
-        return list(self.get_batch(indices).unbind(0))
+        if self._stacked is not None:
+            idx = torch.as_tensor([int(i) for i in indices], dtype=torch.long)
+            return float_items(self._stacked.index_select(0, idx))
+        return [to_float(self._item_uint8(int(i))) for i in indices]
 
 
 @hookimpl
