@@ -13,6 +13,7 @@ from PIL import Image
 from vqkit.components.fashion_mnist import DEFAULT_ROOT, INSTALL_HINT, ROOT_ENV, FashionMnist
 from vqkit.components.image_folder import ImageFolder, split_files, write_example_images
 from vqkit.components.natural_patches import SOURCES, NaturalPatches, skimage_data_dir
+from vqkit.data import float_items, to_float
 from vqkit.errors import VqkitError
 from vqkit.plugins import get_registry
 
@@ -306,7 +307,9 @@ def loader_batches(ds) -> list[torch.Tensor]:
     lambda tmp: NaturalPatches(NaturalPatches.Params(patches_per_image=8), split="train"),
     lambda tmp: ImageFolder(ImageFolder.example_params(tmp), split="train", seed=0),
     lambda tmp: ImageFolder(ImageFolder.example_params(tmp).model_copy(update={"preload_mb": 0}), split="train"),
-], ids=["fashion-mnist", "natural-patches", "image-folder", "image-folder-lazy"])
+    lambda tmp: ImageFolder(ImageFolder.example_params(tmp).model_copy(
+        update={"train_crop": "center", "image_size": 96}), split="train"),
+], ids=["fashion-mnist", "natural-patches", "image-folder", "image-folder-lazy", "image-folder-stacked-large"])
 def test_dataloader_batches_are_deterministic(make, tmp_path):
     ds = make(tmp_path)
     first = loader_batches(ds)
@@ -323,3 +326,11 @@ def test_dataloader_worker_gives_the_same_items(folder):
     loader = torch.utils.data.DataLoader(ds, batch_size=len(ds), num_workers=1)
     (batch,) = list(loader)
     assert torch.equal(batch, ds.get_batch(range(len(ds))))
+
+
+def test_float_items_same_values_small_and_large():
+    for shape in [(5, 1, 8, 8), (3, 3, 128, 128)]:  # vectorized and one-by-one paths
+        u8 = torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+        items = float_items(u8)
+        assert len(items) == shape[0] and torch.equal(torch.stack(items), to_float(u8))
+    assert float(to_float(torch.tensor([0, 255], dtype=torch.uint8)).sub(torch.tensor([-1.0, 1.0])).abs().max()) < 1e-6
