@@ -98,7 +98,7 @@ def open_image(path: Path, channels: int, draft_size: tuple[int, int] | None = N
             img.load()
             img = ImageOps.exif_transpose(img)
             return to_channels(img, channels)
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise VqkitError(
             f"cannot read image {str(path)!r}: {exc}; remove or replace the file"
         ) from None

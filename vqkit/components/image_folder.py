@@ -51,7 +51,7 @@ DEFAULT_EXTENSIONS = [".png", ".jpg", ".jpeg"]
 
 
 class ImageFolderParams(Params):
-    root: str = Field(description="folder searched recursively for images")
+    root: str = Field(description="folder searched recursively for images (relative: to the working directory)")
     image_size: Union[Size, tuple[Size, Size]] = Field(
         128, description="output size: N for NxN, or [height, width]"
     )
