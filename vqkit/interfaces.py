@@ -269,6 +269,12 @@ class Dataset(Component, torch.utils.data.Dataset, abc.ABC):
     ``__getitem__(i)`` returns float32 ``(C, H, W)`` in ``[-1, 1]``; all items share
     :attr:`channels` and :attr:`image_size` ``(H, W)``. Content and order are a pure
     function of the params, the split and the seed.
+
+    Optional fast paths the trainer uses when present: ``get_batch(indices)`` -> float32
+    ``(B, C, H, W)`` equal to stacking the items; ``set_epoch(epoch)`` for datasets whose
+    train-time augmentation depends on the epoch. ``example_params(workdir)`` (classmethod)
+    gives params the contract suite can build the dataset with when the defaults cannot
+    (e.g. a required folder).
     """
 
     channels: int
