@@ -1,0 +1,257 @@
+"""``vqkit train``, ``vqkit eval``, ``vqkit compare`` and ``vqkit sync``."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from vqkit.commands._table import table
+from vqkit.errors import Problem, VqkitError
+
+
+def _add_set(p) -> None:
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+        help="override a recipe key (value parsed as YAML); repeatable",
+    )
+
+
+# =========================================================================== resolving runs
+def _output_roots(recipe=None) -> list[Path]:
+    roots = [Path("runs")]
+    if recipe is not None:
+        roots.insert(0, Path(recipe.model.tracking.output_dir))
+    return roots
+
+
+def resolve_checkpoint(target: str, recipe=None, tracking_uri: str | None = None) -> Path:
+    """A checkpoint file for ``target``: a checkpoint file, a run dir (its newest
+    checkpoint), or an MLflow run id (local run dir if found, else downloaded)."""
+    from vqkit.train.checkpoint import latest_checkpoint
+
+    path = Path(target)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        for folder in (path / "checkpoints", path):
+            found = latest_checkpoint(folder)
+            if found is not None:
+                return found
+        raise VqkitError(f"no checkpoint in {path} (looked in {path / 'checkpoints'})")
+    if os.sep in target or target.endswith(".pt"):
+        raise VqkitError(f"checkpoint or run dir not found: {target}")
+    from vqkit.tracking import download_checkpoint, find_run_dir, resolve_tracking_uri
+
+    run_dir = find_run_dir(target, _output_roots(recipe))
+    if run_dir is not None:
+        found = latest_checkpoint(run_dir / "checkpoints")
+        if found is not None:
+            return found
+    uri = resolve_tracking_uri(tracking_uri or (recipe.model.tracking.uri if recipe is not None else None))
+    dest = run_dir or (_output_roots(recipe)[0].resolve() / target)
+    return download_checkpoint(uri, target, dest)
+
+
+# =========================================================================== train
+def configure_train(p) -> None:
+    p.add_argument("recipe", nargs="?", metavar="RECIPE",
+                   help="recipe YAML (optional with --resume: the checkpoint's recipe is used)")
+    _add_set(p)
+    p.add_argument("--resume", metavar="RUN_ID_OR_PATH",
+                   help="continue a run: MLflow run id, run dir or checkpoint file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or progress lines")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="train with N processes on this machine (runs torchrun; gloo on CPU)")
+
+
+def _recipe_for(args):
+    from vqkit.recipe import load_recipe
+
+    if args.recipe:
+        return load_recipe(args.recipe, args.overrides), None
+    if not args.resume:
+        raise VqkitError(Problem("vqkit train: give a RECIPE (or --resume RUN_ID_OR_PATH)"))
+    return None, None
+
+
+def _checkpoint_recipe(state, path: Path, overrides: list[str]):
+    """The recipe stored in a checkpoint, with ``--set`` overrides applied."""
+    import copy
+
+    from vqkit.recipe import _apply_override, _Loc, parse_override, validate_data
+
+    data = copy.deepcopy(state["recipe"])
+    problems: list[Problem] = []
+    loc = _Loc()
+    for text in overrides:
+        key, value = parse_override(text)
+        _apply_override(data, key, value, loc, problems)
+    if problems:
+        raise VqkitError(problems)
+    return validate_data(data, loc, f"{path}#recipe")
+
+
+def run_train(args) -> int:
+    if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _spawn(args)
+    if args.nproc < 1:
+        raise VqkitError(Problem(f"--nproc must be >= 1, got {args.nproc}"))
+    from vqkit.train.checkpoint import load_checkpoint
+    from vqkit.train.trainer import Trainer
+
+    recipe, _ = _recipe_for(args)
+    state = path = None
+    if args.resume:
+        path = resolve_checkpoint(args.resume, recipe)
+        state = load_checkpoint(path)
+        if recipe is None:
+            recipe = _checkpoint_recipe(state, path, args.overrides)
+    quiet = args.quiet or int(os.environ.get("RANK", "0")) != 0
+    trainer = Trainer(recipe, resume=state, resume_path=path, quiet=quiet)
+    trainer.run()
+    return 0
+
+
+def _spawn(args) -> int:
+    """Re-run this command under torchrun with ``--nproc`` processes."""
+    argv = [a for a in sys.argv[1:]]
+    cleaned: list[str] = []
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc":
+            skip = True
+            continue
+        if a.startswith("--nproc="):
+            continue
+        cleaned.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={args.nproc}", "-m", "vqkit.cli", *cleaned]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
+    return subprocess.call(cmd, env=env)
+
+
+# =========================================================================== eval
+def configure_eval(p) -> None:
+    p.add_argument("target", metavar="RUN_ID_OR_CHECKPOINT", help="MLflow run id, run dir or checkpoint file")
+    p.add_argument("--num-samples", type=int, default=None, help="test images (default: the recipe's eval.num_samples)")
+    p.add_argument("--metrics", default=None, help="comma-separated: psnr,ssim,lpips (default: the recipe's)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--json", action="store_true", help="print a JSON object")
+
+
+def run_eval(args) -> int:
+    from vqkit.model import VQModel
+    from vqkit.train.build import build_datasets
+    from vqkit.train.distributed import resolve_device
+    from vqkit.train.trainer import evaluate
+
+    path = resolve_checkpoint(args.target)
+    device = resolve_device(args.device)
+    model, recipe = VQModel.from_checkpoint(path, map_location=device)
+    ec = recipe.model.eval
+    metrics = [m.strip() for m in args.metrics.split(",")] if args.metrics else list(ec.metrics)
+    bad = [m for m in metrics if m not in ("psnr", "ssim", "lpips")]
+    if bad:
+        raise VqkitError(Problem(f"--metrics: unknown metric {bad[0]!r} (valid: psnr, ssim, lpips)"))
+    _, test = build_datasets(recipe)
+    lpips = None
+    if "lpips" in metrics:
+        from vqkit.plugins import get_registry
+
+        cls = get_registry().get("perceptual_losses", "lpips").cls
+        lpips = cls(cls.Params(), channels=int(test.channels)).to(device).eval()
+    n = args.num_samples or ec.num_samples
+    result = evaluate(model, test, n, ec.batch_size, metrics, device, lpips)
+    result = {"checkpoint": str(path), "num_samples": min(n, len(test)), **result}
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(table(["metric", "value"], [(k, _fmt(v)) for k, v in result.items()]))
+    return 0
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v)
+
+
+# =========================================================================== compare
+def configure_compare(p) -> None:
+    p.add_argument("runs", nargs="*", metavar="RUN_ID", help="MLflow run ids")
+    p.add_argument("--experiment", help="compare every run of this MLflow experiment")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
+    p.add_argument("--metrics", default="eval/psnr,eval/ssim,eval/lpips,loss/total,codebook/usage,codebook/perplexity",
+                   help="comma-separated metrics shown (their final values)")
+    p.add_argument("--all-params", action="store_true", help="show every param, not only those that differ")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def run_compare(args) -> int:
+    from vqkit.tracking import fetch_runs, resolve_tracking_uri
+
+    if not args.runs and not args.experiment:
+        raise VqkitError(Problem("vqkit compare: give RUN_ID... or --experiment NAME"))
+    uri = resolve_tracking_uri(args.tracking_uri)
+    runs = fetch_runs(uri, args.runs, args.experiment)
+    if not runs:
+        raise VqkitError(f"no runs found in experiment {args.experiment!r} at {uri}")
+    keys = sorted({k for r in runs for k in r["params"]})
+    if args.all_params or len(runs) == 1:
+        shown = keys
+    else:
+        shown = [k for k in keys if len({r["params"].get(k) for r in runs}) > 1]
+    metric_keys = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    metric_keys = [m for m in metric_keys if any(m in r["metrics"] for r in runs)]
+    if args.json:
+        out = [
+            {
+                "run_id": r["run_id"], "run_name": r["run_name"], "status": r["status"],
+                "params": {k: r["params"].get(k) for k in shown},
+                "metrics": {k: r["metrics"].get(k) for k in metric_keys},
+            }
+            for r in runs
+        ]
+        print(json.dumps(out, indent=2))
+        return 0
+    headers = ["", *[f"{r['run_name'] or ''} {r['run_id'][:8]}".strip() for r in runs]]
+    rows: list[list[object]] = [["status", *[r["status"] for r in runs]]]
+    for k in shown:
+        rows.append([k, *[r["params"].get(k, "") for r in runs]])
+    for k in metric_keys:
+        rows.append([k, *[_fmt(r["metrics"][k]) if k in r["metrics"] else "" for r in runs]])
+    if not shown and len(runs) > 1:
+        rows.insert(1, ["(params)", *["identical" for _ in runs]])
+    print(table(headers, rows))
+    return 0
+
+
+# =========================================================================== sync
+def configure_sync(p) -> None:
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run dirs with a tracking_buffer.jsonl")
+
+
+def run_sync(args) -> int:
+    from vqkit.tracking import BUFFER, Tracker
+
+    failed = False
+    for run_dir in args.run_dirs:
+        if not (Path(run_dir) / BUFFER).is_file():
+            print(f"{run_dir}: nothing to send")
+            continue
+        tracker = Tracker.from_run_dir(run_dir)
+        if tracker.flush():
+            Path(run_dir, BUFFER).unlink(missing_ok=True)
+            print(f"{run_dir}: sent; {tracker.describe()}")
+        else:
+            failed = True
+            print(f"vqkit: error: {run_dir}: {tracker.uri} still unreachable; "
+                  f"{tracker.pending} operations kept", file=sys.stderr)
+    return 2 if failed else 0

@@ -1,0 +1,174 @@
+"""Build every training component of a recipe through the plugin registry.
+
+Context passed to component constructors (``cls(params, **context)``):
+
+* dataset: ``split`` (``"train"``/``"test"``), ``seed`` (recipe seed);
+* encoder: ``in_channels = dataset.channels``;
+* quantizer: ``dim = encoder.latent_dim``;
+* decoder: ``out_channels = C``, ``latent_dim = D``, ``factor = encoder.factor``;
+* losses: ``channels = C``; discriminator: ``channels = C``;
+* reset policy: ``codebook_size = quantizer.codebook_size``, ``dim = D``, ``seed`` (recipe seed).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from torch import nn
+
+from vqkit.errors import Problem, VqkitError
+from vqkit.interfaces import CodebookResetPolicy, Dataset, Discriminator, PerceptualLoss
+from vqkit.model import VQModel
+from vqkit.plugins import get_registry
+from vqkit.recipe import LossRef, Recipe
+
+__all__ = [
+    "Built",
+    "build_datasets",
+    "build_model",
+    "build_losses",
+    "build_discriminator",
+    "build_policy",
+    "build_all",
+    "loss_keys",
+]
+
+
+def _make(kind: str, name: str, params: Any, where: str, **context: Any) -> Any:
+    """Construct a registered component; user errors keep their message, with a location."""
+    entry = get_registry().get(kind, name)
+    try:
+        return entry.cls(params, **context)
+    except VqkitError as exc:
+        raise VqkitError(
+            [dataclasses.replace(p, path=p.path or where) for p in exc.problems]
+        ) from None
+
+
+def build_datasets(recipe: Recipe) -> tuple[Dataset, Dataset]:
+    """The ``(train, test)`` splits of the recipe's data set."""
+    ref = recipe.model.data
+    params = recipe.params_of("data")
+    train = _make("datasets", ref.name, params, "data", split="train", seed=recipe.model.seed)
+    test = _make("datasets", ref.name, params, "data", split="test", seed=recipe.model.seed)
+    for split, ds in (("train", train), ("test", test)):
+        if len(ds) == 0:
+            raise VqkitError(Problem(f"data set {ref.name!r} has an empty {split} split", path="data"))
+    if tuple(train.image_size) != tuple(test.image_size) or train.channels != test.channels:
+        raise VqkitError(
+            Problem(
+                f"data set {ref.name!r}: train images are {train.channels}x{tuple(train.image_size)}, "
+                f"test images {test.channels}x{tuple(test.image_size)}; they must agree",
+                path="data",
+            )
+        )
+    return train, test
+
+
+def build_model(recipe: Recipe, channels: int) -> VQModel:
+    """Encoder, quantizer and decoder for images with ``channels`` channels."""
+    m = recipe.model
+    encoder = _make("encoders", m.encoder.name, recipe.params_of("encoder"), "encoder", in_channels=channels)
+    dim, factor = int(encoder.latent_dim), int(encoder.factor)
+    quantizer = _make("quantizers", m.quantizer.name, recipe.params_of("quantizer"), "quantizer", dim=dim)
+    decoder = _make(
+        "decoders", m.decoder.name, recipe.params_of("decoder"), "decoder",
+        out_channels=channels, latent_dim=dim, factor=factor,
+    )
+    return VQModel(encoder, quantizer, decoder)
+
+
+def check_image_size(model: VQModel, image_size: tuple[int, int]) -> None:
+    """The data's ``(H, W)`` must be divisible by the encoder's factor."""
+    h, w = (int(v) for v in image_size)
+    f = model.factor
+    if h % f or w % f:
+        raise VqkitError(
+            Problem(
+                f"images are {h}x{w} but the encoder downsamples by {f}: both sides must be "
+                f"divisible by {f} (resize/crop the data or change the encoder's factor)",
+                path="encoder",
+            )
+        )
+
+
+def loss_keys(refs: list[LossRef]) -> list[str]:
+    """Metric names ``loss/<name>`` of the recipe's losses (``loss/<name>.<i>`` for repeats)."""
+    names = [r.name for r in refs]
+    keys = []
+    for i, name in enumerate(names):
+        keys.append(f"loss/{name}" if names.count(name) == 1 else f"loss/{name}.{i}")
+    return keys
+
+
+def build_losses(recipe: Recipe, channels: int) -> nn.ModuleList:
+    """One module per ``losses`` entry (same order as the recipe)."""
+    out = nn.ModuleList()
+    for i, ref in enumerate(recipe.model.losses):
+        loss = _make(
+            "perceptual_losses", ref.name, recipe.params_of("losses", i), f"losses.{i}", channels=channels
+        )
+        out.append(loss)
+    return out
+
+
+def build_discriminator(recipe: Recipe, channels: int) -> Discriminator | None:
+    """The recipe's discriminator, or ``None`` when it has none."""
+    ref = recipe.model.discriminator
+    if ref is None:
+        return None
+    return _make("discriminators", ref.name, recipe.params_of("discriminator"), "discriminator", channels=channels)
+
+
+def build_policy(recipe: Recipe, model: VQModel) -> CodebookResetPolicy:
+    """The code-book reset policy (``none`` when the recipe has no ``reset`` block)."""
+    ref = recipe.model.reset
+    return _make(
+        "reset_policies", ref.name, recipe.params_of("reset"), "reset",
+        codebook_size=model.codebook_size, dim=model.latent_dim, seed=recipe.model.seed,
+    )
+
+
+@dataclasses.dataclass
+class Built:
+    """Everything a training run is made of."""
+
+    recipe: Recipe
+    train_data: Dataset
+    test_data: Dataset
+    model: VQModel
+    losses: nn.ModuleList
+    discriminator: Discriminator | None
+    policy: CodebookResetPolicy
+
+    @property
+    def channels(self) -> int:
+        return int(self.train_data.channels)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return tuple(int(v) for v in self.train_data.image_size)  # type: ignore[return-value]
+
+
+def build_all(recipe: Recipe) -> Built:
+    """Build the data sets, model, losses, discriminator and reset policy."""
+    train, test = build_datasets(recipe)
+    c = int(train.channels)
+    model = build_model(recipe, c)
+    check_image_size(model, tuple(train.image_size))
+    losses = build_losses(recipe, c)
+    for i, loss in enumerate(losses):
+        if not isinstance(loss, PerceptualLoss):  # pragma: no cover - registry checks classes
+            raise TypeError(f"losses.{i} is not a PerceptualLoss")
+    disc = build_discriminator(recipe, c)
+    needs = [recipe.model.losses[i].name for i, m in enumerate(losses) if getattr(m, "needs_discriminator", False)]
+    if needs and disc is None:
+        raise VqkitError(
+            Problem(
+                f"loss {needs[0]!r} needs a discriminator but the recipe has no `discriminator` "
+                "block; add e.g. `discriminator: {name: patchgan}`",
+                path="discriminator",
+            )
+        )
+    policy = build_policy(recipe, model)
+    return Built(recipe, train, test, model, losses, disc, policy)

@@ -1,0 +1,846 @@
+"""The training loop: one recipe in, one MLflow run and a folder of checkpoints out.
+
+Objective of the generator (encoder, quantizer, decoder), at step ``s``::
+
+    total = sum_i  w_i * loss_i(convert(recon), convert(x))          for losses with s >= start_step_i
+          + sum_k  quantizer.loss_weights()[k] * out.losses[k]        (weight 1.0 when not listed)
+          + lambda * gan_weight * g_loss(D(recon))                    when a discriminator is
+                                                                      configured and s >= its start_step
+
+``convert`` maps ``[-1, 1]`` images to each loss's declared ``input_range``; ``lambda`` is
+the adaptive weight (ratio of gradient norms at the decoder's last layer, VQGAN) or 1.
+The discriminator is frozen during the generator pass and trained alongside with its own
+optimizer on real images vs detached reconstructions.
+
+Only parameters with ``requires_grad`` are optimized (LPIPS nets are frozen). Everything
+needed to continue bit for bit is in the checkpoints (:mod:`vqkit.train.checkpoint`); the
+data order is a function of the step (:mod:`vqkit.train.data`).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator, TextIO
+
+import numpy as np
+import torch
+from torch import nn
+
+from vqkit import __version__
+from vqkit.errors import Problem, VqkitError
+from vqkit.interfaces import Dataset
+from vqkit.model import VQModel
+from vqkit.recipe import Recipe
+from vqkit.train import checkpoint as ckpt
+from vqkit.train.build import Built, build_all, loss_keys
+from vqkit.train.data import StepBatches, read_batch
+from vqkit.train.distributed import DistContext, init_distributed
+from vqkit.train.schedule import make_scheduler
+
+__all__ = ["Trainer", "TrainResult", "NonFiniteLoss", "evaluate", "save_recon_grid", "train"]
+
+
+class NonFiniteLoss(Exception):
+    """The loss (or a gradient norm) became NaN or infinite."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a finished (or stopped) training call produced."""
+
+    run_id: str | None
+    run_dir: Path | None
+    step: int
+    metrics: dict[str, float]
+    checkpoint: Path | None
+    tracking_uri: str | None
+
+
+# =========================================================================== helpers
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and CUDA) from the recipe seed."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def convert_range(x: torch.Tensor, input_range: tuple[float, float]) -> torch.Tensor:
+    """Map images from ``[-1, 1]`` to ``input_range`` (identity for ``(-1, 1)``)."""
+    lo, hi = float(input_range[0]), float(input_range[1])
+    if (lo, hi) == (-1.0, 1.0):
+        return x
+    return (x + 1.0) * ((hi - lo) / 2.0) + lo
+
+
+def gan_generator_loss(kind: str, logits_fake: torch.Tensor) -> torch.Tensor:
+    """Generator side of the GAN loss (0-dim)."""
+    from vqkit import gan
+
+    return gan.generator_loss(kind, logits_fake)
+
+
+def gan_discriminator_loss(kind: str, logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """Discriminator side of the GAN loss (0-dim)."""
+    from vqkit import gan
+
+    return gan.discriminator_loss(kind, logits_real, logits_fake)
+
+
+def adaptive_gan_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
+    """VQGAN's ratio of gradient norms at ``last_layer`` (detached 0-dim tensor)."""
+    from vqkit import gan
+
+    return gan.adaptive_weight(rec_loss, g_loss, last_layer)
+
+
+def _grad_params(module: nn.Module | None) -> list[nn.Parameter]:
+    if module is None:
+        return []
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def _make_optimizer(params: list[nn.Parameter], train_cfg, lr: float) -> torch.optim.Optimizer:
+    cls = torch.optim.AdamW if train_cfg.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=lr, betas=tuple(train_cfg.betas), weight_decay=train_cfg.weight_decay)
+
+
+def _finite_params(*modules: nn.Module | None) -> bool:
+    for m in modules:
+        if m is None:
+            continue
+        for t in list(m.parameters()) + list(m.buffers()):
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                return False
+    return True
+
+
+def _average_grads(params: list[nn.Parameter], dist: DistContext) -> None:
+    """All-reduce-mean the gradients of ``params`` in one flat buffer (no DDP wrapper)."""
+    if not dist.enabled:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    flat = dist.all_reduce_mean(flat)
+    offset = 0
+    for g in grads:
+        n = g.numel()
+        g.copy_(flat[offset:offset + n].view_as(g))
+        offset += n
+
+
+# =========================================================================== evaluation
+@torch.no_grad()
+def evaluate(
+    model: VQModel,
+    dataset: Dataset,
+    num_samples: int,
+    batch_size: int,
+    metrics: list[str],
+    device: torch.device,
+    lpips: nn.Module | None = None,
+) -> dict[str, float]:
+    """Reconstruction quality on the first ``num_samples`` items of ``dataset``.
+
+    Returns ``eval/psnr`` (dB, images mapped to ``[0, 1]``, reconstructions clamped,
+    averaged per image), ``eval/ssim`` (torchmetrics, ``data_range=1``), ``eval/lpips``
+    (when ``lpips`` is given) and ``eval/usage`` / ``eval/perplexity`` of the test codes.
+    The model is put in eval mode and restored to its previous mode.
+    """
+    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+    was_training = model.training
+    model.eval()
+    n = min(int(num_samples), len(dataset))
+    sums: dict[str, float] = {}
+    counts = torch.zeros(model.codebook_size, dtype=torch.float64)
+    try:
+        for start in range(0, n, batch_size):
+            idx = torch.arange(start, min(n, start + batch_size))
+            x = read_batch(dataset, idx).to(device)
+            recon, out, _ = model(x)
+            recon = recon.float().clamp(-1.0, 1.0)
+            counts += torch.bincount(out.indices.reshape(-1).cpu(), minlength=model.codebook_size).double()
+            a, b = (recon + 1.0) / 2.0, (x + 1.0) / 2.0
+            per: dict[str, torch.Tensor] = {}
+            if "psnr" in metrics:
+                per["eval/psnr"] = peak_signal_noise_ratio(
+                    a, b, data_range=1.0, reduction="none", dim=(1, 2, 3)
+                )
+            if "ssim" in metrics:
+                per["eval/ssim"] = structural_similarity_index_measure(
+                    a, b, data_range=1.0, reduction="none"
+                )
+            if "lpips" in metrics and lpips is not None:
+                rng = getattr(lpips, "input_range", (-1.0, 1.0))
+                value = lpips(convert_range(recon, rng), convert_range(x, rng))
+                per["eval/lpips"] = value.reshape(-1).expand(x.shape[0]) if value.numel() == 1 else value
+            for key, v in per.items():
+                v = v.double()
+                v = torch.where(torch.isinf(v), torch.full_like(v, 100.0), v)  # identical images
+                sums[key] = sums.get(key, 0.0) + float(v.sum())
+    finally:
+        model.train(was_training)
+    result = {k: v / max(1, n) for k, v in sums.items()}
+    total = counts.sum()
+    if total > 0:
+        p = counts[counts > 0] / total
+        result["eval/usage"] = float((counts > 0).double().mean())
+        result["eval/perplexity"] = float(torch.exp(-(p * p.log()).sum()))
+    return result
+
+
+def save_recon_grid(originals: torch.Tensor, reconstructions: torch.Tensor, path: Path) -> Path:
+    """PNG grid: originals in the top row, their reconstructions below.
+
+    Both float ``(N, C, H, W)`` in ``[-1, 1]`` (clamped), ``C`` 1 or 3. Small images are
+    enlarged (nearest neighbour) to at least 64 pixels high. Written atomically.
+    """
+    from PIL import Image
+
+    def to_uint8(t: torch.Tensor) -> np.ndarray:
+        t = ((t.detach().float().cpu().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+        if t.shape[1] == 1:
+            t = t.expand(-1, 3, -1, -1)
+        return t.permute(0, 2, 3, 1).numpy()
+
+    top, bottom = to_uint8(originals), to_uint8(reconstructions)
+    n, h, w, _ = top.shape
+    pad = 2
+    grid = np.full((2 * h + 3 * pad, n * w + (n + 1) * pad, 3), 255, dtype=np.uint8)
+    for row, images in enumerate((top, bottom)):
+        y = pad + row * (h + pad)
+        for i in range(n):
+            x = pad + i * (w + pad)
+            grid[y:y + h, x:x + w] = images[i]
+    image = Image.fromarray(grid)
+    scale = max(1, math.ceil(64 / h))
+    if scale > 1:
+        image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG")
+    tmp.replace(path)
+    return path
+
+
+# =========================================================================== the trainer
+class Trainer:
+    """Trains the model of a recipe; see the module docstring for the objective.
+
+    Args:
+        recipe: the validated recipe.
+        resume: a checkpoint (as returned by :func:`vqkit.train.checkpoint.load_checkpoint`)
+            to continue from, with ``resume_path`` the file it came from.
+        quiet: no progress bar and no progress lines (the final summary still prints).
+        stop_after: stop (with a checkpoint) after this many total steps even if
+            ``train.steps`` is larger; the LR schedule still follows ``train.steps``.
+        stdout / stderr: where to print (default: the process's).
+    """
+
+    def __init__(
+        self,
+        recipe: Recipe,
+        *,
+        resume: dict[str, Any] | None = None,
+        resume_path: Path | None = None,
+        quiet: bool = False,
+        stop_after: int | None = None,
+        stdout: TextIO | None = None,
+        stderr: TextIO | None = None,
+    ):
+        self.recipe = recipe
+        self.cfg = recipe.model
+        self.resume = resume
+        self.resume_path = resume_path
+        self.quiet = quiet
+        self.stop_after = stop_after
+        self.out = stdout or sys.stdout
+        self.err = stderr or sys.stderr
+        self.dist: DistContext | None = None
+        self.tracker: Any = None
+        self.run_dir: Path | None = None
+        self.step = 0
+        self.last_good: Path | None = None
+        self.last_eval: dict[str, float] = {}
+        self.last_metrics: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ printing
+    def _say(self, text: str) -> None:
+        if self.dist is None or self.dist.is_main:
+            print(text, file=self.err, flush=True)
+
+    # ------------------------------------------------------------------ setup
+    def _setup(self) -> None:
+        cfg = self.cfg
+        tc = cfg.train
+        self.dist = dist = init_distributed(tc.device)
+        self.device = device = dist.device
+        seed_everything(cfg.seed)
+        built: Built = build_all(self.recipe)
+        self.built = built
+        self.model = built.model.to(device)
+        self.losses = built.losses.to(device)
+        self.loss_refs = list(cfg.losses)
+        self.loss_names = loss_keys(self.loss_refs)
+        self.disc = built.discriminator.to(device) if built.discriminator is not None else None
+        self.disc_ref = cfg.discriminator
+
+        gen_params = _grad_params(self.model) + _grad_params(self.losses)
+        if not gen_params:
+            raise VqkitError("the model has no trainable parameters")
+        self.gen_params = gen_params
+        self.opt = _make_optimizer(gen_params, tc, tc.lr)
+        self.sched = make_scheduler(self.opt, tc)
+        self.disc_params = _grad_params(self.disc)
+        self.disc_opt = self.disc_sched = None
+        if self.disc is not None and self.disc_params:
+            self.disc_opt = _make_optimizer(self.disc_params, tc, self.disc_ref.lr or tc.lr)
+            self.disc_sched = make_scheduler(self.disc_opt, tc)
+
+        # mixed precision: bf16 autocast on CPU, fp16 autocast + GradScaler on CUDA
+        self.amp = bool(tc.amp)
+        self.amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+        use_scaler = self.amp and device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+        self.disc_scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+
+        from vqkit.telemetry import CodebookMonitor
+        from vqkit.train.codebook import CodebookManager
+
+        self.monitor = CodebookMonitor(self.model.codebook_size)
+        self.codebook = CodebookManager(self.model.quantizer, built.policy, cfg.reset, self.monitor, dist)
+
+        self.lpips = None
+        if "lpips" in cfg.eval.metrics:
+            self.lpips = self._build_eval_lpips()
+
+        if self.resume is not None:
+            self._load_state(self.resume)
+        self.step = int(self.resume["step"]) if self.resume is not None else 0
+
+        if dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [device.index] if device.type == "cuda" else None
+            self.model_ddp: nn.Module = DDP(self.model, device_ids=ids, broadcast_buffers=True)
+        else:
+            self.model_ddp = self.model
+
+        self.batches = StepBatches(
+            built.train_data, tc.batch_size, cfg.seed, dist.rank, dist.world_size, tc.num_workers
+        )
+        # a fixed set of test images for the reconstruction grids
+        size = max(built.image_size)
+        n_grid = min(len(built.test_data), 16 if size <= 64 else 8)
+        self.grid_images = read_batch(built.test_data, torch.arange(n_grid))
+
+    def _build_eval_lpips(self) -> nn.Module:
+        from vqkit.plugins import get_registry
+
+        registry = get_registry()
+        if "lpips" not in registry.names("perceptual_losses"):
+            raise VqkitError(
+                Problem(
+                    "eval.metrics asks for lpips but no perceptual loss named 'lpips' is registered "
+                    "(see `vqkit components perceptual_losses`)",
+                    path="eval.metrics",
+                )
+            )
+        cls = registry.get("perceptual_losses", "lpips").cls
+        for i, ref in enumerate(self.cfg.losses):  # reuse the recipe's lpips settings if any
+            if ref.name == "lpips":
+                return self.losses[i]
+        return cls(cls.Params(), channels=self.built.channels).to(self.device).eval()
+
+    # ------------------------------------------------------------------ state
+    def _state(self) -> dict[str, Any]:
+        return {
+            "format": ckpt.FORMAT,
+            "vqkit_version": __version__,
+            "step": self.step,
+            "channels": self.built.channels,
+            "image_size": list(self.built.image_size),
+            "recipe": self.recipe.to_dict(),
+            "model": self.model.state_dict(),
+            "optimizers": {
+                "generator": self.opt.state_dict(),
+                "discriminator": self.disc_opt.state_dict() if self.disc_opt is not None else None,
+            },
+            "schedulers": {
+                "generator": self.sched.state_dict(),
+                "discriminator": self.disc_sched.state_dict() if self.disc_sched is not None else None,
+            },
+            "scalers": {"generator": self.scaler.state_dict(), "discriminator": self.disc_scaler.state_dict()},
+            "discriminator": self.disc.state_dict() if self.disc is not None else None,
+            "codebook": self.codebook.state_dict(),
+            "rng": ckpt.capture_rng(),
+            "data": {
+                "epoch": self.batches.epoch_of(self.step) if hasattr(self, "batches") else 0,
+                "steps_per_epoch": self.batches.steps_per_epoch if hasattr(self, "batches") else 0,
+            },
+            "run": {
+                "run_id": getattr(self.tracker, "run_id", None),
+                "local_id": getattr(self.tracker, "local_id", None),
+                "tracking_uri": getattr(self.tracker, "uri", None),
+                "experiment": self.cfg.tracking.experiment,
+                "run_dir": str(self.run_dir) if self.run_dir else None,
+            },
+        }
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        where = str(self.resume_path or "checkpoint")
+        try:
+            self.model.load_state_dict(state["model"])
+            self.opt.load_state_dict(state["optimizers"]["generator"])
+            self.sched.load_state_dict(state["schedulers"]["generator"])
+            if self.disc is not None:
+                if state.get("discriminator") is None:
+                    raise VqkitError(
+                        f"{where} has no discriminator but the recipe has one; resume with the "
+                        "recipe the run was trained with"
+                    )
+                self.disc.load_state_dict(state["discriminator"])
+                if self.disc_opt is not None and state["optimizers"].get("discriminator") is not None:
+                    self.disc_opt.load_state_dict(state["optimizers"]["discriminator"])
+                    self.disc_sched.load_state_dict(state["schedulers"]["discriminator"])
+            scalers = state.get("scalers") or {}
+            if scalers.get("generator"):
+                self.scaler.load_state_dict(scalers["generator"])
+            if scalers.get("discriminator"):
+                self.disc_scaler.load_state_dict(scalers["discriminator"])
+            self.codebook.load_state_dict(state["codebook"])
+        except (RuntimeError, KeyError, ValueError) as exc:
+            raise VqkitError(
+                f"cannot resume from {where}: its state does not match the recipe's model "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0][:300]}); resume with the "
+                "recipe the run was trained with"
+            ) from None
+        # the schedule follows the recipe (train.steps may have been raised on resume)
+        for sched in (self.sched, self.disc_sched):
+            if sched is not None:
+                fn = sched.lr_lambdas[0]
+                fn.total_steps = self.cfg.train.steps
+        ckpt.restore_rng(state["rng"])
+
+    # ------------------------------------------------------------------ tracking / run dir
+    def _setup_tracking(self) -> None:
+        from vqkit.plugins import get_registry
+        from vqkit.tracking import Tracker, read_run_info, resolve_tracking_uri
+
+        tcfg = self.cfg.tracking
+        prev_run = (self.resume or {}).get("run") or {}
+        uri = tcfg.uri or None
+        if uri is None and not os.environ.get("MLFLOW_TRACKING_URI") and prev_run.get("tracking_uri"):
+            uri = prev_run["tracking_uri"]  # continue the run in the store that holds it
+        uri = resolve_tracking_uri(uri)
+        run_name = tcfg.run_name or self.cfg.name
+        self.tracker = tracker = Tracker(uri, tcfg.experiment, run_name, enabled=self.dist.is_main, stderr=self.err)
+
+        # the run dir: the resumed checkpoint's run dir, else <output_dir>/<run id>
+        run_dir: Path | None = None
+        if self.resume_path is not None:
+            parent = Path(self.resume_path).resolve().parent
+            for cand in (parent.parent, parent):
+                if read_run_info(cand):
+                    run_dir = cand
+                    break
+            if run_dir is None and prev_run.get("run_dir") and read_run_info(prev_run["run_dir"]):
+                run_dir = Path(prev_run["run_dir"])
+        resume_id = prev_run.get("run_id")
+        if run_dir is not None:
+            info = read_run_info(run_dir)
+            resume_id = info.get("run_id") or resume_id
+            tracker.local_id = info.get("local_id") or tracker.local_id
+        if resume_id and prev_run.get("tracking_uri") and prev_run["tracking_uri"] != uri:
+            self._say(
+                f"vqkit: note: the resumed run was tracked at {prev_run['tracking_uri']}; "
+                f"logging to a new run at {uri}"
+            )
+            resume_id = None
+        run_id = tracker.start(resume_run_id=resume_id)
+        if run_dir is None:
+            run_dir = Path(tcfg.output_dir).resolve() / (run_id or f"local-{tracker.local_id}")
+        self.run_dir = run_dir
+        if not self.dist.is_main:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tracker.attach(run_dir)
+        self.ckpt_dir = run_dir / "checkpoints"
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+
+        tracker.log_params(self.recipe.flat_params())
+        tags = {
+            "vqkit.version": __version__,
+            "vqkit.plugins": ", ".join(get_registry().distributions()),
+            "vqkit.recipe_sha256": self.recipe.sha256(),
+            "vqkit.run_dir": str(run_dir),
+            "vqkit.world_size": self.dist.world_size,
+        }
+        if self.resume is not None:
+            tags["vqkit.resumed_from_step"] = self.step
+        tracker.set_tags(tags)
+        recipe_path = run_dir / "recipe.yaml"
+        recipe_path.write_text(self.recipe.to_yaml(), encoding="utf-8")
+        tracker.log_artifact(recipe_path)
+
+    # ------------------------------------------------------------------ one step
+    def _autocast(self):
+        if not self.amp:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def _train_step(self, x: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+        """One generator (and discriminator) update; returns detached 0-dim loss terms."""
+        terms: dict[str, torch.Tensor] = {}
+        disc_on = self.disc is not None and step >= self.disc_ref.start_step
+        if self.disc is not None:
+            self.disc.requires_grad_(False)  # frozen for every generator-side term
+        self.opt.zero_grad(set_to_none=True)
+        with self._autocast():
+            recon, out, z_e = self.model_ddp(x)
+            recon32 = recon.float()
+            rec_total = recon32.new_zeros(())
+            for name, ref, loss_fn in zip(self.loss_names, self.loss_refs, self.losses):
+                if step < ref.start_step:
+                    continue
+                rng = getattr(loss_fn, "input_range", (-1.0, 1.0))
+                value = loss_fn(
+                    convert_range(recon32, rng),
+                    convert_range(x, rng),
+                    discriminator=self.disc if getattr(loss_fn, "needs_discriminator", False) else None,
+                ).float()
+                terms[name] = value
+                rec_total = rec_total + ref.weight * value
+            total = rec_total
+            weights = self.model.quantizer.loss_weights()
+            for key, value in out.losses.items():
+                value = value.float()
+                terms[f"loss/{key}"] = value
+                total = total + float(weights.get(key, 1.0)) * value
+            if disc_on:
+                logits_fake = self.disc(recon32)
+                g_loss = gan_generator_loss(self.disc_ref.loss, logits_fake.float())
+                terms["loss/gan_g"] = g_loss
+                factor = torch.ones((), device=x.device)
+                last = self.model.decoder.last_layer_weight()
+                if self.disc_ref.adaptive_weight and last is not None and rec_total.requires_grad:
+                    factor = adaptive_gan_weight(rec_total, g_loss, last).detach()
+                    terms["gan/adaptive_weight"] = factor
+                total = total + self.disc_ref.weight * factor * g_loss
+        terms["loss/total"] = total
+        if self._nonfinite(total):
+            raise NonFiniteLoss(self._describe_terms(terms, step))
+        self.scaler.scale(total).backward()
+        grad_norm = self._clip_and_step(self.opt, self.gen_params, self.scaler)
+        if grad_norm is not None:
+            terms["train/grad_norm"] = grad_norm
+        self.sched.step()
+
+        if disc_on and self.disc_opt is not None:
+            self.disc.requires_grad_(True)
+            self.disc_opt.zero_grad(set_to_none=True)
+            with self._autocast():
+                logits_real = self.disc(x)
+                logits_fake = self.disc(recon32.detach())
+                d_loss = gan_discriminator_loss(self.disc_ref.loss, logits_real.float(), logits_fake.float())
+            terms["loss/gan_d"] = d_loss
+            if self._nonfinite(d_loss):
+                raise NonFiniteLoss(self._describe_terms(terms, step))
+            self.disc_scaler.scale(d_loss).backward()
+            if self.dist.enabled:
+                if self.disc_scaler.is_enabled():
+                    self.disc_scaler.unscale_(self.disc_opt)
+                _average_grads(self.disc_params, self.dist)
+            self._clip_and_step(self.disc_opt, self.disc_params, self.disc_scaler)
+        if self.disc_sched is not None:
+            self.disc_sched.step()
+
+        self.codebook.after_step(step, z_e.detach(), out.indices.detach(), [self.opt])
+        if step == 0 and self.dist.enabled:
+            self._sync_from_rank0()
+        return {k: v.detach() for k, v in terms.items()}
+
+    def _clip_and_step(self, opt, params, scaler) -> torch.Tensor | None:
+        clip = self.cfg.train.grad_clip
+        norm = None
+        if clip is not None:
+            if scaler.is_enabled():
+                # the discriminator path may already have unscaled (distributed averaging)
+                with contextlib.suppress(RuntimeError):
+                    scaler.unscale_(opt)
+            norm = torch.nn.utils.clip_grad_norm_(params, clip)
+            if not scaler.is_enabled() and self._nonfinite(norm):
+                raise NonFiniteLoss(f"gradient norm is {float(norm)} at step {self.step}")
+        scaler.step(opt)
+        scaler.update()
+        return norm.detach() if norm is not None else None
+
+    def _sync_from_rank0(self) -> None:
+        """Make every rank hold rank 0's model after the first step (k-means or other
+        data-dependent initialisation inside a component may differ between ranks)."""
+        with torch.no_grad():
+            for t in list(self.model.parameters()) + list(self.model.buffers()):
+                t.copy_(self.dist.broadcast(t.data))
+
+    def _nonfinite(self, value: torch.Tensor) -> bool:
+        bad = not bool(torch.isfinite(value).all())
+        return self.dist.any_flag(bad) if self.dist.enabled else bad
+
+    def _describe_terms(self, terms: dict[str, torch.Tensor], step: int) -> str:
+        parts = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
+        return f"step {step + 1}: {parts}"
+
+    # ------------------------------------------------------------------ periodic work
+    def _save(self, final: bool = False) -> Path | None:
+        """Write a checkpoint of the current state (rank 0); never a non-finite one."""
+        if not self.dist.is_main:
+            return None
+        if not _finite_params(self.model, self.disc):
+            raise NonFiniteLoss(f"model weights are NaN or infinite after step {self.step}")
+        path = self.ckpt_dir / "final.pt" if final else ckpt.step_file(self.ckpt_dir, self.step)
+        ckpt.save_checkpoint(path, self._state())
+        ckpt.write_latest(self.ckpt_dir, path, self.step)
+        if not final:
+            ckpt.prune_checkpoints(self.ckpt_dir, self.cfg.train.keep_checkpoints)
+        self.last_good = path
+        artifact = "final.pt" if final else "last.pt"
+        if final:
+            self.tracker.log_artifact(path, "checkpoints")
+        else:  # one periodic checkpoint in MLflow, replaced at each save
+            link = self.ckpt_dir / "last.pt"
+            _link_or_copy(path, link)
+            self.tracker.log_artifact(link, "checkpoints")
+        self.tracker.set_tags(
+            {"vqkit.last_checkpoint": json.dumps({"artifact": f"checkpoints/{artifact}", "step": self.step})}
+        )
+        return path
+
+    def _log_images(self) -> None:
+        if not self.dist.is_main:
+            return
+        with torch.no_grad():
+            was = self.model.training
+            self.model.eval()
+            x = self.grid_images.to(self.device)
+            recon = self.model(x)[0]
+            self.model.train(was)
+        path = save_recon_grid(x, recon, self.run_dir / "images" / f"recon_{self.step:06d}.png")
+        self.tracker.log_artifact(path, "images")
+
+    def _evaluate(self) -> dict[str, float]:
+        ec = self.cfg.eval
+        return evaluate(
+            self.model, self.built.test_data, ec.num_samples, ec.batch_size, list(ec.metrics),
+            self.device, self.lpips,
+        )
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> TrainResult:
+        self._setup()
+        tc = self.cfg.train
+        dist = self.dist
+        try:
+            self._setup_tracking()
+        except BaseException:
+            dist.close()
+            raise
+        stop = tc.steps if self.stop_after is None else min(tc.steps, self.stop_after)
+        start = self.step
+        if start >= stop:
+            self._say(f"vqkit: nothing to do: the checkpoint is at step {start} and train.steps is {tc.steps}")
+        if dist.is_main:
+            self._say(f"vqkit: {self.tracker.describe()}")
+            self._say(f"vqkit: run dir {self.run_dir}")
+        status = "FAILED"
+        try:
+            self._loop(start, stop)
+            status = "FINISHED" if self.step >= tc.steps else "RUNNING"
+        except NonFiniteLoss as exc:
+            self._fail_nonfinite(exc)
+        except KeyboardInterrupt:
+            status = "KILLED"
+            if self.step > start and dist.is_main and _finite_params(self.model, self.disc):
+                path = self._save()
+                self._say(f"vqkit: interrupted at step {self.step}; checkpoint {path}; continue with "
+                          f"`vqkit train --resume {self.run_dir}`")
+            raise
+        finally:
+            if dist.is_main and status != "RUNNING":
+                self.tracker.finish(status)
+            elif dist.is_main:
+                self.tracker.flush()
+            dist.close()
+        result = TrainResult(
+            run_id=self.tracker.run_id,
+            run_dir=self.run_dir,
+            step=self.step,
+            metrics={**self.last_metrics, **self.last_eval},
+            checkpoint=self.last_good,
+            tracking_uri=self.tracker.uri,
+        )
+        if dist.is_main:
+            self._summary(result)
+        return result
+
+    def _fail_nonfinite(self, exc: NonFiniteLoss) -> None:
+        if self.dist.is_main:
+            self.tracker.set_tags({"vqkit.failure": f"non-finite loss: {exc}"[:5000]})
+        good = self.last_good or (self.resume_path if self.resume is not None else None)
+        keep = f"the last good checkpoint is {good}" if good else "no checkpoint was written before it"
+        raise VqkitError(
+            f"training stopped: the loss became NaN/inf ({exc}); {keep}. Lower train.lr, set "
+            "train.grad_clip, or disable train.amp, then resume from the last good checkpoint"
+        ) from None
+
+    def _loop(self, start: int, stop: int) -> None:
+        tc = self.cfg.train
+        dist = self.dist
+        show_bar = (not self.quiet) and dist.is_main and self.out.isatty()
+        lines = (not self.quiet) and dist.is_main and not show_bar
+        bar = None
+        if show_bar:
+            from tqdm import tqdm
+
+            bar = tqdm(total=tc.steps, initial=start, unit="step", dynamic_ncols=True, file=self.out,
+                       desc=self.cfg.name)
+        self.model_ddp.train()
+        if self.disc is not None:
+            self.disc.train()
+        sums: dict[str, torch.Tensor] = {}
+        n_window = 0
+        data_s = step_s = 0.0
+        batches: Iterator[torch.Tensor] = self.batches.iterate(start, stop)
+        try:
+            for step in range(start, stop):
+                t0 = time.perf_counter()
+                x = next(batches).to(self.device, non_blocking=True)
+                t1 = time.perf_counter()
+                terms = self._train_step(x, step)
+                self.step = step + 1
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + v.float()
+                n_window += 1
+                if self.device.type == "cuda" and (self.step % tc.log_every == 0):
+                    torch.cuda.synchronize(self.device)
+                t2 = time.perf_counter()
+                data_s += t1 - t0
+                step_s += t2 - t0
+                last = self.step == stop
+                if bar is not None:
+                    bar.update(1)
+                if self.step % tc.log_every == 0 or last:
+                    metrics = {k: float(v) / n_window for k, v in sums.items()}
+                    if dist.is_main:
+                        # an early stop (stop_after) must not add to the monitor's history, so a
+                        # resumed run ends with exactly the state of an uninterrupted one
+                        regular = self.step % tc.log_every == 0 or self.step == tc.steps
+                        metrics.update(self.monitor.metrics(self.step) if regular else self.monitor.snapshot())
+                    metrics["train/lr"] = float(self.sched.get_last_lr()[0])
+                    metrics["time/data_s"] = data_s / n_window
+                    metrics["time/step_s"] = step_s / n_window
+                    metrics["time/data_share"] = data_s / step_s if step_s > 0 else 0.0
+                    metrics["train/epoch"] = float(self.batches.epoch_of(step))
+                    self.last_metrics = metrics
+                    self.tracker.log_metrics(metrics, self.step)
+                    sums, n_window, data_s, step_s = {}, 0, 0.0, 0.0
+                    if bar is not None:
+                        bar.set_postfix(self._postfix(metrics), refresh=False)
+                if dist.is_main and (self.step % tc.eval_every == 0 or (last and self.step == tc.steps)):
+                    self.last_eval = self._evaluate()
+                    self.tracker.log_metrics(self.last_eval, self.step)
+                    if bar is not None:
+                        bar.set_postfix(self._postfix({**self.last_metrics, **self.last_eval}), refresh=False)
+                    if lines:
+                        self._progress_line()
+                if dist.is_main and (self.step % tc.image_every == 0 or last):
+                    self._log_images()
+                if self.step % tc.checkpoint_every == 0 and not (last and self.step == tc.steps):
+                    self._save()
+                elif last and self.step < tc.steps:
+                    self._save()  # stopped early (stop_after): keep a resumable checkpoint
+        finally:
+            if bar is not None:
+                bar.close()
+        if self.step >= tc.steps and dist.is_main:
+            self._finish_artifacts()
+
+    def _postfix(self, m: dict[str, float]) -> dict[str, str]:
+        out = {"loss": f"{m.get('loss/total', float('nan')):.4f}"}
+        if "codebook/usage" in m:
+            out["usage"] = f"{100 * m['codebook/usage']:.0f}%"
+        if "eval/psnr" in m:
+            out["psnr"] = f"{m['eval/psnr']:.2f}"
+        if "time/data_share" in m:
+            out["data"] = f"{100 * m['time/data_share']:.0f}%"
+        return out
+
+    def _progress_line(self) -> None:
+        m = {**self.last_metrics, **self.last_eval}
+        parts = [f"step {self.step}/{self.cfg.train.steps}"]
+        for key, fmt in (("loss/total", "{:.4f}"), ("codebook/usage", "{:.2f}"), ("eval/psnr", "{:.2f}"),
+                         ("eval/ssim", "{:.3f}"), ("time/step_s", "{:.3f}")):
+            if key in m:
+                parts.append(f"{key}={fmt.format(m[key])}")
+        print("vqkit: " + " ".join(parts), file=self.out, flush=True)
+
+    def _finish_artifacts(self) -> None:
+        plots = self.monitor.save_plots(self.run_dir / "plots")
+        for p in plots:
+            self.tracker.log_artifact(p, "plots")
+        self._save(final=True)
+
+    def _summary(self, result: TrainResult) -> None:
+        m = result.metrics
+        bits = []
+        for key in ("eval/psnr", "eval/ssim", "eval/lpips", "codebook/usage", "codebook/perplexity"):
+            if key in m:
+                bits.append(f"{key.split('/')[-1]}={m[key]:.4g}")
+        print(f"vqkit: step {result.step}: " + (" ".join(bits) if bits else "done"), file=self.out)
+        if result.run_id:
+            print(f"vqkit: MLflow run {result.run_id} (experiment {self.cfg.tracking.experiment!r}) "
+                  f"in {result.tracking_uri}", file=self.out)
+        print(f"vqkit: run dir {result.run_dir}" + (f"; checkpoint {result.checkpoint}" if result.checkpoint else ""),
+              file=self.out, flush=True)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Make ``dst`` hold ``src``'s bytes (hard link, else copy), atomically."""
+    import os
+    import shutil
+
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    tmp.replace(dst)
+
+
+def train(
+    recipe: Recipe,
+    *,
+    resume: str | Path | None = None,
+    quiet: bool = False,
+    stop_after: int | None = None,
+    stdout: TextIO | None = None,
+    stderr: TextIO | None = None,
+) -> TrainResult:
+    """Train ``recipe``; ``resume`` is a checkpoint file to continue from."""
+    state = None
+    path = None
+    if resume is not None:
+        path = Path(resume)
+        state = ckpt.load_checkpoint(path)
+    trainer = Trainer(recipe, resume=state, resume_path=path, quiet=quiet, stop_after=stop_after,
+                      stdout=stdout, stderr=stderr)
+    return trainer.run()
