@@ -23,6 +23,11 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("components", "listing", "list registered components and their params"),
     ("validate", "recipes", "validate recipes and report every problem"),
     ("explain", "recipes", "print the normalized recipe (defaults filled in)"),
+    ("train", "train", "train a model from a recipe, logging to MLflow (--resume to continue)"),
+    ("eval", "train", "evaluate a checkpoint or run on its test split (PSNR, SSIM, LPIPS)"),
+    ("compare", "train", "compare MLflow runs: params that differ and final metrics"),
+    ("sync", "train", "send tracking operations buffered while MLflow was unreachable"),
+    ("weights", "weights", "create (fetch) and list pretrained weights, e.g. for lpips"),
 ]
 
 
