@@ -12,6 +12,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0 -e '.[test,lint]'
+	rm -rf vqkit.egg-info  # a stale copy in the source tree would shadow the installed entry points
 	touch $@
 
 quickstart: setup
