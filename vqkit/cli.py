@@ -39,21 +39,26 @@ class _Parser(argparse.ArgumentParser):
             bad = message.split("invalid choice: ")[1].split(" ")[0].strip("'")
             choices = [name for name, _, _ in COMMANDS]
             raise VqkitError(Problem(f"unknown command {bad!r}" + suggest(bad, choices)))
-        if message.startswith("unrecognized arguments"):
-            bad = message.split(": ", 1)[1]
-            opts = [o for a in self._actions for o in a.option_strings]
-            first = bad.split()[0]
-            raise VqkitError(Problem(f"{self.prog}: unknown option {first!r}" + suggest(first, opts)))
         raise VqkitError(Problem(f"{self.prog}: {message}"))
+
+
+def _unknown_option(parser: argparse.ArgumentParser, extra: list[str]) -> VqkitError:
+    first = extra[0]
+    opts = [o for a in parser._actions for o in a.option_strings]
+    if first.startswith("-"):
+        return VqkitError(Problem(f"{parser.prog}: unknown option {first!r}" + suggest(first, opts)))
+    return VqkitError(Problem(f"{parser.prog}: unexpected argument {first!r}"))
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="vqkit", description="Train vector-quantized autoencoders from YAML recipes.")
     parser.add_argument("--version", action="version", version=f"vqkit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    parser.set_defaults(_parser=parser)
     for name, module, help_text in COMMANDS:
         mod = importlib.import_module(f"vqkit.commands.{module}")
         p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_parser=p)
         getattr(mod, f"configure_{name.replace('-', '_')}")(p)
         p.set_defaults(_run=getattr(mod, f"run_{name.replace('-', '_')}"))
     return parser
@@ -84,7 +89,9 @@ def _plugin_warnings_as_lines() -> None:
 def _main(argv: Sequence[str] | None) -> int:
     try:
         parser = build_parser()
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            raise _unknown_option(args._parser, extra)
         if not getattr(args, "_run", None):
             parser.print_help()
             return EXIT_USER_ERROR
