@@ -20,6 +20,7 @@ import os
 import pickle
 import random
 import re
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -89,11 +90,15 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise VqkitError(f"checkpoint not found: {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, zipfile.BadZipFile, EOFError) as exc:
-        raise VqkitError(
-            f"cannot read checkpoint {path}: {type(exc).__name__}: {str(exc).splitlines()[0]}"
-        ) from None
+        with warnings.catch_warnings():
+            # a file that is not a torch checkpoint (e.g. a plain pickle) makes the safe
+            # unpickler warn before it fails; the failure is what we report
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, zipfile.BadZipFile, EOFError, IndexError,
+            ValueError, OSError) as exc:
+        detail = (str(exc).strip().splitlines() or ["file is empty or truncated"])[0]
+        raise VqkitError(f"cannot read checkpoint {path}: {type(exc).__name__}: {detail[:300]}") from None
     if not isinstance(state, dict) or "format" not in state or "model" not in state:
         raise VqkitError(f"{path} is not a vqkit checkpoint (no 'format'/'model' keys)")
     if state["format"] > FORMAT:

@@ -330,8 +330,13 @@ class Trainer:
         if dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
+            import inspect
+
             ids = [device.index] if device.type == "cuda" else None
-            self.model_ddp: nn.Module = DDP(self.model, device_ids=ids, broadcast_buffers=True)
+            # buffers (EMA code-books, usage counters) follow rank 0 at every forward
+            sync = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                    else "broadcast_buffers")
+            self.model_ddp: nn.Module = DDP(self.model, device_ids=ids, **{sync: True})
         else:
             self.model_ddp = self.model
 
