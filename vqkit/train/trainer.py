@@ -328,9 +328,9 @@ class Trainer:
         self.step = int(self.resume["step"]) if self.resume is not None else 0
 
         if dist.enabled:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
             import inspect
+
+            from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [device.index] if device.type == "cuda" else None
             # buffers (EMA code-books, usage counters) follow rank 0 at every forward
