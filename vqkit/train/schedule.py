@@ -46,10 +46,12 @@ class WarmupSchedule:
         return 1.0 - (1.0 - m) * p
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, train_cfg) -> torch.optim.lr_scheduler.LambdaLR:
-    """A ``LambdaLR`` following ``train_cfg`` (a :class:`vqkit.recipe.TrainConfig`);
-    call ``.step()`` once after every optimizer step."""
-    schedule = WarmupSchedule(
-        train_cfg.schedule, train_cfg.warmup_steps, train_cfg.steps, train_cfg.min_lr_ratio
-    )
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, train_cfg, total_steps: int | None = None
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A ``LambdaLR`` following ``train_cfg`` (a :class:`vqkit.recipe.TrainConfig`) over
+    ``total_steps`` optimizer steps (default ``train_cfg.steps``); call ``.step()`` once
+    after every optimizer step."""
+    total = train_cfg.steps if total_steps is None else total_steps
+    schedule = WarmupSchedule(train_cfg.schedule, train_cfg.warmup_steps, total, train_cfg.min_lr_ratio)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=schedule)

@@ -304,7 +304,8 @@ class Trainer:
         self.disc_opt = self.disc_sched = None
         if self.disc is not None and self.disc_params:
             self.disc_opt = _make_optimizer(self.disc_params, tc, self.disc_ref.lr or tc.lr)
-            self.disc_sched = make_scheduler(self.disc_opt, tc)
+            # the discriminator's schedule (warm-up, decay) runs over its own active steps
+            self.disc_sched = make_scheduler(self.disc_opt, tc, self._disc_steps())
 
         # mixed precision: bf16 autocast on CPU, fp16 autocast + GradScaler on CUDA
         self.amp = bool(tc.amp)
@@ -347,6 +348,9 @@ class Trainer:
         size = max(built.image_size)
         n_grid = min(len(built.test_data), 16 if size <= 64 else 8)
         self.grid_images = read_batch(built.test_data, torch.arange(n_grid))
+
+    def _disc_steps(self) -> int:
+        return max(1, self.cfg.train.steps - self.disc_ref.start_step)
 
     def _build_eval_lpips(self) -> nn.Module:
         from vqkit.plugins import get_registry
@@ -430,10 +434,10 @@ class Trainer:
                 "recipe the run was trained with"
             ) from None
         # the schedule follows the recipe (train.steps may have been raised on resume)
-        for sched in (self.sched, self.disc_sched):
-            if sched is not None:
-                fn = sched.lr_lambdas[0]
-                fn.total_steps = self.cfg.train.steps
+        tc = self.cfg.train
+        _retarget(self.sched, tc.lr, tc.steps)
+        if self.disc_sched is not None:
+            _retarget(self.disc_sched, self.disc_ref.lr or tc.lr, self._disc_steps())
         ckpt.restore_rng(state["rng"])
 
     # ------------------------------------------------------------------ tracking / run dir
@@ -566,7 +570,6 @@ class Trainer:
                     self.disc_scaler.unscale_(self.disc_opt)
                 _average_grads(self.disc_params, self.dist)
             self._clip_and_step(self.disc_opt, self.disc_params, self.disc_scaler)
-        if self.disc_sched is not None:
             self.disc_sched.step()
 
         self.codebook.after_step(step, z_e.detach(), out.indices.detach(), [self.opt])
@@ -601,7 +604,7 @@ class Trainer:
         return self.dist.any_flag(bad) if self.dist.enabled else bad
 
     def _describe_terms(self, terms: dict[str, torch.Tensor], step: int) -> str:
-        parts = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
+        parts = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
         return f"step {step + 1}: {parts}"
 
     # ------------------------------------------------------------------ periodic work
@@ -815,6 +818,18 @@ class Trainer:
                   f"in {result.tracking_uri}", file=self.out)
         print(f"vqkit: run dir {result.run_dir}" + (f"; checkpoint {result.checkpoint}" if result.checkpoint else ""),
               file=self.out, flush=True)
+
+
+def _retarget(sched: torch.optim.lr_scheduler.LambdaLR, lr: float, total_steps: int) -> None:
+    """Make a restored scheduler follow the recipe's peak LR and length (a resumed run may
+    change ``train.lr`` or ``train.steps``); a no-op when they are unchanged."""
+    for fn in sched.lr_lambdas:
+        fn.total_steps = total_steps
+    sched.base_lrs = [float(lr) for _ in sched.base_lrs]
+    for group, base, fn in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+        group["initial_lr"] = base
+        group["lr"] = base * fn(sched.last_epoch)
+    sched._last_lr = [group["lr"] for group in sched.optimizer.param_groups]
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
