@@ -1,0 +1,261 @@
+"""The built-in vector quantizer ``vq`` (VQ-VAE, van den Oord et al. 2017).
+
+Each latent vector ``z`` (a pixel of the ``(B, D, h, w)`` encoder output) is replaced by
+its nearest code ``e`` of a ``(K, D)`` code-book. Training signal:
+
+* straight-through estimator: the decoder's gradient w.r.t. the quantized latents is
+  passed unchanged to ``z``;
+* code-book loss ``mean((sg[z] - e)^2)`` (gradient to the codes only);
+* commitment loss ``mean((z - sg[e])^2)`` (gradient to the encoder only), weighted by
+  ``beta`` in :meth:`VectorQuantizer.loss_weights`.
+
+Options: EMA code-book updates instead of the code-book loss, cosine (l2-normalized)
+codes and latents, k-means initialisation on the first training batch. The search, the
+look-up and both losses run in float32 (autocast is switched off inside) through the
+chunked kernels of :mod:`vqkit.ops`, which never build an ``(N, K)`` tensor.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from vqkit import hookimpl
+from vqkit.interfaces import Params, Quantizer, QuantizerOutput
+from vqkit.ops.kmeans import kmeans
+from vqkit.ops.search import straight_through_vq
+
+__all__ = ["VectorQuantizer"]
+
+#: eps of the l2 normalisation in cosine mode.
+_NORM_EPS = 1e-12
+
+
+class VectorQuantizer(Quantizer):
+    """Nearest-code vector quantizer with straight-through gradients (VQ-VAE).
+
+    Constructed as ``VectorQuantizer(params, dim=D)``.
+
+    ``forward(z)``: ``z`` float ``(B, D, h, w)`` (any dtype; computed in float32) returns a
+    :class:`~vqkit.interfaces.QuantizerOutput` with
+
+    * ``quantized``: ``(B, D, h, w)`` in ``z``'s dtype, values exactly
+      ``decode_indices(indices)``; stored channels-last (``quantized.permute(0, 2, 3, 1)``
+      is contiguous), which every conv layer accepts; call ``.contiguous()`` if a
+      consumer needs the default layout;
+    * ``indices``: int64 ``(B, h, w)``;
+    * ``losses``: ``{"codebook", "commitment"}`` unweighted means over all elements
+      (``{"commitment"}`` only when ``ema`` is on);
+    * ``stats``: ``{"perplexity"}``, ``exp`` of the entropy of the batch's code usage.
+
+    With ``cosine`` the latents and the codes are l2-normalized along ``D`` before the
+    search, so ``quantized`` and :meth:`codebook` are unit vectors.
+
+    With ``ema`` the code-book is a buffer updated from the batch statistics (cluster
+    sizes ``N_k`` and sums ``m_k``, decay ``ema_decay``, Laplace smoothing ``ema_eps``):
+    ``e_k = m_k / N_k``. The statistics of a training batch are accumulated in its
+    forward; the codes are recomputed from them at the start of the next forward (or by
+    :meth:`replace_codes`, or :meth:`decode_indices` in eval mode), so ``quantized``
+    always equals ``decode_indices(indices)`` and the sequence of code-books seen by the
+    batches is that of the usual EMA algorithm. :meth:`codebook` always shows the codes
+    after the latest update.
+
+    With ``kmeans_init`` the code-book is set by k-means (k-means++ seeding, ``kmeans_iters``
+    Lloyd iterations) on the first training batch; the buffer ``kmeans_done`` records it,
+    so it happens once and survives checkpoints. Its randomness comes from the global
+    torch generator (one draw), so it is reproducible under a fixed seed.
+    """
+
+    class Params(Params):
+        codebook_size: int = Field(512, ge=1, description="Number of codes K.")
+        beta: float = Field(
+            0.25, ge=0.0, description="Weight of the commitment loss ||z - sg[e]||^2 (VQ-VAE's beta)."
+        )
+        ema: bool = Field(
+            False,
+            description="Update the code-book by exponential moving averages of the assigned "
+            "latents (no code-book loss term; codes are not optimizer parameters).",
+        )
+        ema_decay: float = Field(0.99, gt=0.0, lt=1.0, description="Decay of the EMA statistics.")
+        ema_eps: float = Field(
+            1e-5, gt=0.0, description="Laplace smoothing of the EMA cluster sizes (avoids division by zero)."
+        )
+        cosine: bool = Field(
+            False,
+            description="l2-normalize latents and codes (cosine-similarity search; quantized "
+            "latents are unit vectors).",
+        )
+        kmeans_init: bool = Field(
+            False, description="Initialise the code-book by k-means on the first training batch (once)."
+        )
+        kmeans_iters: int = Field(10, ge=0, description="Lloyd iterations of the k-means initialisation.")
+        chunk_size: int | None = Field(
+            None,
+            ge=1,
+            description="Score elements (rows x codes) per search tile; null picks a fast default "
+            "for the device (512 KiB tiles on CPU, 64 MiB on accelerators). Memory of the "
+            "search is one tile whatever the batch and code-book sizes.",
+        )
+
+    def __init__(self, params: "VectorQuantizer.Params | None" = None, *, dim: int):
+        super().__init__()
+        self.params = p = params if params is not None else self.Params()
+        if dim < 1:
+            raise ValueError(f"dim must be >= 1, got {dim}")
+        self.codebook_size = k = p.codebook_size
+        self.dim = dim
+        init = torch.empty(k, dim).uniform_(-1.0 / k, 1.0 / k)
+        if p.cosine:
+            init = F.normalize(init, dim=1, eps=_NORM_EPS)
+        if p.ema:
+            self.register_buffer("embed", init)
+            self.register_buffer("ema_cluster_size", torch.ones(k))
+            self.register_buffer("ema_embed_sum", init.clone())
+            self.register_buffer("ema_pending", torch.zeros((), dtype=torch.bool))
+        else:
+            self.embed = nn.Parameter(init)
+        self.register_buffer("code_counts", torch.zeros(k))
+        self.register_buffer("kmeans_done", torch.tensor(not p.kmeans_init))
+
+    # ------------------------------------------------------------------ code-book views
+    def _codes(self) -> torch.Tensor:
+        """Codes used by the search ``(K, D)`` float32 (differentiable w.r.t. ``embed``)."""
+        if self.params.cosine and not self.params.ema:
+            return F.normalize(self.embed, dim=1, eps=_NORM_EPS)
+        return self.embed
+
+    def _ema_codes(self) -> torch.Tensor:
+        """Codes recomputed from the EMA statistics ``(K, D)``."""
+        size = self.ema_cluster_size
+        total = size.sum()
+        smoothed = (size + self.params.ema_eps) / (total + self.codebook_size * self.params.ema_eps) * total
+        codes = self.ema_embed_sum / smoothed.unsqueeze(1)
+        if self.params.cosine:
+            codes = F.normalize(codes, dim=1, eps=_NORM_EPS)
+        return codes
+
+    @torch.no_grad()
+    def _apply_pending_ema(self) -> None:
+        if self.params.ema and bool(self.ema_pending):
+            self.embed.copy_(self._ema_codes())
+            self.ema_pending.fill_(False)
+
+    def codebook(self) -> torch.Tensor:
+        """The codes ``(K, D)`` float32, detached, in encoder-output space (unit vectors
+        with ``cosine``), including an EMA update not yet applied."""
+        with torch.no_grad():
+            if self.params.ema and bool(self.ema_pending):
+                return self._ema_codes()
+            return self._codes().detach().clone()
+
+    def code_parameters(self) -> list[nn.Parameter]:
+        """``[embed]`` (rows = codes) when the code-book is learned; ``[]`` with EMA."""
+        return [] if self.params.ema else [self.embed]
+
+    def loss_weights(self) -> dict[str, float]:
+        weights = {"commitment": float(self.params.beta)}
+        if not self.params.ema:
+            weights["codebook"] = 1.0
+        return weights
+
+    # ------------------------------------------------------------------ forward
+    def _flatten(self, z: torch.Tensor) -> torch.Tensor:
+        """``(B, D, h, w)`` any float dtype -> float32 ``(B*h*w, D)`` (channels last)."""
+        if z.dim() != 4 or z.shape[1] != self.dim:
+            raise ValueError(f"vq expects latents (B, {self.dim}, h, w), got {tuple(z.shape)}")
+        x = z.float()
+        if self.params.cosine:
+            x = F.normalize(x, dim=1, eps=_NORM_EPS)
+        return x.permute(0, 2, 3, 1).reshape(-1, self.dim)
+
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        b, d, h, w = z.shape if z.dim() == 4 else (0, 0, 0, 0)
+        with torch.autocast(z.device.type, enabled=False):
+            self._apply_pending_ema()
+            flat = self._flatten(z)
+            if self.training and not bool(self.kmeans_done):
+                self._kmeans_init(flat.detach())
+            step = straight_through_vq(flat, self._codes(), self.params.chunk_size)
+            if self.training:
+                with torch.no_grad():
+                    self.code_counts += step.counts
+                    if self.params.ema:
+                        self._ema_accumulate(flat.detach(), step.indices, step.counts)
+        quantized = step.quantized.view(b, h, w, d).permute(0, 3, 1, 2)
+        if quantized.dtype != z.dtype:
+            quantized = quantized.to(z.dtype)
+        losses = {"commitment": step.commitment_loss}
+        if not self.params.ema:
+            losses["codebook"] = step.codebook_loss
+        return QuantizerOutput(
+            quantized=quantized,
+            indices=step.indices.view(b, h, w),
+            losses=losses,
+            stats={"perplexity": _perplexity(step.counts)},
+        )
+
+    @torch.no_grad()
+    def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """int64 ``(B, h, w)`` -> float32 ``(B, D, h, w)`` (channels-last storage), bit for
+        bit the ``quantized`` of the forward that produced the indices."""
+        if indices.dim() != 3:
+            raise ValueError(f"decode_indices expects indices (B, h, w), got {tuple(indices.shape)}")
+        if not self.training:
+            self._apply_pending_ema()
+        b, h, w = indices.shape
+        codes = self._codes().detach()
+        flat = codes.index_select(0, indices.reshape(-1).to(device=codes.device, dtype=torch.int64))
+        return flat.view(b, h, w, self.dim).permute(0, 3, 1, 2)
+
+    # ------------------------------------------------------------------ code-book updates
+    @torch.no_grad()
+    def _ema_accumulate(self, x: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor) -> None:
+        decay = self.params.ema_decay
+        self.ema_cluster_size.mul_(decay).add_(counts, alpha=1.0 - decay)
+        self.ema_embed_sum.mul_(decay).index_add_(0, indices, x, alpha=1.0 - decay)
+        self.ema_pending.fill_(True)
+
+    @torch.no_grad()
+    def _kmeans_init(self, x: torch.Tensor) -> None:
+        generator = torch.Generator(device=x.device)
+        generator.manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
+        result = kmeans(x, self.codebook_size, self.params.kmeans_iters, generator, chunk_size=self.params.chunk_size)
+        centroids = result.centroids
+        if self.params.cosine:
+            centroids = F.normalize(centroids, dim=1, eps=_NORM_EPS)
+        self.embed.copy_(centroids)
+        if self.params.ema:
+            sizes = torch.bincount(result.assignments, minlength=self.codebook_size).float().clamp_(min=1.0)
+            self.ema_cluster_size.copy_(sizes)
+            self.ema_embed_sum.copy_(centroids * sizes.unsqueeze(1))
+            self.ema_pending.fill_(False)
+        self.kmeans_done.fill_(True)
+
+    @torch.no_grad()
+    def replace_codes(self, idx: torch.Tensor, vectors: torch.Tensor) -> None:
+        """Set codes ``idx`` (int64 ``(n,)``) to ``vectors`` ``(n, D)`` (encoder-output space;
+        normalized with ``cosine``); zero their usage counts and, with EMA, restart their
+        statistics at cluster size 1 and sum = the vector. A pending EMA update of the
+        other codes is applied first."""
+        idx = idx.to(device=self.embed.device, dtype=torch.int64).reshape(-1)
+        vectors = vectors.detach().to(device=self.embed.device, dtype=torch.float32).reshape(idx.numel(), self.dim)
+        if self.params.cosine:
+            vectors = F.normalize(vectors, dim=1, eps=_NORM_EPS)
+        self._apply_pending_ema()
+        self.embed.index_copy_(0, idx, vectors)
+        self.code_counts.index_fill_(0, idx, 0.0)
+        if self.params.ema:
+            self.ema_cluster_size.index_fill_(0, idx, 1.0)
+            self.ema_embed_sum.index_copy_(0, idx, vectors)
+
+
+def _perplexity(counts: torch.Tensor) -> float:
+    """``exp(entropy)`` of the distribution ``counts / counts.sum()`` (1 for an empty batch)."""
+    p = counts / counts.sum().clamp(min=1.0)
+    return float(torch.exp(-torch.special.xlogy(p, p).sum()))
+
+
+@hookimpl
+def vqkit_register_quantizers(register):
+    register("vq", VectorQuantizer)
