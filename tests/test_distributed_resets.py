@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.distributed as torch_dist
 import torch.multiprocessing as mp
+import yaml
 
 from vqkit.plugins import get_registry
 from vqkit.recipe import ResetRef
@@ -20,6 +23,8 @@ from vqkit.telemetry import CodebookMonitor
 from vqkit.testing.reset_contracts import ToyQuantizer
 from vqkit.train.codebook import CodebookManager
 from vqkit.train.distributed import DistContext
+
+pytest_plugins = ("trainkit",)  # fixtures: store (a migrated MLflow sqlite store)
 
 WORLD = 2
 STEPS = 24
@@ -109,3 +114,42 @@ def test_codebooks_identical_on_both_ranks_after_every_reset(results, policy_nam
     assert r0["resets"], f"{policy_name}: no reset happened in {STEPS} steps"
     assert r0["resets"] == r1["resets"] and r0["events"] == r1["events"]
     assert torch.equal(r0["codebook"], r1["codebook"])
+
+
+def test_vqkit_train_under_torchrun_resets_and_only_rank0_writes(tmp_path, store, monkeypatch):
+    """The real trainer, 2 processes: resets happen (collective calls do not deadlock) and
+    only rank 0 creates an MLflow run, a run dir and checkpoints."""
+    recipe = {
+        "vqkit": 1, "name": "ddp-resets", "seed": 0,
+        "data": {"name": "fashion-mnist", "params": {"limit": 64}},
+        "encoder": {"name": "conv", "params": {"channels": [8, 8], "factor": 4, "latent_dim": 8}},
+        "quantizer": {"name": "vq", "params": {"codebook_size": 64}},
+        "decoder": {"name": "conv", "params": {"channels": [8, 8]}},
+        "losses": [{"name": "pixel-l1"}],
+        "reset": {"name": "jukebox", "every": 2, "params": {"threshold": 4.0}},
+        "train": {"steps": 4, "batch_size": 8, "log_every": 2, "eval_every": 4, "image_every": 4,
+                  "checkpoint_every": 4, "device": "cpu"},
+        "eval": {"num_samples": 16, "batch_size": 16},
+        "tracking": {"experiment": "ddp-resets", "uri": store},
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    monkeypatch.chdir(tmp_path)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore::FutureWarning")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
+         "-m", "vqkit.cli", "train", str(path), "--quiet"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=store)
+    (run,) = client.search_runs([client.get_experiment_by_name("ddp-resets").experiment_id])
+    resets = client.get_metric_history(run.info.run_id, "codebook/resets")
+    assert sum(m.value for m in resets) > 0, "no code was reset"
+    (run_dir,) = list((tmp_path / "runs").iterdir())  # only rank 0 writes
+    state = torch.load(run_dir / "checkpoints" / "final.pt", weights_only=True)
+    events = state["codebook"]["monitor"]["reset_events"]
+    assert [s for s, _ in events] == [1, 3]
+    assert sum(n for _, n in events) == sum(m.value for m in resets)
