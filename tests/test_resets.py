@@ -272,3 +272,44 @@ def test_manager_rejects_mismatched_z_and_indices():
 def test_no_reset_outside_schedule():
     m = _train("jukebox", steps=30, every=100)
     assert m.monitor.reset_events == []
+
+
+@pytest.mark.parametrize("ema", [False, True])
+def test_manager_with_the_vq_quantizer_resets_its_state(ema):
+    """The built-in quantizer: replaced codes get the plan's vectors, their usage counts
+    and EMA statistics restart, their Adam rows are zeroed; other codes are untouched."""
+    cls = get_registry().get("quantizers", "vq").cls
+    torch.manual_seed(0)
+    q = cls(cls.Params(codebook_size=K, ema=ema), dim=D).train()
+    opt = torch.optim.Adam(q.parameters(), lr=1e-2) if not ema else None
+    opts = [opt] if opt is not None else []
+    if opt is not None:  # give every row Adam moments
+        q.embed.square().sum().backward()
+        opt.step()
+        assert q.code_parameters() == [q.embed]
+    policy = RandomReset(RandomReset.Params(noise=0.0), codebook_size=K, dim=D, seed=0)
+    manager = CodebookManager(q, policy, ResetRef(name="random", every=2), CodebookMonitor(K))
+    z0 = torch.randn(2, D, 4, 4)
+    for step in range(2):
+        out = q(z0)
+        if opt is not None:
+            opt.zero_grad()
+            sum(out.losses.values()).backward()
+            opt.step()
+        before = q.codebook().clone()
+        n = manager.after_step(step, z0, out.indices, opts)
+    assert n > 0
+    plan = manager.last_plan
+    keep = torch.ones(K, dtype=torch.bool)
+    keep[plan.indices] = False
+    after = q.codebook()
+    assert torch.equal(after[plan.indices], plan.vectors)
+    assert torch.equal(after[keep], before[keep])
+    assert float(q.code_counts[plan.indices].sum()) == 0
+    if ema:
+        assert torch.all(q.ema_cluster_size[plan.indices] == 1.0)
+        assert torch.equal(q.ema_embed_sum[plan.indices], plan.vectors)
+    else:
+        state = opt.state[q.embed]
+        assert torch.all(state["exp_avg"][plan.indices] == 0) and torch.all(state["exp_avg_sq"][plan.indices] == 0)
+        assert bool((state["exp_avg_sq"][keep] != 0).all())  # the other rows keep theirs
