@@ -311,30 +311,41 @@ def _sq_dist(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return d.clamp_min_(0.0)
 
 
+#: conditioned k-means++ draws its centres in at most this many rounds
+SEED_ROUNDS = 32
+
+
 def seed_given_centers(
     x: torch.Tensor, centers: torch.Tensor, n: int, gen: torch.Generator
 ) -> torch.Tensor:
     """k-means++ seeding of ``n`` new centres among the rows of ``x`` ``(N, D)`` (distinct
-    rows, ``n <= N``), given existing ``centers`` ``(M, D)`` (``M`` may be 0): each new
-    centre is drawn with probability proportional to the squared distance of a row to its
-    nearest centre so far. Returns row positions int64 ``(n,)``, all different."""
-    big = torch.finfo(torch.float32).max
+    rows, ``n <= N``), given existing ``centers`` ``(M, D)`` (``M`` may be 0): new centres
+    are drawn with probability proportional to the squared distance of a row to its
+    nearest centre so far, in at most :data:`SEED_ROUNDS` rounds (each round draws a batch
+    without replacement, then updates the distances with one matrix product). Returns
+    row positions int64 ``(n,)``, all different."""
     if centers.shape[0]:
-        nearest = _sq_dist(x, centers).min(dim=1).values
+        nearest = _sq_dist(x, centers).min(dim=1).values.double().cpu()
     else:
-        nearest = torch.full((x.shape[0],), big, dtype=x.dtype, device=x.device)
-    chosen = torch.empty(n, dtype=torch.int64)
-    taken = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-    for i in range(n):
-        weights = torch.where(taken, torch.zeros_like(nearest), nearest.clamp(max=big))
-        total = float(weights.sum())
-        if not total > 0 or total == float("inf"):
-            weights = (~taken).to(x.dtype)  # every remaining row is at a centre: uniform
-        j = int(torch.multinomial(weights.double().cpu(), 1, generator=gen))
-        chosen[i] = j
-        taken[j] = True
-        nearest = torch.minimum(nearest, _sq_dist(x, x[j : j + 1]).squeeze(1))
-    return chosen
+        nearest = torch.ones(x.shape[0], dtype=torch.float64)
+    taken = torch.zeros(x.shape[0], dtype=torch.bool)
+    chosen: list[torch.Tensor] = []
+    have = 0
+    rounds = min(n, SEED_ROUNDS)
+    for r in range(rounds):
+        m = -(-(n - have) // (rounds - r))  # ceil: spread what is left over the rounds left
+        weights = torch.where(taken, torch.zeros_like(nearest), nearest)
+        positive = int((weights > 0).sum())
+        if positive < m or not bool(torch.isfinite(weights).all()):
+            weights = (~taken).to(torch.float64)  # too few rows away from every centre
+        pick = torch.multinomial(weights, m, replacement=False, generator=gen)
+        chosen.append(pick)
+        taken[pick] = True
+        have += m
+        if have < n:
+            d = _sq_dist(x, x[pick.to(x.device)]).min(dim=1).values.double().cpu()
+            nearest = torch.minimum(nearest, d)
+    return torch.cat(chosen)
 
 
 class KMeansReset(_SeededPolicy):
