@@ -5,7 +5,6 @@ import json
 
 from vqkit.commands._table import table
 from vqkit.errors import Problem, VqkitError, suggest
-from vqkit.interfaces import KINDS
 
 ALIASES = {"loss": "perceptual_losses", "losses": "perceptual_losses", "resets": "reset_policies",
            "reset": "reset_policies", "data": "datasets"}
@@ -13,6 +12,8 @@ ALIASES = {"loss": "perceptual_losses", "losses": "perceptual_losses", "resets":
 
 def _kind(text: str) -> str:
     """Accept 'encoders', 'encoder', 'perceptual-losses', 'reset_policy'..."""
+    from vqkit.interfaces import KINDS
+
     norm = text.strip().lower().replace("-", "_")
     norm = ALIASES.get(norm, norm)
     for kind in KINDS:
