@@ -119,3 +119,15 @@ def test_every_command_has_help():
     for name, _, _ in COMMANDS:
         proc = run(name, "--help")
         assert proc.returncode == 0 and "usage: vqkit " + name in proc.stdout
+
+
+def test_help_and_version_do_not_load_torch_or_plugins():
+    code = (
+        "import sys; from vqkit.cli import main\n"
+        "for argv in (['--version'], ['--help'], ['train', '--help']):\n"
+        "    try: main(argv)\n"
+        "    except SystemExit: pass\n"
+        "assert 'torch' not in sys.modules and 'vqkit.plugins' not in sys.modules, sorted(m for m in sys.modules if m.startswith(('torch', 'vqkit')))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

@@ -15,7 +15,7 @@ import warnings
 from typing import Sequence
 
 from vqkit import __version__
-from vqkit.errors import EXIT_USER_ERROR, Problem, VqkitError, suggest
+from vqkit.errors import EXIT_USER_ERROR, PluginWarning, Problem, VqkitError, suggest
 
 #: (command, module in vqkit.commands, one-line help)
 COMMANDS: list[tuple[str, str, str]] = [
@@ -72,8 +72,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _plugin_warnings_as_lines() -> None:
     """Show plugin warnings as one ``vqkit: warning:`` line on stderr, no source lines."""
-    from vqkit.plugins import PluginWarning
-
     original = warnings.showwarning
 
     def show(message, category, filename, lineno, file=None, line=None):

@@ -56,3 +56,7 @@ def suggest(name: str, choices: Iterable[str]) -> str:
         parts.append(f"did you mean {close[0]!r}?")
     parts.append("valid: " + (", ".join(choices) if choices else "(none registered)"))
     return " (" + " ".join(parts) + ")"
+
+
+class PluginWarning(UserWarning):
+    """A plugin could not be loaded and was skipped."""

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable
 import pluggy
 
 from vqkit import hookspecs
-from vqkit.errors import VqkitError, suggest
+from vqkit.errors import PluginWarning, VqkitError, suggest
 from vqkit.interfaces import KINDS
 
 ENTRY_POINT_GROUP = "vqkit"
@@ -39,10 +39,6 @@ NOUNS = {
     "datasets": "dataset",
     "discriminators": "discriminator",
 }
-
-
-class PluginWarning(UserWarning):
-    """A plugin could not be loaded and was skipped."""
 
 
 @dataclasses.dataclass
