@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import vqkit.components.vq as vq_module
 from vqkit.components.vq import VectorQuantizer
-from vqkit.ops import inertia, kmeans, kmeans_plus_plus, nearest_codes, straight_through_vq, tile_shape
+from vqkit.ops import code_sums, inertia, kmeans, kmeans_plus_plus, nearest_codes, straight_through_vq, tile_shape
 
 D = 6
 
@@ -77,29 +77,45 @@ def test_nearest_codes_wants_float32():
         nearest_codes(torch.zeros(3, 2, dtype=torch.float64), torch.zeros(4, 2, dtype=torch.float64))
 
 
-def test_fused_step_matches_reference_straight_through():
+LAYOUTS = {
+    "channel-first planes": ((2, 5, 16, 17), False),  # searched in place, image by image
+    "small images": ((3, 5, 4, 5), False),  # flattened to rows
+    "channels-last": ((2, 5, 16, 17), True),  # rows are a free view
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("chunk_size", [None, 48])
+def test_fused_step_matches_reference_straight_through(layout, chunk_size):
+    shape, channels_last = LAYOUTS[layout]
     g = torch.Generator().manual_seed(3)
-    x0 = torch.randn(50, 5, generator=g)
-    e0 = torch.randn(11, 5, generator=g)
-    up = torch.randn(50, 5, generator=g)
+    z0 = torch.randn(*shape, generator=g)
+    e0 = torch.randn(11, shape[1], generator=g)
+    up = torch.randn(*shape, generator=g)
+    if channels_last:
+        z0 = z0.contiguous(memory_format=torch.channels_last)
     w_cb, w_cm = 0.7, 0.3
 
-    x, e = x0.clone().requires_grad_(), e0.clone().requires_grad_()
-    step = straight_through_vq(x, e, chunk_size=16)
+    z, e = z0.clone().requires_grad_(), e0.clone().requires_grad_()
+    step = straight_through_vq(z, e, chunk_size=chunk_size)
     ((step.quantized * up).sum() + w_cb * step.codebook_loss + w_cm * step.commitment_loss).backward()
 
-    xr, er = x0.clone().requires_grad_(), e0.clone().requires_grad_()
-    idx = brute_force(x0, e0)
-    q = er[idx]
-    st = xr + (q - xr).detach()
-    ((st * up).sum() + w_cb * F.mse_loss(q, xr.detach()) + w_cm * F.mse_loss(xr, q.detach())).backward()
+    zr, er = z0.clone().requires_grad_(), e0.clone().requires_grad_()
+    idx = brute_force(flat(z0), e0)
+    q = er[idx].view(shape[0], shape[2], shape[3], shape[1]).permute(0, 3, 1, 2)
+    st = zr + (q - zr).detach()
+    ((st * up).sum() + w_cb * F.mse_loss(q, zr.detach()) + w_cm * F.mse_loss(zr, q.detach())).backward()
 
-    assert torch.equal(step.indices, idx)
-    assert torch.equal(step.quantized, e0[idx])
+    assert step.indices.shape == shape[:1] + shape[2:]
+    assert torch.equal(step.indices.reshape(-1), idx)
+    assert torch.equal(step.quantized, q.detach())
+    assert step.quantized.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     assert torch.equal(step.counts, torch.bincount(idx, minlength=11).float())
-    torch.testing.assert_close(step.codebook_loss, F.mse_loss(e0[idx], x0))
-    torch.testing.assert_close(x.grad, xr.grad)
+    torch.testing.assert_close(step.codebook_loss, F.mse_loss(q, z0))
+    torch.testing.assert_close(z.grad, zr.grad)
     torch.testing.assert_close(e.grad, er.grad)
+    sums = code_sums(z0, step.indices, 11)
+    torch.testing.assert_close(sums, torch.zeros(11, shape[1]).index_add_(0, idx, flat(z0)))
 
 
 # ----------------------------------------------------------------------------- gradients
@@ -167,10 +183,10 @@ COMBOS = list(itertools.product([False, True], repeat=3))
 @pytest.mark.parametrize("ema,cosine,kmeans_init", COMBOS)
 def test_decode_indices_reproduces_quantized_exactly(ema, cosine, kmeans_init):
     q = make(ema=ema, cosine=cosine, kmeans_init=kmeans_init, kmeans_iters=3)
-    for training in (True, True, False, True, False):
+    for training, (h, w) in zip((True, True, False, True, False), ((3, 4), (16, 16), (16, 16), (3, 4), (3, 4))):
         q.train(training)
-        out = q(latents(seed=5 + training, scale=2.0))
-        assert out.quantized.shape == (2, D, 3, 4) and out.indices.shape == (2, 3, 4)
+        out = q(latents(h=h, w=w, seed=5 + training, scale=2.0))
+        assert out.quantized.shape == (2, D, h, w) and out.indices.shape == (2, h, w)
         assert out.indices.dtype == torch.int64
         assert torch.equal(q.decode_indices(out.indices), out.quantized.detach()), (training, ema, cosine)
         if cosine:

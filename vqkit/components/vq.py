@@ -24,7 +24,7 @@ from torch import nn
 from vqkit import hookimpl
 from vqkit.interfaces import Params, Quantizer, QuantizerOutput
 from vqkit.ops.kmeans import kmeans
-from vqkit.ops.search import straight_through_vq
+from vqkit.ops.search import code_sums, straight_through_vq
 
 __all__ = ["VectorQuantizer"]
 
@@ -40,10 +40,8 @@ class VectorQuantizer(Quantizer):
     ``forward(z)``: ``z`` float ``(B, D, h, w)`` (any dtype; computed in float32) returns a
     :class:`~vqkit.interfaces.QuantizerOutput` with
 
-    * ``quantized``: ``(B, D, h, w)`` in ``z``'s dtype, values exactly
-      ``decode_indices(indices)``; stored channels-last (``quantized.permute(0, 2, 3, 1)``
-      is contiguous), which every conv layer accepts; call ``.contiguous()`` if a
-      consumer needs the default layout;
+    * ``quantized``: ``(B, D, h, w)`` in ``z``'s dtype and memory layout, values exactly
+      ``decode_indices(indices)``;
     * ``indices``: int64 ``(B, h, w)``;
     * ``losses``: ``{"codebook", "commitment"}`` unweighted means over all elements
       (``{"commitment"}`` only when ``ema`` is on);
@@ -160,29 +158,28 @@ class VectorQuantizer(Quantizer):
         return weights
 
     # ------------------------------------------------------------------ forward
-    def _flatten(self, z: torch.Tensor) -> torch.Tensor:
-        """``(B, D, h, w)`` any float dtype -> float32 ``(B*h*w, D)`` (channels last)."""
+    def _prepare(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents ``(B, D, h, w)`` any float dtype -> float32 (l2-normalized with ``cosine``)."""
         if z.dim() != 4 or z.shape[1] != self.dim:
             raise ValueError(f"vq expects latents (B, {self.dim}, h, w), got {tuple(z.shape)}")
         x = z.float()
         if self.params.cosine:
             x = F.normalize(x, dim=1, eps=_NORM_EPS)
-        return x.permute(0, 2, 3, 1).reshape(-1, self.dim)
+        return x
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
-        b, d, h, w = z.shape if z.dim() == 4 else (0, 0, 0, 0)
         with torch.autocast(z.device.type, enabled=False):
             self._apply_pending_ema()
-            flat = self._flatten(z)
+            x = self._prepare(z)
             if self.training and not bool(self.kmeans_done):
-                self._kmeans_init(flat.detach())
-            step = straight_through_vq(flat, self._codes(), self.params.chunk_size)
+                self._kmeans_init(x.detach().permute(0, 2, 3, 1).reshape(-1, self.dim))
+            step = straight_through_vq(x, self._codes(), self.params.chunk_size)
             if self.training:
                 with torch.no_grad():
                     self.code_counts += step.counts
                     if self.params.ema:
-                        self._ema_accumulate(flat.detach(), step.indices, step.counts)
-        quantized = step.quantized.view(b, h, w, d).permute(0, 3, 1, 2)
+                        self._ema_accumulate(code_sums(x.detach(), step.indices, self.codebook_size), step.counts)
+        quantized = step.quantized
         if quantized.dtype != z.dtype:
             quantized = quantized.to(z.dtype)
         losses = {"commitment": step.commitment_loss}
@@ -190,15 +187,15 @@ class VectorQuantizer(Quantizer):
             losses["codebook"] = step.codebook_loss
         return QuantizerOutput(
             quantized=quantized,
-            indices=step.indices.view(b, h, w),
+            indices=step.indices,
             losses=losses,
             stats={"perplexity": _perplexity(step.counts)},
         )
 
     @torch.no_grad()
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        """int64 ``(B, h, w)`` -> float32 ``(B, D, h, w)`` (channels-last storage), bit for
-        bit the ``quantized`` of the forward that produced the indices."""
+        """int64 ``(B, h, w)`` -> float32 ``(B, D, h, w)``, bit for bit the ``quantized`` of
+        the forward that produced the indices."""
         if indices.dim() != 3:
             raise ValueError(f"decode_indices expects indices (B, h, w), got {tuple(indices.shape)}")
         if not self.training:
@@ -206,14 +203,14 @@ class VectorQuantizer(Quantizer):
         b, h, w = indices.shape
         codes = self._codes().detach()
         flat = codes.index_select(0, indices.reshape(-1).to(device=codes.device, dtype=torch.int64))
-        return flat.view(b, h, w, self.dim).permute(0, 3, 1, 2)
+        return flat.view(b, h, w, self.dim).permute(0, 3, 1, 2).contiguous()
 
     # ------------------------------------------------------------------ code-book updates
     @torch.no_grad()
-    def _ema_accumulate(self, x: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor) -> None:
+    def _ema_accumulate(self, sums: torch.Tensor, counts: torch.Tensor) -> None:
         decay = self.params.ema_decay
         self.ema_cluster_size.mul_(decay).add_(counts, alpha=1.0 - decay)
-        self.ema_embed_sum.mul_(decay).index_add_(0, indices, x, alpha=1.0 - decay)
+        self.ema_embed_sum.mul_(decay).add_(sums, alpha=1.0 - decay)
         self.ema_pending.fill_(True)
 
     @torch.no_grad()

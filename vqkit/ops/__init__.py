@@ -6,16 +6,16 @@
   (:func:`kmeans`), used by ``kmeans_init`` and by code-book reset policies.
 """
 from vqkit.ops.kmeans import KMeansResult, inertia, kmeans, kmeans_plus_plus
-from vqkit.ops.search import VQStep, nearest_codes, quantize_rows, straight_through_vq, tile_shape
+from vqkit.ops.search import VQStep, code_sums, nearest_codes, straight_through_vq, tile_shape
 
 __all__ = [
     "KMeansResult",
     "VQStep",
+    "code_sums",
     "inertia",
     "kmeans",
     "kmeans_plus_plus",
     "nearest_codes",
-    "quantize_rows",
     "straight_through_vq",
     "tile_shape",
 ]

@@ -20,7 +20,7 @@ import torch
 __all__ = [
     "tile_shape",
     "nearest_codes",
-    "quantize_rows",
+    "code_sums",
     "straight_through_vq",
     "VQStep",
 ]
@@ -33,6 +33,9 @@ CPU_TILE_ELEMENTS = 1 << 17
 DEVICE_TILE_ELEMENTS = 1 << 24
 #: Most codes in one CPU tile; larger code-books are split and the best of the parts kept.
 CPU_MAX_TILE_CODES = 1024
+#: Channel-first search: take whole images as tile rows when at least this many codes fit.
+MIN_PLANE_TILE_CODES = 128
+WHOLE_PLANES = True
 
 
 def tile_shape(n: int, k: int, device: torch.device, chunk_size: int | None = None) -> tuple[int, int]:
@@ -75,6 +78,24 @@ def _tile_argmax(tile: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     column = groups.gather(2, lane.view(n, 1, 1).expand(n, w // g, 1))
     group = column.view(n, w // g).argmax(1)
     return best, group.mul_(g).add_(lane)
+
+
+def plane_tile_shape(plane: int, k: int, device: torch.device, chunk_size: int | None = None) -> tuple[int, int]:
+    """Tile ``(rows, codes)`` for images of ``plane`` positions searched channel-first.
+
+    Whole planes (contiguous slices, no copies) when a tile of at least
+    :data:`MIN_PLANE_TILE_CODES` codes by ``plane`` rows fits the tile budget; otherwise
+    :func:`tile_shape`.
+    """
+    if chunk_size is None:
+        chunk_size = CPU_TILE_ELEMENTS if device.type == "cpu" else DEVICE_TILE_ELEMENTS
+    budget = max(int(chunk_size), 1)
+    if WHOLE_PLANES and plane * min(k, MIN_PLANE_TILE_CODES) <= budget:
+        codes = min(k, CPU_MAX_TILE_CODES if device.type == "cpu" else k, max(budget // plane, 1))
+        if codes < k:
+            codes = max(MIN_PLANE_TILE_CODES, codes // MIN_PLANE_TILE_CODES * MIN_PLANE_TILE_CODES)
+        return plane, codes
+    return tile_shape(plane, k, device, chunk_size)
 
 
 def _scores_max(
@@ -163,56 +184,119 @@ def nearest_codes(
         return indices, scores
 
 
+#: Spatial positions per image from which latents are searched in place, channel-first
+#: (no transposed copy of the batch); smaller images are flattened to rows first.
+MIN_PLANE = 256
+
+
+def _channel_first_plan(z: torch.Tensor) -> bool:
+    """Whether ``z`` ``(B, D, h, w)`` is processed image by image in its channel-first
+    layout (True) or as flattened ``(B*h*w, D)`` rows (False: channels-last input, where
+    rows are a free view, or small images, where a copy is cheap)."""
+    b, d, h, w = z.shape
+    if z.permute(0, 2, 3, 1).is_contiguous():
+        return False
+    return h * w >= MIN_PLANE
+
+
 @torch.no_grad()
-def quantize_rows(
-    x: torch.Tensor, codes: torch.Tensor, chunk_size: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Search, look up and sum squared errors in one pass over ``x``, chunk by chunk.
+def _quantize(z: torch.Tensor, codes: torch.Tensor, chunk_size: int | None):
+    """Search, look-up and squared error of latents ``z`` ``(B, D, h, w)``.
 
-    Args:
-        x: float32 ``(N, D)``.
-        codes: float32 ``(K, D)``.
-        chunk_size: score elements per tile (``None``: device default).
-
-    Returns:
-        ``(indices, quantized, sq_error)``: int64 ``(N,)``, float32 ``(N, D)`` equal to
-        ``codes[indices]`` bit for bit, and the 0-dim float32 ``sum((quantized - x)^2)``.
-        The error is computed from explicit differences (no cancellation), while the rows
-        are still in cache.
+    Returns ``(indices (B, h*w), quantized (B, D, h, w), diff, sq_error, channel_first)``
+    with ``diff = quantized - z`` stored as ``(B, D, h*w)`` (channel-first) or
+    ``(B*h*w, D)`` (rows). Per chunk: one tile search, a look-up written straight into the
+    output layout, the difference and its squared sum while the chunk is in cache.
     """
-    _check(x, codes)
-    with torch.autocast(x.device.type, enabled=False):
-        x = x.contiguous()
-        codes = codes.contiguous()
-        n, k = x.shape[0], codes.shape[0]
-        rows, kc = tile_shape(n, k, x.device, chunk_size)
-        half_sq = codes.square().sum(1).mul_(-0.5)
-        codes_t = codes.t()
-        work = _workspace(x, k, rows, kc)
-        indices = torch.empty(n, dtype=torch.int64, device=x.device)
-        quantized = torch.empty_like(x)
-        diff = torch.empty(rows, x.shape[1], dtype=torch.float32, device=x.device)
-        sq_error = torch.zeros((), dtype=torch.float32, device=x.device)
-        for s in range(0, n, rows):
-            e = min(s + rows, n)
-            _, idx = _scores_max(x, codes_t, half_sq, kc, s, e, work)
-            indices[s:e] = idx
-            q = torch.index_select(codes, 0, idx, out=quantized[s:e])
-            d = torch.sub(q, x[s:e], out=diff[: e - s])
-            sq_error += torch.dot(d.view(-1), d.view(-1))
-        return indices, quantized, sq_error
+    b, d, h, w = z.shape
+    k, plane = codes.shape[0], h * w
+    codes = codes.contiguous()
+    codes_t = codes.t().contiguous()
+    half_sq = codes.square().sum(1).mul_(-0.5)
+    indices = torch.empty(b, plane, dtype=torch.int64, device=z.device)
+    if _channel_first_plan(z):
+        rows, kc = plane_tile_shape(plane, k, z.device, chunk_size)
+        work = _workspace(z, k, rows, kc)
+        planes = z.reshape(b, d, plane)
+        quantized = torch.empty(b, d, plane, dtype=torch.float32, device=z.device)
+        diff = torch.empty_like(quantized)
+        chunks = (plane + rows - 1) // rows
+        sq = torch.empty(b * chunks, dtype=torch.float32, device=z.device)
+        if rows < plane:  # chunks are strided slices: work in contiguous buffers, then copy
+            qbuf = torch.empty(d * rows, dtype=torch.float32, device=z.device)
+            dbuf = torch.empty(d * rows, dtype=torch.float32, device=z.device)
+        c = 0
+        for i in range(b):
+            for s in range(0, plane, rows):
+                e = min(s + rows, plane)
+                n = e - s
+                xs = planes[i, :, s:e]
+                _, idx = _scores_max(xs.t(), codes_t, half_sq, kc, 0, n, work)
+                indices[i, s:e] = idx
+                if rows >= plane:
+                    q = torch.index_select(codes_t, 1, idx, out=quantized[i])
+                    dd = torch.sub(q, xs, out=diff[i]).view(-1)
+                else:
+                    q = torch.index_select(codes_t, 1, idx, out=qbuf[: d * n].view(d, n))
+                    dd = torch.sub(q, xs, out=dbuf[: d * n].view(d, n))
+                    quantized[i, :, s:e] = q
+                    diff[i, :, s:e] = dd
+                    dd = dbuf[: d * n]
+                torch.dot(dd, dd, out=sq[c])
+                c += 1
+        sq_error = sq.sum()
+        return indices, quantized.view(b, d, h, w), diff, sq_error, True
+    x = z.permute(0, 2, 3, 1).reshape(b * plane, d)
+    n_all = x.shape[0]
+    rows, kc = tile_shape(n_all, k, z.device, chunk_size)
+    work = _workspace(z, k, rows, kc)
+    flat_idx = indices.view(-1)
+    quantized = torch.empty(n_all, d, dtype=torch.float32, device=z.device)
+    diff = torch.empty_like(quantized)
+    sq_error = torch.zeros((), dtype=torch.float32, device=z.device)
+    for s in range(0, n_all, rows):
+        e = min(s + rows, n_all)
+        _, idx = _scores_max(x, codes_t, half_sq, kc, s, e, work)
+        flat_idx[s:e] = idx
+        q = torch.index_select(codes, 0, idx, out=quantized[s:e])
+        dd = torch.sub(q, x[s:e], out=diff[s:e])
+        sq_error += torch.dot(dd.view(-1), dd.view(-1))
+    out = quantized.view(b, h, w, d).permute(0, 3, 1, 2)
+    if not z.permute(0, 2, 3, 1).is_contiguous():
+        out = out.contiguous()  # keep the input's layout (small images: cheap)
+    return indices, out, diff, sq_error, False
+
+
+@torch.no_grad()
+def code_sums(z: torch.Tensor, indices: torch.Tensor, k: int) -> torch.Tensor:
+    """Per-code sums of latents: ``(K, D)`` with row ``j`` the sum of the vectors of ``z``
+    ``(B, D, h, w)`` whose index (``indices`` int64 ``(B, h, w)`` or ``(B, h*w)``) is ``j``.
+    Channel-first latents are summed in place (``index_add_`` along the code axis of a
+    ``(D, K)`` accumulator), so no transposed copy of the batch is made."""
+    b, d, h, w = z.shape
+    z = z.float()
+    indices = indices.reshape(b, h * w)
+    if _channel_first_plan(z):
+        planes = z.reshape(b, d, h * w)
+        sums_t = torch.zeros(d, k, dtype=torch.float32, device=z.device)
+        for i in range(b):
+            sums_t.index_add_(1, indices[i], planes[i])
+        return sums_t.t()
+    x = z.permute(0, 2, 3, 1).reshape(-1, d)
+    return torch.zeros(k, d, dtype=torch.float32, device=z.device).index_add_(0, indices.reshape(-1), x)
 
 
 @dataclasses.dataclass(frozen=True)
 class VQStep:
     """Result of :func:`straight_through_vq`.
 
-    quantized: ``(N, D)`` float32, the codes of the rows (forward value, bit-exact
-        ``codes[indices]``); its gradient is passed to ``x`` unchanged (straight-through).
-    indices: int64 ``(N,)``.
-    counts: float32 ``(K,)``, how many rows chose each code.
-    codebook_loss: ``mean((sg[x] - e)^2)``: gradient to the codes only.
-    commitment_loss: ``mean((x - sg[e])^2)``: gradient to ``x`` only.
+    quantized: float32 ``(B, D, h, w)``, the codes of the latents (forward value bit-exact
+        ``codes[indices]``, same memory layout as the input); its gradient is passed to
+        ``z`` unchanged (straight-through).
+    indices: int64 ``(B, h, w)``.
+    counts: float32 ``(K,)``, how many latents chose each code.
+    codebook_loss: ``mean((sg[z] - e)^2)``: gradient to the codes only.
+    commitment_loss: ``mean((z - sg[e])^2)``: gradient to ``z`` only.
     """
 
     quantized: torch.Tensor
@@ -223,51 +307,70 @@ class VQStep:
 
 
 class _StraightThroughVQ(torch.autograd.Function):
-    """Search, lookup, straight-through output and both VQ loss terms, one node.
+    """Search, look-up, straight-through output and both VQ loss terms in one node.
 
-    Saves only ``x``, the indices and the counts: the backward pass rebuilds what it
-    needs (``sum_i (e_k - x_i)`` over the rows of code ``k`` is ``counts_k e_k - sum_i x_i``)
-    so no ``(N, D)`` difference tensor is kept between passes.
+    Saves only ``diff = q - z`` (in the layout it was computed in) and the indices:
+    ``dL/dz = g + c_commit * 2 (z - q) / numel`` is one ``addcmul`` and
+    ``dL/de_k = c_codebook * 2 sum_{i: idx_i = k} (e_k - z_i) / numel`` one ``index_add_``.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, codes: torch.Tensor, chunk_size: int | None):
-        indices, quantized, sq_error = quantize_rows(x, codes, chunk_size)
-        counts = torch.bincount(indices, minlength=codes.shape[0]).to(torch.float32)
-        mse = sq_error / x.numel()
-        ctx.save_for_backward(x, codes, indices, counts, quantized)
+    def forward(ctx, z: torch.Tensor, codes: torch.Tensor, chunk_size: int | None):
+        indices, quantized, diff, sq_error, channel_first = _quantize(z, codes, chunk_size)
+        b, d, h, w = z.shape
+        counts = torch.bincount(indices.view(-1), minlength=codes.shape[0]).to(torch.float32)
+        mse = sq_error / z.numel()
+        ctx.save_for_backward(diff, indices)
+        ctx.shape = (b, d, h, w)
+        ctx.channel_first = channel_first
+        ctx.k = codes.shape[0]
         ctx.mark_non_differentiable(indices, counts)
-        return quantized, indices, counts, mse, mse.clone()
+        return quantized, indices.view(b, h, w), counts, mse, mse.clone()
 
     @staticmethod
     def backward(ctx, g_q, _g_idx, _g_counts, g_codebook, g_commit):
-        x, codes, indices, counts, quantized = ctx.saved_tensors
-        scale = 2.0 / x.numel()
-        grad_x = grad_codes = None
+        diff, indices = ctx.saved_tensors
+        b, d, h, w = ctx.shape
+        scale = 2.0 / diff.numel()
+        if ctx.channel_first:
+            diff4 = diff.view(b, d, h, w)
+        else:
+            diff4 = diff.view(b, h, w, d).permute(0, 3, 1, 2)
+        grad_z = grad_codes = None
         if ctx.needs_input_grad[0]:
             if g_commit is None:
-                grad_x = torch.zeros_like(x) if g_q is None else g_q
+                grad_z = torch.zeros_like(diff4) if g_q is None else g_q
             else:
-                # d commitment / dx = 2 (x - q) / numel
-                coef = g_commit * scale
-                grad_x = torch.mul(x, coef) if g_q is None else torch.addcmul(g_q, x, coef)
-                grad_x.addcmul_(quantized, -coef)
+                # d commitment / dz = 2 (z - q) / numel = -scale * diff
+                coef = g_commit * -scale
+                grad_z = torch.mul(diff4, coef) if g_q is None else torch.addcmul(g_q, diff4, coef)
         if ctx.needs_input_grad[1] and g_codebook is not None:
-            # d codebook / de_k = 2 sum_{i: idx_i = k} (e_k - x_i) / numel
-            grad_codes = torch.zeros_like(codes).index_add_(0, indices, x, alpha=-1.0)
-            grad_codes.addcmul_(counts.unsqueeze(1), codes)
-            grad_codes.mul_(g_codebook * scale)
-        return grad_x, grad_codes, None
+            # d codebook / de_k = 2 sum_{i: idx_i = k} (e_k - z_i) / numel = scale * sum diff
+            if ctx.channel_first:
+                acc = torch.zeros(d, ctx.k, dtype=diff.dtype, device=diff.device)
+                for i in range(b):
+                    acc.index_add_(1, indices[i], diff[i])
+                grad_codes = acc.t()
+            else:
+                grad_codes = torch.zeros(ctx.k, d, dtype=diff.dtype, device=diff.device)
+                grad_codes.index_add_(0, indices.view(-1), diff)
+            grad_codes = grad_codes * (g_codebook * scale)
+        return grad_z, grad_codes, None
 
 
-def straight_through_vq(x: torch.Tensor, codes: torch.Tensor, chunk_size: int | None = None) -> VQStep:
-    """Vector-quantize the rows of ``x`` with a straight-through gradient.
+def straight_through_vq(z: torch.Tensor, codes: torch.Tensor, chunk_size: int | None = None) -> VQStep:
+    """Vector-quantize latents ``z`` with a straight-through gradient.
 
     Args:
-        x: float32 ``(N, D)``; gradients flow to it through ``quantized`` (identity) and
-            the commitment loss.
+        z: float32 ``(B, D, h, w)`` (any memory layout); gradients flow to it through
+            ``quantized`` (identity) and the commitment loss.
         codes: float32 ``(K, D)``; gradients flow to it through the code-book loss only.
         chunk_size: score elements per search tile (``None``: device default).
     """
-    quantized, indices, counts, cb, cm = _StraightThroughVQ.apply(x, codes, chunk_size)
+    if z.dim() != 4 or codes.dim() != 2 or z.shape[1] != codes.shape[1]:
+        raise ValueError(f"expected z (B, D, h, w) and codes (K, D), got {tuple(z.shape)} and {tuple(codes.shape)}")
+    if z.dtype != torch.float32 or codes.dtype != torch.float32:
+        raise TypeError(f"quantization runs in float32; got z {z.dtype}, codes {codes.dtype}")
+    with torch.autocast(z.device.type, enabled=False):
+        quantized, indices, counts, cb, cm = _StraightThroughVQ.apply(z, codes, chunk_size)
     return VQStep(quantized, indices, counts, cb, cm)
