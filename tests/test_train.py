@@ -47,16 +47,6 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convolutions run fastest on one thread, and never stall on an oversubscribed
-    machine (the suite runs with pytest -n 2 on 2 cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
     """An empty working directory (the default MLflow store and runs/ go here)."""

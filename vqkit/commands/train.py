@@ -67,13 +67,14 @@ def configure_train(p) -> None:
 
 
 def _recipe_for(args):
+    """The recipe named on the command line (``None`` when resuming without one)."""
     from vqkit.recipe import load_recipe
 
     if args.recipe:
-        return load_recipe(args.recipe, args.overrides), None
+        return load_recipe(args.recipe, args.overrides)
     if not args.resume:
         raise VqkitError(Problem("vqkit train: give a RECIPE (or --resume RUN_ID_OR_PATH)"))
-    return None, None
+    return None
 
 
 def _checkpoint_recipe(state, path: Path, overrides: list[str]):
@@ -101,7 +102,7 @@ def run_train(args) -> int:
     from vqkit.train.checkpoint import load_checkpoint
     from vqkit.train.trainer import Trainer
 
-    recipe, _ = _recipe_for(args)
+    recipe = _recipe_for(args)
     state = path = None
     if args.resume:
         path = resolve_checkpoint(args.resume, recipe)
@@ -115,22 +116,18 @@ def run_train(args) -> int:
 
 
 def _spawn(args) -> int:
-    """Re-run this command under torchrun with ``--nproc`` processes."""
-    argv = [a for a in sys.argv[1:]]
-    cleaned: list[str] = []
-    skip = False
-    for a in argv:
-        if skip:
-            skip = False
-            continue
-        if a == "--nproc":
-            skip = True
-            continue
-        if a.startswith("--nproc="):
-            continue
-        cleaned.append(a)
+    """Re-run this command under torchrun with ``--nproc`` processes on this machine."""
+    argv = ["train"]
+    if args.recipe:
+        argv.append(args.recipe)
+    for text in args.overrides:
+        argv += ["--set", text]
+    if args.resume:
+        argv += ["--resume", args.resume]
+    if args.quiet:
+        argv.append("--quiet")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={args.nproc}", "-m", "vqkit.cli", *cleaned]
+           f"--nproc_per_node={args.nproc}", "-m", "vqkit.cli", *argv]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
     return subprocess.call(cmd, env=env)

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 from pathlib import Path
@@ -511,8 +512,7 @@ class Trainer:
         """One generator (and discriminator) update; returns detached 0-dim loss terms."""
         terms: dict[str, torch.Tensor] = {}
         disc_on = self.disc is not None and step >= self.disc_ref.start_step
-        if self.disc is not None:
-            self.disc.requires_grad_(False)  # frozen for every generator-side term
+        self._disc_trainable(False)  # frozen for every generator-side term
         self.opt.zero_grad(set_to_none=True)
         with self._autocast():
             recon, out, z_e = self.model_ddp(x)
@@ -555,7 +555,7 @@ class Trainer:
         self.sched.step()
 
         if disc_on and self.disc_opt is not None:
-            self.disc.requires_grad_(True)
+            self._disc_trainable(True)
             self.disc_opt.zero_grad(set_to_none=True)
             with self._autocast():
                 logits_real = self.disc(x)
@@ -576,6 +576,10 @@ class Trainer:
         if step == 0 and self.dist.enabled:
             self._sync_from_rank0()
         return {k: v.detach() for k, v in terms.items()}
+
+    def _disc_trainable(self, flag: bool) -> None:
+        for p in self.disc_params:  # only the parameters it optimizes (frozen parts stay frozen)
+            p.requires_grad_(flag)
 
     def _clip_and_step(self, opt, params, scaler) -> torch.Tensor | None:
         clip = self.cfg.train.grad_clip
@@ -669,6 +673,7 @@ class Trainer:
             self._say(f"vqkit: {self.tracker.describe()}")
             self._say(f"vqkit: run dir {self.run_dir}")
         status = "FAILED"
+        previous_term = _sigterm_as_interrupt()
         try:
             self._loop(start, stop)
             status = "FINISHED" if self.step >= tc.steps else "RUNNING"
@@ -682,6 +687,8 @@ class Trainer:
                           f"`vqkit train --resume {self.run_dir}`")
             raise
         finally:
+            if previous_term is not None:
+                signal.signal(signal.SIGTERM, previous_term)
             if dist.is_main and status != "RUNNING":
                 self.tracker.finish(status)
             elif dist.is_main:
@@ -818,6 +825,20 @@ class Trainer:
                   f"in {result.tracking_uri}", file=self.out)
         print(f"vqkit: run dir {result.run_dir}" + (f"; checkpoint {result.checkpoint}" if result.checkpoint else ""),
               file=self.out, flush=True)
+
+
+def _sigterm_as_interrupt():
+    """Turn SIGTERM (schedulers, ``kill``) into KeyboardInterrupt so the run checkpoints and
+    ends cleanly; returns the previous handler (``None`` outside the main thread)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, handler)
 
 
 def _retarget(sched: torch.optim.lr_scheduler.LambdaLR, lr: float, total_steps: int) -> None:
