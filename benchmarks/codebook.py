@@ -4,7 +4,8 @@ and ``jukebox`` resets on natural-image crops and Fashion-MNIST (same steps, sam
 Each run is an ordinary ``vqkit train`` of ``recipes/codebook/<dataset>-<policy>.yaml``
 (tracked in MLflow). Afterwards the script writes, under ``--out``:
 
-* ``results.json`` – one record per run (all numbers below, plus run ids);
+* ``results.json`` – one record per run (all numbers below, plus run ids); a re-run of
+  some datasets/policies replaces only their records;
 * ``table.md`` – the comparison table: final code usage in the training window (%),
   perplexity, dead codes, test-set code usage (%), test PSNR / SSIM, wall time;
 * ``<dataset>-usage.png`` – usage over time of the four policies (from the checkpoints'
@@ -160,19 +161,23 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "results.json"
+    # a partial re-run (e.g. --policies kmeans) replaces only its own rows of the table
     records: list[dict] = []
+    if results_path.exists():
+        records = json.loads(results_path.read_text(encoding="utf-8"))
     for dataset in args.datasets:
         for policy in args.policies:
             print(f"== {dataset} / {policy}", file=sys.stderr, flush=True)
             rec = run_one(dataset, policy, args)
-            records.append(rec)
+            records = [r for r in records if (r["dataset"], r["policy"]) != (dataset, policy)] + [rec]
+            records.sort(key=lambda r: (DATASETS.index(r["dataset"]), POLICIES.index(r["policy"])))
             print(
                 f"   usage {100 * (rec['usage'] or 0):.1f}%  dead {rec['dead']}  "
                 f"psnr {rec['psnr']}  ssim {rec['ssim']}  {rec['seconds'] / 60:.1f} min",
                 file=sys.stderr, flush=True,
             )
             results_path.write_text(json.dumps(records, indent=1), encoding="utf-8")
-    for dataset in args.datasets:
+    for dataset in DATASETS:
         plot_usage(records, dataset, args.out)
     print(write_table(records, args.out))
     return 0
