@@ -218,7 +218,7 @@ def _train(policy_name: str, steps: int = 300, params: dict | None = None, every
     cls = get_registry().get("reset_policies", policy_name).cls
     policy = cls(cls.Params(**(params or {})), codebook_size=64, dim=D, seed=0)
     # no resets in the last 30 steps, so the final usage window sees the settled code-book
-    cfg = ResetRef(name=policy_name, every=every, stop_step=steps - 30)
+    cfg = ResetRef(name=policy_name, every=every, stop_step=max(0, steps - 30))
     manager = CodebookManager(q, policy, cfg, CodebookMonitor(64, 2048))
     gen = torch.Generator().manual_seed(1)
     for step in range(steps):
@@ -313,3 +313,20 @@ def test_manager_with_the_vq_quantizer_resets_its_state(ema):
         state = opt.state[q.embed]
         assert torch.all(state["exp_avg"][plan.indices] == 0) and torch.all(state["exp_avg_sq"][plan.indices] == 0)
         assert bool((state["exp_avg_sq"][keep] != 0).all())  # the other rows keep theirs
+
+
+def test_manager_resume_with_another_policy_or_buffer_starts_it_fresh():
+    trained = _train("jukebox", steps=12, every=100)
+    state = trained.state_dict()
+    q = ToyQuantizer(64, D)
+    other = CodebookManager(q, KMeansReset(KMeansReset.Params(), codebook_size=64, dim=D, seed=0),
+                            trained.reset_cfg, CodebookMonitor(64, 2048))
+    with pytest.warns(UserWarning, match="fresh statistics"):
+        other.load_state_dict(state)
+    assert other.policy.observed == 0 and other.monitor.history == trained.monitor.history
+    small = JukeboxReset(JukeboxReset.Params(buffer_size=8), codebook_size=64, dim=D, seed=0)
+    before = small.state_dict()
+    resized = CodebookManager(q, small, trained.reset_cfg, CodebookMonitor(64, 2048))
+    with pytest.warns(UserWarning, match="buffer_size"):
+        resized.load_state_dict(state)
+    assert small.steps == 0 and torch.equal(small.generator.get_state(), before["generator"])

@@ -20,6 +20,7 @@ So the code-books of all ranks stay bit-identical.
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -209,11 +210,41 @@ class CodebookManager:
         self.monitor.record_reset(step, len(plan))
 
     # ------------------------------------------------------------------ state
+    def _policy_id(self) -> str:
+        cls = type(self.policy)
+        return f"{cls.__module__}.{cls.__qualname__}"
+
     def state_dict(self) -> dict[str, Any]:
         """Policy and monitor state: tensors and plain Python only (safe for
         ``torch.load(weights_only=True)``)."""
-        return {"policy": self.policy.state_dict(), "monitor": self.monitor.state_dict()}
+        return {
+            "policy_class": self._policy_id(),
+            "policy": self.policy.state_dict(),
+            "monitor": self.monitor.state_dict(),
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.policy.load_state_dict(state["policy"])
+        """Restore the monitor and the policy. If the checkpoint was written with another
+        reset policy (or with params its state does not fit, e.g. another
+        ``buffer_size``), the policy starts fresh and a warning says so."""
         self.monitor.load_state_dict(state["monitor"])
+        saved = state.get("policy_class")
+        if saved is not None and saved != self._policy_id():
+            warnings.warn(
+                f"the checkpoint's reset policy was {saved}, the recipe's is {self._policy_id()}: "
+                "the new policy starts with fresh statistics",
+                UserWarning,
+                stacklevel=2,
+            )
+            return
+        fresh = self.policy.state_dict()
+        try:
+            self.policy.load_state_dict(state["policy"])
+        except (KeyError, ValueError, RuntimeError, TypeError) as exc:
+            self.policy.load_state_dict(fresh)  # undo a partial load
+            warnings.warn(
+                f"the reset policy's state in the checkpoint does not fit the recipe's reset "
+                f"params ({exc}); the policy starts with fresh statistics",
+                UserWarning,
+                stacklevel=2,
+            )
