@@ -37,6 +37,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import statistics
@@ -412,25 +413,15 @@ def bench_kmeans(n, d, k, iters, rounds, device, with_vqp, markdown: bool):
         print("|---|---|---:|---:|---:|---:|")
     for name, x in data.items():
         x = x.to(device)
-        fns: dict[str, Callable[[], torch.Tensor]] = {}
-        g = torch.Generator(device=device)
-
-        def ours():
-            g.manual_seed(0)
-            return vq_kmeans(x, k, iters, g).centroids
-
-        fns["vqkit"] = ours
+        fns: dict[str, Callable[[], torch.Tensor]] = {
+            "vqkit": functools.partial(_ours_kmeans, x, k, iters, 0.0),
+            "vqkit-tol": functools.partial(_ours_kmeans, x, k, iters, KMEANS_TOL),
+        }
         if with_vqp:
-            from vector_quantize_pytorch.vector_quantize_pytorch import kmeans as vqp_kmeans
-
-            def theirs():
-                torch.manual_seed(0)
-                return vqp_kmeans(x.unsqueeze(0), k, num_iters=iters)[0][0]
-
-            fns["vqp"] = theirs
+            fns["vqp"] = functools.partial(_vqp_kmeans, x, k, iters)
         times: dict[str, list[float]] = {m: [] for m in fns}
         result = {}
-        for r in range(rounds):
+        for _ in range(rounds):
             for m, fn in fns.items():
                 sync(device)
                 t = time.perf_counter()
@@ -447,8 +438,98 @@ def bench_kmeans(n, d, k, iters, rounds, device, with_vqp, markdown: bool):
                 print(f"| {name} | {m} | {med[m]:.0f} | {ratio:.2f}x | {inert[m]:.4g} | {100 * rel:+.2f}% |")
             else:
                 print(
-                    f"{name:9} {m:6} {med[m]:9.0f} ms  {ratio:6.2f}x  inertia {inert[m]:.5g} ({100 * rel:+.2f}% vs vqp)"
+                    f"{name:9} {m:9} {med[m]:9.0f} ms  {ratio:6.2f}x  inertia {inert[m]:.5g} ({100 * rel:+.2f}% vs vqp)"
                 )
+
+
+#: relative inertia improvement below which the "vqkit-tol" k-means variant stops early
+KMEANS_TOL = 1e-3
+
+
+def _ours_kmeans(x: torch.Tensor, k: int, iters: int, tol: float) -> torch.Tensor:
+    g = torch.Generator(device=x.device).manual_seed(0)
+    return vq_kmeans(x, k, iters, g, tol=tol).centroids
+
+
+def _vqp_kmeans(x: torch.Tensor, k: int, iters: int) -> torch.Tensor:
+    from vector_quantize_pytorch.vector_quantize_pytorch import kmeans as vqp_kmeans
+
+    torch.manual_seed(0)
+    return vqp_kmeans(x.unsqueeze(0), k, num_iters=iters)[0][0]
+
+
+def bench_train_step(recipe_path: str, k: int, steps: int, device, markdown: bool):
+    """Share of the quantizer in one generator training step of a recipe's model.
+
+    Model, losses and optimizer as in the trainer's generator step (reconstruction losses of
+    the recipe on random images of the data set's shape, quantizer terms with
+    ``loss_weights()``, backward, Adam). Quantizer time = its forward (module hooks) plus
+    its backward (from the gradient reaching ``quantized`` to the gradient of ``z_e``).
+    """
+    from vqkit.plugins import get_registry
+    from vqkit.recipe import load_recipe
+    from vqkit.train.build import build_model
+
+    recipe = load_recipe(recipe_path, [f"quantizer.params.codebook_size={k}"])
+    data = get_registry().get("datasets", recipe.model.data.name).cls
+    item_shape = None
+    try:
+        ds = data(recipe.params_of("data"), split="train", seed=0)
+        item_shape = tuple(ds[0].shape)
+    except Exception as exc:  # data set not installed: fall back to the recipe's image size
+        print(f"(data set unavailable: {exc}; using (1, 32, 32) images)")
+        item_shape = (1, 32, 32)
+    model = build_model(recipe, item_shape[0]).to(device).train()
+    losses = []
+    for i, ref in enumerate(recipe.model.losses):
+        cls = get_registry().get("perceptual_losses", ref.name).cls
+        losses.append((ref.weight, cls(recipe.params_of("losses", i), channels=item_shape[0]).to(device)))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    batch = recipe.model.train.batch_size
+    x = (torch.rand(batch, *item_shape, generator=torch.Generator().manual_seed(0)) * 2 - 1).to(device)
+    qmod = model.quantizer
+    marks: dict[str, float] = {}
+
+    def pre(_m, _inp):
+        sync(device)
+        marks["f0"] = time.perf_counter()
+
+    def post(_m, _inp, out):
+        sync(device)
+        marks["f1"] = time.perf_counter()
+        if out.quantized.requires_grad:
+            out.quantized.register_hook(lambda g: marks.__setitem__("b0", time.perf_counter()))
+
+    qmod.register_forward_pre_hook(pre)
+    qmod.register_forward_hook(post)
+    steps_s, quant_s = [], []
+    weights = qmod.loss_weights()
+    for i in range(steps + 2):
+        sync(device)
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        recon, out, z_e = model(x)
+        z_e.register_hook(lambda g: marks.__setitem__("b1", time.perf_counter()))
+        total = sum(w * fn(recon, x) for w, fn in losses)
+        total = total + sum(weights.get(n, 1.0) * v for n, v in out.losses.items())
+        total.backward()
+        opt.step()
+        sync(device)
+        t1 = time.perf_counter()
+        if i >= 2:
+            steps_s.append(t1 - t0)
+            quant_s.append((marks["f1"] - marks["f0"]) + (marks["b1"] - marks["b0"]))
+    step_ms = statistics.median(steps_s) * 1e3
+    q_ms = statistics.median(quant_s) * 1e3
+    b, d, h, w = out.quantized.shape
+    print(
+        f"\n{'## ' if markdown else ''}training step of {recipe_path} with K={k}: batch {batch}, images {item_shape}, "
+        f"latents ({d}, {h}, {w}) -> N={b * h * w}"
+    )
+    print(
+        f"{'- ' if markdown else ''}step {step_ms:.1f} ms, quantizer (forward + backward) {q_ms:.1f} ms = "
+        f"{100 * q_ms / step_ms:.0f}% of the step (median of {steps})"
+    )
 
 
 def main(argv=None):
@@ -464,6 +545,9 @@ def main(argv=None):
     ap.add_argument("--only-kmeans", action="store_true", help="only the k-means benchmark")
     ap.add_argument("--no-check", action="store_true", help="skip the correctness checks")
     ap.add_argument("--markdown", action="store_true", help="print markdown tables")
+    ap.add_argument("--train-step", default=None, metavar="RECIPE",
+                    help="also measure the quantizer's share of a training step of RECIPE's model (K=8192)")
+    ap.add_argument("--only-train-step", action="store_true", help="only the --train-step measurement")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -487,6 +571,10 @@ def main(argv=None):
         "share of the bound 2NKD/peak, peak extra memory of one step"
         + (" (torch profiler allocations)" if device.type == "cpu" else " (max_memory_allocated)")
     )
+    if args.train_step:
+        bench_train_step(args.train_step, 8192, 10 if args.quick else 30, device, args.markdown)
+        if args.only_train_step:
+            return
     if not args.only_kmeans:
         for k, d in grid:
             res = bench_point(k, d, n, args.beta, rounds, device, with_vqp, peak, check=not args.no_check)

@@ -25,9 +25,9 @@ __all__ = [
     "VQStep",
 ]
 
-#: Score elements (rows x codes) of one tile on CPU: 128 Ki floats = 512 KiB, a quarter
-#: of a typical L2 cache, so the tile, the rows of ``x`` and the codes stay in cache.
-CPU_TILE_ELEMENTS = 1 << 17
+#: Score elements (rows x codes) of one tile on CPU: 256 Ki floats = 1 MiB, about one
+#: core's L2 cache (measured best of 2^16..2^19 on the benchmark grid).
+CPU_TILE_ELEMENTS = 1 << 18
 #: Score elements of one tile on accelerators (64 MiB of float32): large tiles keep the
 #: device busy; the bound on extra memory stays independent of N and K.
 DEVICE_TILE_ELEMENTS = 1 << 24
