@@ -10,7 +10,8 @@ or parametrize pytest over ``vqkit.testing.registered_cases()`` as vqkit's own s
 Each check builds the component from its default ``Params`` (or its ``example_params``
 classmethod when it declares one, e.g. a dataset that needs a folder) with small shapes,
 and raises ``AssertionError`` with a precise message on violation.
-Reset policies have their own suite in :mod:`vqkit.testing.reset_contracts`.
+Reset policies have their own suite in :mod:`vqkit.testing.reset_contracts`, also returned
+by ``contract_checks("reset_policies")``.
 """
 from __future__ import annotations
 
@@ -324,8 +325,12 @@ CHECKS: dict[str, list[Check]] = {
 
 
 def contract_checks(kind: str) -> list[Check]:
-    """The checks of one component kind (empty for reset policies: see reset_contracts)."""
-    return list(CHECKS.get(kind, []))
+    """The checks of one component kind; reset policies get :mod:`vqkit.testing.reset_contracts`."""
+    if kind == "reset_policies":
+        from vqkit.testing.reset_contracts import reset_contract_checks
+
+        return reset_contract_checks()
+    return list(CHECKS[kind])
 
 
 def registered_cases() -> list[tuple[str, str, Check]]:
