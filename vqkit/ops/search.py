@@ -77,7 +77,7 @@ def _tile_argmax(tile: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     best, lane = groups.amax(1).max(1)
     column = groups.gather(2, lane.view(n, 1, 1).expand(n, w // g, 1))
     group = column.view(n, w // g).argmax(1)
-    return best, group.mul_(g).add_(lane)
+    return best, torch.add(lane, group, alpha=g)
 
 
 def plane_tile_shape(plane: int, k: int, device: torch.device, chunk_size: int | None = None) -> tuple[int, int]:
@@ -219,32 +219,21 @@ def _quantize(z: torch.Tensor, codes: torch.Tensor, chunk_size: int | None):
         work = _workspace(z, k, rows, kc)
         planes = z.reshape(b, d, plane)
         quantized = torch.empty(b, d, plane, dtype=torch.float32, device=z.device)
-        diff = torch.empty_like(quantized)
-        chunks = (plane + rows - 1) // rows
-        sq = torch.empty(b * chunks, dtype=torch.float32, device=z.device)
-        if rows < plane:  # chunks are strided slices: work in contiguous buffers, then copy
+        if rows < plane:  # chunks are strided slices: look up into a contiguous buffer, then copy
             qbuf = torch.empty(d * rows, dtype=torch.float32, device=z.device)
-            dbuf = torch.empty(d * rows, dtype=torch.float32, device=z.device)
-        c = 0
         for i in range(b):
             for s in range(0, plane, rows):
                 e = min(s + rows, plane)
-                n = e - s
                 xs = planes[i, :, s:e]
-                _, idx = _scores_max(xs.t(), codes_t, half_sq, kc, 0, n, work)
+                _, idx = _scores_max(xs.t(), codes_t, half_sq, kc, 0, e - s, work)
                 indices[i, s:e] = idx
                 if rows >= plane:
-                    q = torch.index_select(codes_t, 1, idx, out=quantized[i])
-                    dd = torch.sub(q, xs, out=diff[i]).view(-1)
+                    torch.index_select(codes_t, 1, idx, out=quantized[i])
                 else:
-                    q = torch.index_select(codes_t, 1, idx, out=qbuf[: d * n].view(d, n))
-                    dd = torch.sub(q, xs, out=dbuf[: d * n].view(d, n))
-                    quantized[i, :, s:e] = q
-                    diff[i, :, s:e] = dd
-                    dd = dbuf[: d * n]
-                torch.dot(dd, dd, out=sq[c])
-                c += 1
-        sq_error = sq.sum()
+                    quantized[i, :, s:e] = torch.index_select(codes_t, 1, idx, out=qbuf[: d * (e - s)].view(d, e - s))
+        # batch-level element-wise work: few large ops rather than many small ones
+        diff = torch.sub(quantized, planes)
+        sq_error = torch.dot(diff.view(-1), diff.view(-1))
         return indices, quantized.view(b, d, h, w), diff, sq_error, True
     x = z.permute(0, 2, 3, 1).reshape(b * plane, d)
     n_all = x.shape[0]
