@@ -203,10 +203,10 @@ def _channel_first_plan(z: torch.Tensor) -> bool:
 def _quantize(z: torch.Tensor, codes: torch.Tensor, chunk_size: int | None):
     """Search, look-up and squared error of latents ``z`` ``(B, D, h, w)``.
 
-    Returns ``(indices (B, h*w), quantized (B, D, h, w), diff, sq_error, channel_first)``
-    with ``diff = quantized - z`` stored as ``(B, D, h*w)`` (channel-first) or
-    ``(B*h*w, D)`` (rows). Per chunk: one tile search, a look-up written straight into the
-    output layout, the difference and its squared sum while the chunk is in cache.
+    Returns ``(indices (B, h*w), quantized (B, D, h, w), sq_error)``, ``quantized`` in the
+    memory layout of ``z``. Per chunk: one tile search and a look-up written straight into
+    the output layout; the squared error ``sum((quantized - z)^2)`` is summed while the
+    data is in cache, from explicit differences (no cancellation).
     """
     b, d, h, w = z.shape
     k, plane = codes.shape[0], h * w
@@ -221,6 +221,8 @@ def _quantize(z: torch.Tensor, codes: torch.Tensor, chunk_size: int | None):
         quantized = torch.empty(b, d, plane, dtype=torch.float32, device=z.device)
         if rows < plane:  # chunks are strided slices: look up into a contiguous buffer, then copy
             qbuf = torch.empty(d * rows, dtype=torch.float32, device=z.device)
+        dbuf = torch.empty(d, plane, dtype=torch.float32, device=z.device)
+        sq = torch.empty(b, dtype=torch.float32, device=z.device)
         for i in range(b):
             for s in range(0, plane, rows):
                 e = min(s + rows, plane)
@@ -231,29 +233,30 @@ def _quantize(z: torch.Tensor, codes: torch.Tensor, chunk_size: int | None):
                     torch.index_select(codes_t, 1, idx, out=quantized[i])
                 else:
                     quantized[i, :, s:e] = torch.index_select(codes_t, 1, idx, out=qbuf[: d * (e - s)].view(d, e - s))
-        # batch-level element-wise work: few large ops rather than many small ones
-        diff = torch.sub(quantized, planes)
-        sq_error = torch.dot(diff.view(-1), diff.view(-1))
-        return indices, quantized.view(b, d, h, w), diff, sq_error, True
+            # squared error of the image while it is in cache; no (N, D) difference is kept
+            torch.sub(quantized[i], planes[i], out=dbuf)
+            torch.dot(dbuf.view(-1), dbuf.view(-1), out=sq[i])
+        sq_error = sq.sum()
+        return indices, quantized.view(b, d, h, w), sq_error
     x = z.permute(0, 2, 3, 1).reshape(b * plane, d)
     n_all = x.shape[0]
     rows, kc = tile_shape(n_all, k, z.device, chunk_size)
     work = _workspace(z, k, rows, kc)
     flat_idx = indices.view(-1)
     quantized = torch.empty(n_all, d, dtype=torch.float32, device=z.device)
-    diff = torch.empty_like(quantized)
+    dbuf = torch.empty(rows * d, dtype=torch.float32, device=z.device)
     sq_error = torch.zeros((), dtype=torch.float32, device=z.device)
     for s in range(0, n_all, rows):
         e = min(s + rows, n_all)
         _, idx = _scores_max(x, codes_t, half_sq, kc, s, e, work)
         flat_idx[s:e] = idx
         q = torch.index_select(codes, 0, idx, out=quantized[s:e])
-        dd = torch.sub(q, x[s:e], out=diff[s:e])
-        sq_error += torch.dot(dd.view(-1), dd.view(-1))
+        dd = torch.sub(q, x[s:e], out=dbuf[: (e - s) * d].view(e - s, d)).view(-1)
+        sq_error += torch.dot(dd, dd)
     out = quantized.view(b, h, w, d).permute(0, 3, 1, 2)
     if not z.permute(0, 2, 3, 1).is_contiguous():
         out = out.contiguous()  # keep the input's layout (small images: cheap)
-    return indices, out, diff, sq_error, False
+    return indices, out, sq_error
 
 
 @torch.no_grad()
@@ -298,52 +301,39 @@ class VQStep:
 class _StraightThroughVQ(torch.autograd.Function):
     """Search, look-up, straight-through output and both VQ loss terms in one node.
 
-    Saves only ``diff = q - z`` (in the layout it was computed in) and the indices:
-    ``dL/dz = g + c_commit * 2 (z - q) / numel`` is one ``addcmul`` and
-    ``dL/de_k = c_codebook * 2 sum_{i: idx_i = k} (e_k - z_i) / numel`` one ``index_add_``.
+    Saves only what exists anyway (the input ``z``, the output ``q``, the indices and the
+    counts): ``dL/dz = g + c_commit * 2 (z - q) / numel`` is two ``addcmul`` passes and
+    ``dL/de_k = c_codebook * 2 (counts_k e_k - sum_{i: idx_i = k} z_i) / numel`` one
+    ``index_add_`` over ``z``, so no ``(N, D)`` tensor is kept between the passes.
     """
 
     @staticmethod
     def forward(ctx, z: torch.Tensor, codes: torch.Tensor, chunk_size: int | None):
-        indices, quantized, diff, sq_error, channel_first = _quantize(z, codes, chunk_size)
+        indices, quantized, sq_error = _quantize(z, codes, chunk_size)
         b, d, h, w = z.shape
         counts = torch.bincount(indices.view(-1), minlength=codes.shape[0]).to(torch.float32)
         mse = sq_error / z.numel()
-        ctx.save_for_backward(diff, indices)
-        ctx.shape = (b, d, h, w)
-        ctx.channel_first = channel_first
-        ctx.k = codes.shape[0]
+        ctx.save_for_backward(z, codes, quantized, indices, counts)
         ctx.mark_non_differentiable(indices, counts)
         return quantized, indices.view(b, h, w), counts, mse, mse.clone()
 
     @staticmethod
     def backward(ctx, g_q, _g_idx, _g_counts, g_codebook, g_commit):
-        diff, indices = ctx.saved_tensors
-        b, d, h, w = ctx.shape
-        scale = 2.0 / diff.numel()
-        if ctx.channel_first:
-            diff4 = diff.view(b, d, h, w)
-        else:
-            diff4 = diff.view(b, h, w, d).permute(0, 3, 1, 2)
+        z, codes, quantized, indices, counts = ctx.saved_tensors
+        scale = 2.0 / z.numel()
         grad_z = grad_codes = None
         if ctx.needs_input_grad[0]:
             if g_commit is None:
-                grad_z = torch.zeros_like(diff4) if g_q is None else g_q
+                grad_z = torch.zeros_like(z) if g_q is None else g_q
             else:
-                # d commitment / dz = 2 (z - q) / numel = -scale * diff
-                coef = g_commit * -scale
-                grad_z = torch.mul(diff4, coef) if g_q is None else torch.addcmul(g_q, diff4, coef)
+                # d commitment / dz = 2 (z - q) / numel
+                coef = g_commit * scale
+                grad_z = torch.mul(z, coef) if g_q is None else torch.addcmul(g_q, z, coef)
+                grad_z.addcmul_(quantized, -coef)
         if ctx.needs_input_grad[1] and g_codebook is not None:
-            # d codebook / de_k = 2 sum_{i: idx_i = k} (e_k - z_i) / numel = scale * sum diff
-            if ctx.channel_first:
-                acc = torch.zeros(d, ctx.k, dtype=diff.dtype, device=diff.device)
-                for i in range(b):
-                    acc.index_add_(1, indices[i], diff[i])
-                grad_codes = acc.t()
-            else:
-                grad_codes = torch.zeros(ctx.k, d, dtype=diff.dtype, device=diff.device)
-                grad_codes.index_add_(0, indices.view(-1), diff)
-            grad_codes = grad_codes * (g_codebook * scale)
+            # d codebook / de_k = 2 sum_{i: idx_i = k} (e_k - z_i) / numel
+            grad_codes = counts.unsqueeze(1) * codes - code_sums(z, indices, codes.shape[0])
+            grad_codes.mul_(g_codebook * scale)
         return grad_z, grad_codes, None
 
 
