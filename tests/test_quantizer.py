@@ -409,3 +409,15 @@ def test_kmeans_plus_plus_spreads_centres_and_handles_k_above_n():
     res = kmeans(small, 9, 3, torch.Generator().manual_seed(0))
     assert res.inertia == pytest.approx(0.0, abs=1e-5)
     assert math.isfinite(res.inertia)
+
+
+@pytest.mark.parametrize("large", [False, True])
+def test_code_sums_both_accumulation_orders(monkeypatch, large):
+    import sys
+
+    monkeypatch.setattr(sys.modules["vqkit.ops.search"], "LARGE_CODEBOOK_ELEMENTS", 1 if large else 1 << 30)
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(2, 5, 16, 17, generator=g)
+    idx = torch.randint(0, 11, (2, 16, 17), generator=g)
+    expected = torch.zeros(11, 5).index_add_(0, idx.reshape(-1), flat(z))
+    torch.testing.assert_close(code_sums(z, idx, 11), expected)

@@ -187,6 +187,8 @@ def nearest_codes(
 #: Spatial positions per image from which latents are searched in place, channel-first
 #: (no transposed copy of the batch); smaller images are flattened to rows first.
 MIN_PLANE = 256
+#: Code-books of at least this many elements (K * D) are summed row-wise in :func:`code_sums`.
+LARGE_CODEBOOK_ELEMENTS = 1 << 21
 
 
 def _channel_first_plan(z: torch.Tensor) -> bool:
@@ -270,10 +272,17 @@ def code_sums(z: torch.Tensor, indices: torch.Tensor, k: int) -> torch.Tensor:
     indices = indices.reshape(b, h * w)
     if _channel_first_plan(z):
         planes = z.reshape(b, d, h * w)
-        sums_t = torch.zeros(d, k, dtype=torch.float32, device=z.device)
+        if k * d < LARGE_CODEBOOK_ELEMENTS:  # accumulator in cache: add along the code axis
+            sums_t = torch.zeros(d, k, dtype=torch.float32, device=z.device)
+            for i in range(b):
+                sums_t.index_add_(1, indices[i], planes[i])
+            return sums_t.t()
+        # large code-book: transpose one image at a time (in cache) and add whole rows
+        sums = torch.zeros(k, d, dtype=torch.float32, device=z.device)
+        rows = torch.empty(h * w, d, dtype=torch.float32, device=z.device)
         for i in range(b):
-            sums_t.index_add_(1, indices[i], planes[i])
-        return sums_t.t()
+            sums.index_add_(0, indices[i], rows.copy_(planes[i].t()))
+        return sums
     x = z.permute(0, 2, 3, 1).reshape(-1, d)
     return torch.zeros(k, d, dtype=torch.float32, device=z.device).index_add_(0, indices.reshape(-1), x)
 
@@ -332,8 +341,8 @@ class _StraightThroughVQ(torch.autograd.Function):
                 grad_z.addcmul_(quantized, -coef)
         if ctx.needs_input_grad[1] and g_codebook is not None:
             # d codebook / de_k = 2 sum_{i: idx_i = k} (e_k - z_i) / numel
-            grad_codes = counts.unsqueeze(1) * codes - code_sums(z, indices, codes.shape[0])
-            grad_codes.mul_(g_codebook * scale)
+            grad_codes = code_sums(z, indices, codes.shape[0]).neg_()
+            grad_codes.addcmul_(counts.unsqueeze(1), codes).mul_(g_codebook * scale)
         return grad_z, grad_codes, None
 
 
