@@ -657,14 +657,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> TrainResult:
-        self._setup()
-        tc = self.cfg.train
-        dist = self.dist
         try:
+            self._setup()
             self._setup_tracking()
         except BaseException:
-            dist.close()
+            if self.dist is not None:
+                self.dist.close()
             raise
+        tc = self.cfg.train
+        dist = self.dist
         stop = tc.steps if self.stop_after is None else min(tc.steps, self.stop_after)
         start = self.step
         if start >= stop:
