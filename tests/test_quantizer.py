@@ -68,7 +68,7 @@ def test_tile_shape_bounds_memory_independent_of_n_and_k():
     cpu = torch.device("cpu")
     for n, k in [(16384, 8192), (10**6, 65536), (5, 3)]:
         rows, codes = tile_shape(n, k, cpu)
-        assert rows * codes <= 1 << 18 and 1 <= rows <= n and 1 <= codes <= k
+        assert rows * codes <= 1 << 20 and 1 <= rows <= n and 1 <= codes <= k
     assert tile_shape(100, 50, cpu, chunk_size=10) == (1, 10)
 
 

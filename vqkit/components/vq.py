@@ -92,7 +92,7 @@ class VectorQuantizer(Quantizer):
             None,
             ge=1,
             description="Score elements (rows x codes) per search tile; null picks a fast default "
-            "for the device (1 MiB tiles on CPU, 64 MiB on accelerators). Memory of the "
+            "for the device (4 MiB tiles on CPU, 64 MiB on accelerators). Memory of the "
             "search is one tile whatever the batch and code-book sizes.",
         )
 

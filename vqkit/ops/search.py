@@ -25,9 +25,9 @@ __all__ = [
     "VQStep",
 ]
 
-#: Score elements (rows x codes) of one tile on CPU: 256 Ki floats = 1 MiB, about one
-#: core's L2 cache (measured best of 2^16..2^19 on the benchmark grid).
-CPU_TILE_ELEMENTS = 1 << 18
+#: Score elements (rows x codes) of one tile on CPU: 1 Mi floats = 4 MiB (whole 32x32
+#: images by 1024 codes); measured best of 2^17..2^20 on the benchmark grid.
+CPU_TILE_ELEMENTS = 1 << 20
 #: Score elements of one tile on accelerators (64 MiB of float32): large tiles keep the
 #: device busy; the bound on extra memory stays independent of N and K.
 DEVICE_TILE_ELEMENTS = 1 << 24
