@@ -23,7 +23,7 @@ weights: setup
 	$(BIN)/vqkit weights fetch lpips --net all
 
 test: setup weights
-	$(BIN)/python -m pytest -n 2 --durations=15 tests
+	$(BIN)/python -m pytest -n 2 --dist loadgroup --durations=15 tests
 
 lint: setup
 	$(BIN)/ruff check vqkit tests benchmarks plugins

@@ -116,6 +116,9 @@ def test_codebooks_identical_on_both_ranks_after_every_reset(results, policy_nam
     assert torch.equal(r0["codebook"], r1["codebook"])
 
 
+# torchrun jobs run one at a time (same xdist worker): two 2-rank gloo jobs on 2
+# loaded cores once aborted a rank (SIGABRT, not reproduced in isolation)
+@pytest.mark.xdist_group("torchrun")
 def test_vqkit_train_under_torchrun_resets_and_only_rank0_writes(tmp_path, store, monkeypatch):
     """The real trainer, 2 processes: resets happen (collective calls do not deadlock) and
     only rank 0 creates an MLflow run, a run dir and checkpoints."""

@@ -298,6 +298,9 @@ def test_data_order_is_a_function_of_the_step():
 
 
 # =========================================================================== distributed
+# torchrun jobs run one at a time (same xdist worker): two 2-rank gloo jobs on 2
+# loaded cores once aborted a rank (SIGABRT, not reproduced in isolation)
+@pytest.mark.xdist_group("torchrun")
 def test_torchrun_two_processes(workdir, store):
     recipe = write_recipe(workdir, tracking={"uri": store, "experiment": "ddp"},
                           train={**TINY["train"], "steps": 4, "batch_size": 8})
