@@ -2,22 +2,10 @@
 as plugin authors use it: the pytest base class, with non-default params."""
 from __future__ import annotations
 
-import pytest
-import torch
-
 from vqkit.plugins import get_registry
 from vqkit.testing.reset_contracts import ResetPolicyContract, registered_reset_cases
 
 CASES = registered_reset_cases()
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: thread hand-offs cost more than they save on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_builtin_policies_are_under_contract():

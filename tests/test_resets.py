@@ -18,15 +18,6 @@ from vqkit.train.codebook import CodebookManager, check_plan, reset_due, reset_o
 K, D = 16, 4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: thread hand-offs cost more than they save on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _batch(seed: int, n: int = 64, codes: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(n, D, generator=gen), torch.arange(n) % codes
