@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vqkit import __version__
+from vqkit import __version__, gan
 from vqkit.errors import Problem, VqkitError
 from vqkit.interfaces import Dataset
 from vqkit.model import VQModel
@@ -78,27 +78,6 @@ def convert_range(x: torch.Tensor, input_range: tuple[float, float]) -> torch.Te
     if (lo, hi) == (-1.0, 1.0):
         return x
     return (x + 1.0) * ((hi - lo) / 2.0) + lo
-
-
-def gan_generator_loss(kind: str, logits_fake: torch.Tensor) -> torch.Tensor:
-    """Generator side of the GAN loss (0-dim)."""
-    from vqkit import gan
-
-    return gan.generator_loss(kind, logits_fake)
-
-
-def gan_discriminator_loss(kind: str, logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
-    """Discriminator side of the GAN loss (0-dim)."""
-    from vqkit import gan
-
-    return gan.discriminator_loss(kind, logits_real, logits_fake)
-
-
-def adaptive_gan_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
-    """VQGAN's ratio of gradient norms at ``last_layer`` (detached 0-dim tensor)."""
-    from vqkit import gan
-
-    return gan.adaptive_weight(rec_loss, g_loss, last_layer)
 
 
 def _grad_params(module: nn.Module | None) -> list[nn.Parameter]:
@@ -537,12 +516,12 @@ class Trainer:
                 total = total + float(weights.get(key, 1.0)) * value
             if disc_on:
                 logits_fake = self.disc(recon32)
-                g_loss = gan_generator_loss(self.disc_ref.loss, logits_fake.float())
+                g_loss = gan.generator_loss(self.disc_ref.loss, logits_fake.float())
                 terms["loss/gan_g"] = g_loss
                 factor = torch.ones((), device=x.device)
                 last = self.model.decoder.last_layer_weight()
                 if self.disc_ref.adaptive_weight and last is not None and rec_total.requires_grad:
-                    factor = adaptive_gan_weight(rec_total, g_loss, last).detach()
+                    factor = gan.adaptive_weight(rec_total, g_loss, last).detach()
                     terms["gan/adaptive_weight"] = factor
                 total = total + self.disc_ref.weight * factor * g_loss
         terms["loss/total"] = total
@@ -560,7 +539,7 @@ class Trainer:
             with self._autocast():
                 logits_real = self.disc(x)
                 logits_fake = self.disc(recon32.detach())
-                d_loss = gan_discriminator_loss(self.disc_ref.loss, logits_real.float(), logits_fake.float())
+                d_loss = gan.discriminator_loss(self.disc_ref.loss, logits_real.float(), logits_fake.float())
             terms["loss/gan_d"] = d_loss
             if self._nonfinite(d_loss):
                 raise NonFiniteLoss(self._describe_terms(terms, step))
