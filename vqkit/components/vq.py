@@ -208,6 +208,11 @@ class VectorQuantizer(Quantizer):
     # ------------------------------------------------------------------ code-book updates
     @torch.no_grad()
     def _ema_accumulate(self, sums: torch.Tensor, counts: torch.Tensor) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            # every rank's batch feeds the EMA, and the code-books stay identical
+            stats = torch.cat([sums.float(), counts.float().unsqueeze(1)], dim=1)
+            torch.distributed.all_reduce(stats)
+            sums, counts = stats[:, :-1], stats[:, -1]
         decay = self.params.ema_decay
         self.ema_cluster_size.mul_(decay).add_(counts, alpha=1.0 - decay)
         self.ema_embed_sum.mul_(decay).add_(sums, alpha=1.0 - decay)
