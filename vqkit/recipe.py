@@ -511,14 +511,22 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
     data = _read_with_extends(Path(path), loc, problems)
     if problems:
         raise VqkitError(problems)
+    return _override_and_validate(data, loc, str(path), overrides)
+
+
+def recipe_from_dict(
+    data: dict[str, Any], source: str = "<dict>", overrides: list[str] | tuple[str, ...] = ()
+) -> Recipe:
+    """Validate a recipe given as a mapping (e.g. read back from a checkpoint), after
+    applying ``--set`` style ``overrides``."""
+    return _override_and_validate(copy.deepcopy(data), _Loc(), source, overrides)
+
+
+def _override_and_validate(data: Any, loc: _Loc, source: str, overrides: list[str] | tuple[str, ...]) -> Recipe:
+    problems: list[Problem] = []
     for text in overrides:
         key, value = parse_override(text)
         _apply_override(data, key, value, loc, problems)
     if problems:
         raise VqkitError(problems)
-    return validate_data(data, loc, str(path))
-
-
-def recipe_from_dict(data: dict[str, Any], source: str = "<dict>") -> Recipe:
-    """Validate a recipe given as a mapping (e.g. read back from a checkpoint)."""
-    return validate_data(copy.deepcopy(data), _Loc(), source)
+    return validate_data(data, loc, source)

@@ -79,19 +79,9 @@ def _recipe_for(args):
 
 def _checkpoint_recipe(state, path: Path, overrides: list[str]):
     """The recipe stored in a checkpoint, with ``--set`` overrides applied."""
-    import copy
+    from vqkit.recipe import recipe_from_dict
 
-    from vqkit.recipe import _apply_override, _Loc, parse_override, validate_data
-
-    data = copy.deepcopy(state["recipe"])
-    problems: list[Problem] = []
-    loc = _Loc()
-    for text in overrides:
-        key, value = parse_override(text)
-        _apply_override(data, key, value, loc, problems)
-    if problems:
-        raise VqkitError(problems)
-    return validate_data(data, loc, f"{path}#recipe")
+    return recipe_from_dict(state["recipe"], f"{path}#recipe", overrides)
 
 
 def cpu_friendly_threads() -> None:
