@@ -177,15 +177,18 @@ class NoReset(CodebookResetPolicy):
         return None
 
 
+class _CountThresholdParams(Params):
+    threshold: float = Field(
+        1.0, ge=0, description="a code with fewer assignments than this since the previous "
+        "reset check is dead (counted over all ranks)"
+    )
+
+
 # =========================================================================== random
 class RandomReset(_SeededPolicy):
     """Re-draw dead codes from random encoder outputs of the latest batch."""
 
-    class Params(Params):
-        threshold: float = Field(
-            1.0, ge=0, description="a code with fewer assignments than this since the previous "
-            "reset check is dead (counted over all ranks)"
-        )
+    class Params(_CountThresholdParams):
         noise: float = Field(
             0.01, ge=0, description="std of the Gaussian noise added to each drawn encoder output, "
             "as a fraction of the per-dimension std of the batch"
@@ -351,11 +354,7 @@ def seed_given_centers(
 class KMeansReset(_SeededPolicy):
     """Re-fit dead codes with k-means over a buffer of recent encoder outputs."""
 
-    class Params(Params):
-        threshold: float = Field(
-            1.0, ge=0, description="a code with fewer assignments than this since the previous "
-            "reset check is dead (counted over all ranks)"
-        )
+    class Params(_CountThresholdParams):
         buffer_size: int = Field(
             16384, ge=1, description="recent encoder outputs kept for the k-means fit"
         )
