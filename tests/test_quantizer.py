@@ -10,7 +10,16 @@ import torch.nn.functional as F
 
 import vqkit.components.vq as vq_module
 from vqkit.components.vq import VectorQuantizer
-from vqkit.ops import code_sums, inertia, kmeans, kmeans_plus_plus, nearest_codes, straight_through_vq, tile_shape
+from vqkit.ops import (
+    code_sums,
+    inertia,
+    kmeans,
+    kmeans_plus_plus,
+    nearest_codes,
+    nearest_two_codes,
+    straight_through_vq,
+    tile_shape,
+)
 
 D = 6
 
@@ -357,6 +366,23 @@ def test_search_runs_in_float32_under_bf16_autocast():
     assert torch.equal(outb.quantized, q.decode_indices(outb.indices).to(torch.bfloat16))
 
 
+@pytest.mark.parametrize("k,chunk_size", [(1, None), (2, None), (200, 7), (200, 1000), (1500, None), (1500, 3000)])
+def test_nearest_two_codes_gives_the_runner_up(k, chunk_size):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(257, 9, generator=g)
+    codes = torch.randn(k, 9, generator=g)
+    idx, best, second = nearest_two_codes(x, codes, chunk_size)
+    assert_same_or_tied(idx, x, codes)
+    ref = (x.double() @ codes.double().t() - 0.5 * codes.double().square().sum(1)).float()
+    top = ref.topk(min(k, 2), dim=1).values
+    torch.testing.assert_close(best, top[:, 0], atol=1e-4, rtol=1e-5)
+    if k == 1:
+        assert bool(torch.isinf(second).all()) and bool((second < 0).all())
+    else:
+        torch.testing.assert_close(second, top[:, 1], atol=1e-4, rtol=1e-5)
+    assert bool((second <= best).all())
+
+
 # ----------------------------------------------------------------------------- k-means
 def blobs(n=600, d=5, k=6, seed=0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
@@ -409,6 +435,44 @@ def test_kmeans_plus_plus_spreads_centres_and_handles_k_above_n():
     res = kmeans(small, 9, 3, torch.Generator().manual_seed(0))
     assert res.inertia == pytest.approx(0.0, abs=1e-5)
     assert math.isfinite(res.inertia)
+
+
+def fashion_patches(n_images: int = 400, size: int = 4) -> torch.Tensor:
+    """Real data: non-overlapping ``size`` x ``size`` patches of Fashion-MNIST test images
+    (many exact duplicates: the flat background)."""
+    from vqkit.components.fashion_mnist import FashionMnist
+
+    images = FashionMnist(FashionMnist.Params(limit=n_images), split="test").get_batch(range(n_images))
+    patches = images.unfold(2, size, size).unfold(3, size, size)  # (n, 1, 8, 8, size, size)
+    return patches.reshape(-1, size * size).contiguous()
+
+
+@pytest.mark.parametrize("k", [128, 256])
+def test_kmeans_moved_centroid_search_equals_full_lloyd(monkeypatch, k):
+    """The iterations that search only the moved centroids give Lloyd's result."""
+    import sys
+
+    kmeans_module = sys.modules["vqkit.ops.kmeans"]
+    x = fashion_patches(100)  # 6,400 patches: 25-50 per centroid
+    init = kmeans_plus_plus(x, k, torch.Generator().manual_seed(0))
+    calls = []
+    real = kmeans_module._reassign
+
+    def spy(*args, **kwargs):
+        calls.append(int(args[3].sum()))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kmeans_module, "_reassign", spy)
+    for iters in (1, 6, 30):
+        fast = kmeans(x, k, iters, init=init)
+        monkeypatch.setattr(kmeans_module, "MOVED_SHARE", -1.0)  # every step a full search
+        full = kmeans(x, k, iters, init=init)
+        monkeypatch.setattr(kmeans_module, "MOVED_SHARE", 0.5)
+        assert fast.inertia == pytest.approx(full.inertia, rel=1e-6)
+        torch.testing.assert_close(fast.centroids, full.centroids, atol=1e-5, rtol=1e-5)
+        assert_same_or_tied(fast.assignments, x, fast.centroids)
+        assert fast.inertia == pytest.approx(float((x - fast.centroids[fast.assignments]).square().sum()), rel=1e-4)
+    assert calls and min(calls) < k // 2, "the moved-centroid search was not exercised"
 
 
 @pytest.mark.parametrize("large", [False, True])

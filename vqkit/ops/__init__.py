@@ -6,7 +6,7 @@
   (:func:`kmeans`), used by ``kmeans_init`` and by code-book reset policies.
 """
 from vqkit.ops.kmeans import KMeansResult, inertia, kmeans, kmeans_plus_plus
-from vqkit.ops.search import VQStep, code_sums, nearest_codes, straight_through_vq, tile_shape
+from vqkit.ops.search import VQStep, code_sums, nearest_codes, nearest_two_codes, straight_through_vq, tile_shape
 
 __all__ = [
     "KMeansResult",
@@ -16,6 +16,7 @@ __all__ = [
     "kmeans",
     "kmeans_plus_plus",
     "nearest_codes",
+    "nearest_two_codes",
     "straight_through_vq",
     "tile_shape",
 ]

@@ -20,6 +20,7 @@ import torch
 __all__ = [
     "tile_shape",
     "nearest_codes",
+    "nearest_two_codes",
     "code_sums",
     "straight_through_vq",
     "VQStep",
@@ -182,6 +183,72 @@ def nearest_codes(
             scores[s:e] = val
             indices[s:e] = idx
         return indices, scores
+
+
+def _scores_top2(
+    x: torch.Tensor,
+    codes_t: torch.Tensor,
+    half_sq: torch.Tensor,
+    kc: int,
+    start: int,
+    stop: int,
+    work: dict[str, torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Like :func:`_scores_max` plus the second-best score of each row: the winner's
+    entry of the tile is overwritten with ``-inf`` and a values-only ``amax`` (cheap)
+    gives the runner-up. ``-inf`` when there is only one code."""
+    n = stop - start
+    k = codes_t.shape[1]
+    xs = x[start:stop]
+    best = index = second = None
+    for a in range(0, k, kc):
+        b = min(a + kc, k)
+        tile = torch.addmm(half_sq[a:b], xs, codes_t[:, a:b], out=work["tile"][:n, : b - a])
+        if b - a != tile.stride(0):
+            tile = tile.contiguous()
+        val, idx = _tile_argmax(tile)
+        if b - a > 1:
+            runner = tile.scatter_(1, idx.unsqueeze(1), float("-inf")).amax(1)
+        else:
+            runner = torch.full_like(val, float("-inf"))
+        idx += a
+        if best is None:
+            best, index, second = val, idx, runner
+            continue
+        better = val > best  # ties stay with the earlier (lower) index
+        second = torch.where(better, torch.maximum(best, runner), torch.maximum(second, val))
+        index = torch.where(better, idx, index)
+        best = torch.maximum(best, val)
+    return best, index, second
+
+
+@torch.no_grad()
+def nearest_two_codes(
+    x: torch.Tensor, codes: torch.Tensor, chunk_size: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`nearest_codes` that also returns the runner-up's score.
+
+    Returns:
+        ``(indices, scores, second)``: ``second[i]`` is the best score of any code other
+        than ``indices[i]`` (``-inf`` when ``K == 1``). The k-means iterations use it as
+        a bound that lets them skip rows whose assignment cannot change.
+    """
+    _check(x, codes)
+    with torch.autocast(x.device.type, enabled=False):
+        x = x.contiguous()
+        codes = codes.contiguous()
+        n, k = x.shape[0], codes.shape[0]
+        rows, kc = tile_shape(n, k, x.device, chunk_size)
+        half_sq = codes.square().sum(1).mul_(-0.5)
+        codes_t = codes.t()
+        work = {"tile": torch.empty(rows, min(kc, k), dtype=torch.float32, device=x.device)}
+        indices = torch.empty(n, dtype=torch.int64, device=x.device)
+        scores = torch.empty(n, dtype=torch.float32, device=x.device)
+        second = torch.empty(n, dtype=torch.float32, device=x.device)
+        for s in range(0, n, rows):
+            e = min(s + rows, n)
+            scores[s:e], indices[s:e], second[s:e] = _scores_top2(x, codes_t, half_sq, kc, s, e, work)
+        return indices, scores, second
 
 
 #: Spatial positions per image from which latents are searched in place, channel-first
