@@ -354,6 +354,16 @@ def code_sums(z: torch.Tensor, indices: torch.Tensor, k: int) -> torch.Tensor:
     return torch.zeros(k, d, dtype=torch.float32, device=z.device).index_add_(0, indices.reshape(-1), x)
 
 
+#: Elements per chunk of the element-wise passes of the backward (1 MiB of float32).
+ELEMENTWISE_CHUNK = 1 << 18
+
+
+def _images_per_chunk(z: torch.Tensor) -> int:
+    """How many images of ``z`` ``(B, ...)`` make one cache-sized element-wise chunk."""
+    per_image = max(z[0].numel(), 1)
+    return max(1, min(z.shape[0], ELEMENTWISE_CHUNK // per_image))
+
+
 @dataclasses.dataclass(frozen=True)
 class VQStep:
     """Result of :func:`straight_through_vq`.
@@ -378,7 +388,8 @@ class _StraightThroughVQ(torch.autograd.Function):
     """Search, look-up, straight-through output and both VQ loss terms in one node.
 
     Saves only what exists anyway (the input ``z``, the output ``q``, the indices and the
-    counts): ``dL/dz = g + c_commit * 2 (z - q) / numel`` is two ``addcmul`` passes and
+    counts): ``dL/dz = g + c_commit * 2 (z - q) / numel`` is computed a few images at a
+    time (``z``, ``q`` and ``g`` read once) and
     ``dL/de_k = c_codebook * 2 (counts_k e_k - sum_{i: idx_i = k} z_i) / numel`` one
     ``index_add_`` over ``z``, so no ``(N, D)`` tensor is kept between the passes.
     """
@@ -402,10 +413,19 @@ class _StraightThroughVQ(torch.autograd.Function):
             if g_commit is None:
                 grad_z = torch.zeros_like(z) if g_q is None else g_q
             else:
-                # d commitment / dz = 2 (z - q) / numel
-                coef = g_commit * scale
-                grad_z = torch.mul(z, coef) if g_q is None else torch.addcmul(g_q, z, coef)
-                grad_z.addcmul_(quantized, -coef)
+                # d commitment / dz = 2 (z - q) / numel, a few images at a time: the
+                # difference stays in cache and z, q and g are each read once
+                coef = g_commit * scale  # a 0-dim tensor: no device sync
+                grad_z = torch.empty_like(z)
+                step = _images_per_chunk(z)
+                buf = torch.empty_like(z[:step])
+                for i in range(0, z.shape[0], step):
+                    j = min(i + step, z.shape[0])
+                    diff = torch.sub(z[i:j], quantized[i:j], out=buf[: j - i])
+                    if g_q is None:
+                        torch.mul(diff, coef, out=grad_z[i:j])
+                    else:
+                        torch.addcmul(g_q[i:j], diff, coef, out=grad_z[i:j])
         if ctx.needs_input_grad[1] and g_codebook is not None:
             # d codebook / de_k = 2 sum_{i: idx_i = k} (e_k - z_i) / numel
             grad_codes = code_sums(z, indices, codes.shape[0]).neg_()
