@@ -15,8 +15,10 @@ the weighted losses) for
 
 Runs are interleaved (one step of each method per round) and the median of the rounds
 is reported, with: the ratio to vector-quantize-pytorch (``x`` = times faster), the
-share of the matrix-multiply bound (``2 N K D`` flops at the peak fp32 GEMM rate of a
-4096^3 matmul measured in the same run), and the peak extra memory of one step (CPU:
+share of the matrix-multiply bound (``2 N K D`` flops at the peak fp32 GEMM rate: a
+2048^3 matmul timed in every round of the point, interleaved with the methods, so a shared
+machine's load moves the bound and the methods alike; a 4096^3 matmul is also timed at the
+start and end of the run), and the peak extra memory of one step (CPU:
 sum of the allocations and frees recorded by the torch profiler, ``profile_memory``;
 CUDA: ``max_memory_allocated``), above the inputs already allocated.
 
@@ -332,6 +334,28 @@ def check_gradients(k, d, beta, codes, z0, g, device) -> tuple[float, float, tup
 
 
 # --------------------------------------------------------------------------- main parts
+class PeakGemm:
+    """A square fp32 matmul timed as one more "method" of the rounds (the bound's rate)."""
+
+    def __init__(self, device: torch.device, size: int = 2048):
+        g = torch.Generator(device="cpu").manual_seed(1)
+        self.size = size
+        self.a = torch.randn(size, size, generator=g).to(device)
+        self.b = torch.randn(size, size, generator=g).to(device)
+        self.out = torch.empty(size, size, device=device)
+        self.device = device
+
+    def seconds(self) -> float:
+        sync(self.device)
+        t = time.perf_counter()
+        torch.mm(self.a, self.b, out=self.out)
+        sync(self.device)
+        return time.perf_counter() - t
+
+    def flops(self, seconds: float) -> float:
+        return 2 * self.size**3 / seconds
+
+
 def bench_point(k, d, n, beta, rounds, device, with_vqp, peak_flops, check=True):
     b = max(1, n // (32 * 32))
     h = w = 32 if n >= 1024 else int(n**0.5)
@@ -340,7 +364,10 @@ def bench_point(k, d, n, beta, rounds, device, with_vqp, peak_flops, check=True)
     g = torch.randn(b, d, h, w, generator=gen).to(device)
     codes = torch.randn(k, d, generator=gen).to(device)
     n = b * h * w
-    bound_ms = 2 * n * k * d / peak_flops * 1e3
+    flops = 2 * n * k * d
+    peak = PeakGemm(device)
+    peak.seconds()  # warm-up
+    peak_times: list[float] = []
     rows = []
     checks = None
     if check:
@@ -351,10 +378,14 @@ def bench_point(k, d, n, beta, rounds, device, with_vqp, peak_flops, check=True)
         for module, step in methods.values():  # warm-up
             timed(step, z, g, module, device)
         times: dict[str, list[float]] = {name: [] for name in methods}
+        these: list[float] = []
         for _ in range(rounds):
             for name, (module, step) in methods.items():
                 times[name].append(timed(step, z, g, module, device))
+            these.append(peak.seconds())
+        peak_times += these
         med = {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+        bound_ms = flops / peak.flops(statistics.median(these)) * 1e3  # rate of these rounds
         mem = {name: peak_extra_bytes(step, z, g, module, device) for name, (module, step) in methods.items()}
         for name in methods:
             rows.append(
@@ -368,12 +399,24 @@ def bench_point(k, d, n, beta, rounds, device, with_vqp, peak_flops, check=True)
                 }
             )
         del methods
-    return {"k": k, "d": d, "n": n, "bound_ms": bound_ms, "rows": rows, "checks": checks}
+    point_peak = peak.flops(statistics.median(peak_times))
+    return {
+        "k": k,
+        "d": d,
+        "n": n,
+        "bound_ms": flops / point_peak * 1e3,
+        "peak": point_peak,
+        "rows": rows,
+        "checks": checks,
+    }
 
 
 def print_point(res, markdown: bool):
     k, d, n = res["k"], res["d"], res["n"]
-    title = f"K={k} D={d} N={n}: bound {res['bound_ms']:.1f} ms"
+    title = (
+        f"K={k} D={d} N={n}: bound {res['bound_ms']:.1f} ms "
+        f"(peak {res['peak'] / 1e9:.1f} GFLOP/s: 2048^3 matmul, median of this point's rounds)"
+    )
     if markdown:
         print(f"\n**{title}**\n")
         print("| EMA | method | ms | vs vqp | % of GEMM bound | peak extra MiB |")
@@ -537,7 +580,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="small grid, N=4096, 3 rounds")
     ap.add_argument("--grid", default=None, help="K:D pairs, comma separated (default: the full grid)")
     ap.add_argument("--n", type=int, default=None, help="vectors per batch (default 16384; 4096 with --quick)")
-    ap.add_argument("--rounds", type=int, default=None, help="timed rounds per method (default 5; 3 with --quick)")
+    ap.add_argument("--rounds", type=int, default=None, help="timed rounds per method (default 7; 3 with --quick)")
     ap.add_argument("--beta", type=float, default=0.25)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -553,7 +596,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     n = args.n or (4096 if args.quick else 16384)
-    rounds = args.rounds or (3 if args.quick else 5)
+    rounds = args.rounds or (3 if args.quick else 7)
     grid = QUICK_GRID if args.quick else FULL_GRID
     if args.grid:
         grid = [tuple(int(v) for v in p.split(":")) for p in args.grid.split(",")]
