@@ -454,6 +454,7 @@ def bench_kmeans(n, d, k, iters, rounds, device, with_vqp, markdown: bool):
     if markdown:
         print("\n| data | method | ms | vs vqp | inertia | inertia vs vqp |")
         print("|---|---|---:|---:|---:|---:|")
+    checks = []
     for name, x in data.items():
         x = x.to(device)
         fns: dict[str, Callable[[], torch.Tensor]] = {
@@ -474,6 +475,7 @@ def bench_kmeans(n, d, k, iters, rounds, device, with_vqp, markdown: bool):
                 times[m].append(time.perf_counter() - t)
         med = {m: statistics.median(ts) * 1e3 for m, ts in times.items()}
         inert = {m: vq_inertia(x, c) for m, c in result.items()}
+        checks.append((name, _lloyd_check(x, k, iters, result["vqkit"])))
         for m in fns:
             ratio = med["vqp"] / med[m] if "vqp" in med else float("nan")
             rel = inert[m] / inert["vqp"] - 1 if "vqp" in inert else float("nan")
@@ -483,6 +485,27 @@ def bench_kmeans(n, d, k, iters, rounds, device, with_vqp, markdown: bool):
                 print(
                     f"{name:9} {m:9} {med[m]:9.0f} ms  {ratio:6.2f}x  inertia {inert[m]:.5g} ({100 * rel:+.2f}% vs vqp)"
                 )
+    for name, verdict in checks:
+        print(
+            f"{'- ' if markdown else ''}check {name}: vqkit (moved-centroid steps) vs the same k-means with a full "
+            f"search at every step: {verdict}"
+        )
+
+
+def _lloyd_check(x: torch.Tensor, k: int, iters: int, fast: torch.Tensor) -> str:
+    """vqkit's k-means (moved-centroid steps) against the same k-means with a full search
+    at every step (plain Lloyd): same seeding, so the centroids should be identical."""
+    import vqkit.ops.kmeans as km
+
+    saved = km.MOVED_SHARE
+    km.MOVED_SHARE = -1.0  # every step a full search
+    try:
+        full = _ours_kmeans(x, k, iters, 0.0)
+    finally:
+        km.MOVED_SHARE = saved
+    if torch.equal(full, fast):
+        return "identical centroids"
+    return f"max centroid difference {float((full - fast).abs().max()):.2e}"
 
 
 #: relative inertia improvement below which the "vqkit-tol" k-means variant stops early

@@ -88,13 +88,14 @@ def test_nearest_codes_wants_float32():
 
 LAYOUTS = {
     "channel-first planes": ((2, 5, 16, 17), False),  # searched in place, image by image
+    "channel-first groups": ((5, 5, 16, 17), False),  # batched GEMM over images (2 + 2 + 1 with chunk 6000)
     "small images": ((3, 5, 4, 5), False),  # flattened to rows
     "channels-last": ((2, 5, 16, 17), True),  # rows are a free view
 }
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("chunk_size", [None, 48])
+@pytest.mark.parametrize("chunk_size", [None, 48, 6000])
 def test_fused_step_matches_reference_straight_through(layout, chunk_size):
     shape, channels_last = LAYOUTS[layout]
     g = torch.Generator().manual_seed(3)
