@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib
 import os
 import platform
 import statistics
@@ -495,8 +496,7 @@ def bench_kmeans(n, d, k, iters, rounds, device, with_vqp, markdown: bool):
 def _lloyd_check(x: torch.Tensor, k: int, iters: int, fast: torch.Tensor) -> str:
     """vqkit's k-means (moved-centroid steps) against the same k-means with a full search
     at every step (plain Lloyd): same seeding, so the centroids should be identical."""
-    import vqkit.ops.kmeans as km
-
+    km = importlib.import_module("vqkit.ops.kmeans")  # the module (vqkit.ops.kmeans is also a function name)
     saved = km.MOVED_SHARE
     km.MOVED_SHARE = -1.0  # every step a full search
     try:
