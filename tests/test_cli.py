@@ -74,6 +74,25 @@ def test_validate_json_lists_problems(tmp_path, capsys):
     assert all(p["file"] == str(bad) and p["line"] for p in report["problems"])
 
 
+def test_validate_build_reports_problems_between_components(capsys):
+    """A recipe whose parts are each valid but do not fit together passes the static check
+    and fails with --build: exit 2, the recipe file named, no traceback."""
+    quick = str(ROOT / "recipes" / "quickstart.yaml")
+    mismatch = ["--set", "encoder.params.factor=1", "--set", "encoder.params.channels=[16]"]
+    assert main(["validate", quick, *mismatch]) == 0
+    capsys.readouterr()
+    assert main(["validate", "--build", quick, *mismatch]) == 2
+    err = capsys.readouterr().err
+    assert f"vqkit: error: {quick}: decoder: decoder 'conv': channels has 2 entries but factor 1" in err
+    assert "Traceback" not in err
+    assert main(["validate", "--build", "--json", quick, "--set", "data.params.image_size=28",
+                 "--set", "encoder.params.factor=8"]) == 2
+    [report] = json.loads(capsys.readouterr().out)
+    assert report["ok"] is False and report["problems"][0]["path"] == "encoder"
+    assert "28x28" in report["problems"][0]["message"] and report["problems"][0]["file"] == quick
+    assert main(["validate", "--build", quick]) == 0
+
+
 def test_explain_prints_normalized_recipe(capsys):
     assert main(["explain", str(ROOT / "recipes" / "quickstart.yaml"), "--set", "train.steps=3", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)

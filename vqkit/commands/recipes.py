@@ -1,6 +1,7 @@
 """``vqkit validate`` and ``vqkit explain``."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
@@ -18,6 +19,12 @@ def configure_validate(p) -> None:
     p.add_argument("recipes", nargs="+", metavar="RECIPE")
     _add_set(p)
     p.add_argument("--json", action="store_true", help="print a JSON list of problems per recipe")
+    p.add_argument(
+        "--build", action="store_true",
+        help="also build every component (data sets, model, losses, discriminator, reset policy) without "
+        "training, so problems between components (decoder vs encoder factor, image size vs factor, a "
+        "loss that needs a discriminator, missing data or weight files) are reported too",
+    )
 
 
 def run_validate(args) -> int:
@@ -27,7 +34,14 @@ def run_validate(args) -> int:
     failed = False
     for path in args.recipes:
         try:
-            load_recipe(path, args.overrides)
+            recipe = load_recipe(path, args.overrides)
+            if args.build:
+                from vqkit.train.build import build_all
+
+                try:
+                    build_all(recipe)
+                except VqkitError as exc:  # locate build problems in the recipe file
+                    raise VqkitError([dataclasses.replace(p, file=p.file or path) for p in exc.problems]) from None
             report.append({"recipe": path, "ok": True, "problems": []})
             if not args.json:
                 print(f"{path}: ok")
