@@ -54,6 +54,7 @@ from torch import nn
 from vqkit.components.vq import VectorQuantizer
 from vqkit.ops import inertia as vq_inertia
 from vqkit.ops import kmeans as vq_kmeans
+from vqkit.runtime import keep_freed_memory
 
 MiB = 1 << 20
 FULL_GRID = [(512, 64), (512, 256), (1024, 64), (1024, 256), (8192, 64), (8192, 256)]
@@ -614,7 +615,12 @@ def main(argv=None):
     ap.add_argument("--train-step", default=None, metavar="RECIPE",
                     help="also measure the quantizer's share of a training step of RECIPE's model (K=8192)")
     ap.add_argument("--only-train-step", action="store_true", help="only the --train-step measurement")
+    ap.add_argument(
+        "--system-malloc", action="store_true",
+        help="leave glibc's allocator settings alone (default: keep freed memory, as `vqkit train` does)",
+    )
     args = ap.parse_args(argv)
+    kept = False if args.system_malloc else keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -628,6 +634,11 @@ def main(argv=None):
 
     print(("# " if args.markdown else "") + "vqkit quantizer benchmark")
     print(f"machine: {machine(device)}")
+    print(
+        "allocator: "
+        + ("freed memory kept for reuse (vqkit.runtime.keep_freed_memory, as in vqkit train), for every method"
+           if kept else "system defaults")
+    )
     if not with_vqp:
         print("vector-quantize-pytorch is not installed (pip install -e '.[bench]' or tox -e bench): no ratios")
     peak = peak_gemm_flops(device)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from vqkit.commands._table import table
 from vqkit.errors import Problem, VqkitError
+from vqkit.runtime import cpu_friendly_threads, keep_freed_memory
 
 
 def _add_set(p) -> None:
@@ -84,17 +85,9 @@ def _checkpoint_recipe(state, path: Path, overrides: list[str]):
     return recipe_from_dict(state["recipe"], f"{path}#recipe", overrides)
 
 
-def cpu_friendly_threads() -> None:
-    """Let idle OpenMP threads sleep instead of spin (``OMP_WAIT_POLICY=PASSIVE``) unless the
-    user chose a policy. On a CPU shared with other processes, spinning threads made small
-    training steps 5-10x slower; with sleeping threads a 2-thread step stays as fast as a
-    1-thread one under load. Only effective before torch is first imported."""
-    if "torch" not in sys.modules:
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-
 def run_train(args) -> int:
     cpu_friendly_threads()
+    keep_freed_memory()
     if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return _spawn(args)
     if args.nproc < 1:
