@@ -223,7 +223,6 @@ def _reassign(
     cost once few centroids move. Returns the new ``(assign, score, bound)``.
     """
     d = x.shape[1]
-    half_sq = centroids.square().sum(1).mul_(-0.5)
     # Searching an unmoved centroid too is harmless (its score is exact either way), so
     # the searched set is padded to a multiple of the search's lane width (fast argmax).
     k = centroids.shape[0]
@@ -245,7 +244,7 @@ def _reassign(
     runner = torch.where(own_moved, m_second, torch.where(switch, torch.maximum(score, m_second), m_best))
     new_bound = torch.maximum(bound, runner)
     # float32 error of a score: |score - exact| <= ~D eps (|x| |c| + |c|^2 / 2); doubled
-    c_norm = float((-2.0 * half_sq).max().clamp(min=0.0).sqrt())
+    c_norm = float(centroids.square().sum(1).max().sqrt())
     margin = (2.0 * d * torch.finfo(torch.float32).eps) * (x_sq.sqrt() * c_norm + 0.5 * c_norm * c_norm)
     unsure = best <= bound + margin
     redo = unsure.nonzero().squeeze(1)

@@ -166,6 +166,14 @@ def nearest_codes(
         ``scores = x . e_idx - ||e_idx||^2 / 2``, so ``||x - e_idx||^2 = ||x||^2 - 2 * scores``.
         Ties go to the lowest index within a tile.
     """
+    indices, scores, _ = _search_rows(x, codes, chunk_size, runner_up=False)
+    return indices, scores
+
+
+@torch.no_grad()
+def _search_rows(x: torch.Tensor, codes: torch.Tensor, chunk_size: int | None, runner_up: bool):
+    """Row-tiled search behind :func:`nearest_codes` and :func:`nearest_two_codes`:
+    ``(indices, scores, second)``, ``second`` None unless ``runner_up``."""
     _check(x, codes)
     with torch.autocast(x.device.type, enabled=False):
         x = x.contiguous()
@@ -177,12 +185,14 @@ def nearest_codes(
         work = _workspace(x, k, rows, kc)
         indices = torch.empty(n, dtype=torch.int64, device=x.device)
         scores = torch.empty(n, dtype=torch.float32, device=x.device)
+        second = torch.empty(n, dtype=torch.float32, device=x.device) if runner_up else None
         for s in range(0, n, rows):
             e = min(s + rows, n)
-            val, idx = _scores_max(x, codes_t, half_sq, kc, s, e, work)
-            scores[s:e] = val
-            indices[s:e] = idx
-        return indices, scores
+            if runner_up:
+                scores[s:e], indices[s:e], second[s:e] = _scores_top2(x, codes_t, half_sq, kc, s, e, work)
+            else:
+                scores[s:e], indices[s:e] = _scores_max(x, codes_t, half_sq, kc, s, e, work)
+        return indices, scores, second
 
 
 def _scores_top2(
@@ -233,22 +243,7 @@ def nearest_two_codes(
         than ``indices[i]`` (``-inf`` when ``K == 1``). The k-means iterations use it as
         a bound that lets them skip rows whose assignment cannot change.
     """
-    _check(x, codes)
-    with torch.autocast(x.device.type, enabled=False):
-        x = x.contiguous()
-        codes = codes.contiguous()
-        n, k = x.shape[0], codes.shape[0]
-        rows, kc = tile_shape(n, k, x.device, chunk_size)
-        half_sq = codes.square().sum(1).mul_(-0.5)
-        codes_t = codes.t()
-        work = {"tile": torch.empty(rows, min(kc, k), dtype=torch.float32, device=x.device)}
-        indices = torch.empty(n, dtype=torch.int64, device=x.device)
-        scores = torch.empty(n, dtype=torch.float32, device=x.device)
-        second = torch.empty(n, dtype=torch.float32, device=x.device)
-        for s in range(0, n, rows):
-            e = min(s + rows, n)
-            scores[s:e], indices[s:e], second[s:e] = _scores_top2(x, codes_t, half_sq, kc, s, e, work)
-        return indices, scores, second
+    return _search_rows(x, codes, chunk_size, runner_up=True)
 
 
 #: Spatial positions per image from which latents are searched in place, channel-first
@@ -304,11 +299,8 @@ def _quantize(z: torch.Tensor, codes: torch.Tensor, chunk_size: int | None):
     indices = torch.empty(b, plane, dtype=torch.int64, device=z.device)
     if _channel_first_plan(z):
         rows, kc = plane_tile_shape(plane, k, z.device, chunk_size)
-        work = _workspace(z, k, rows, kc)
         planes = z.reshape(b, d, plane)
         quantized = torch.empty(b, d, plane, dtype=torch.float32, device=z.device)
-        if rows < plane:  # chunks are strided slices: look up into a contiguous buffer, then copy
-            qbuf = torch.empty(d * rows, dtype=torch.float32, device=z.device)
         dbuf = torch.empty(d, plane, dtype=torch.float32, device=z.device)
         sq = torch.empty(b, dtype=torch.float32, device=z.device)
         group = _images_per_tile(b, plane, k, rows, kc, z.device, chunk_size)
@@ -325,6 +317,9 @@ def _quantize(z: torch.Tensor, codes: torch.Tensor, chunk_size: int | None):
                     torch.sub(quantized[m], planes[m], out=dbuf)
                     torch.dot(dbuf.view(-1), dbuf.view(-1), out=sq[m])
             return indices, quantized.view(b, d, h, w), sq.sum()
+        work = _workspace(z, k, rows, kc)
+        if rows < plane:  # chunks are strided slices: look up into a contiguous buffer, then copy
+            qbuf = torch.empty(d * rows, dtype=torch.float32, device=z.device)
         for i in range(b):
             for s in range(0, plane, rows):
                 e = min(s + rows, plane)
