@@ -10,7 +10,8 @@ Times, interleaved in one process (minimum and median of the repeats):
 * ``argmax``: only the row-wise argmax of those tiles;
 * ``code sums``: the per-code sums of the latents (code-book gradient / EMA statistics);
 * ``harness``: ``sum(z * g)`` and its backward, the part of ``step`` every method pays;
-* ``bound``: ``2 N K D`` flops at the rate of a 2048^3 matmul timed in the same rounds.
+* ``bound``: ``2 N K D`` flops at the rate of a 2048^3 matmul timed in the same rounds;
+* the minor page faults of each step (fresh memory touched: see ``--system-malloc``).
 
 Usage::
 
@@ -19,6 +20,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import time
 
@@ -92,13 +94,17 @@ def main(argv=None) -> None:
         "peak 2048^3": lambda: torch.mm(big, big, out=big_out),
     }
     times = {name: [] for name in fns}
+    faults = []
     for fn in fns.values():
         fn()  # warm-up
     for _ in range(args.repeats):
         for name, fn in fns.items():
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t)
+            if name == "step":
+                faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
     peak = 2 * 2048**3 / statistics.median(times["peak 2048^3"])
     bound_ms = 2 * b * h * w * k * d / peak * 1e3
     print(
@@ -111,6 +117,7 @@ def main(argv=None) -> None:
     for name, ts in times.items():
         if name != "peak 2048^3":
             print(f"{name:12} {min(ts) * 1e3:8.1f} {statistics.median(ts) * 1e3:10.1f}")
+    print(f"page faults per step: median {statistics.median(faults):.0f}, max {max(faults)}")
     step_med = statistics.median(times["step"]) * 1e3
     print(f"step at {100 * bound_ms / step_med:.0f}% of the bound (median), "
           f"{100 * bound_ms / (min(times['step']) * 1e3):.0f}% (min)")
