@@ -137,9 +137,18 @@ class DistContext:
         if self.enabled:
             torch_dist.barrier()
 
-    def close(self) -> None:
-        """Destroy the process group (idempotent)."""
+    def close(self, barrier: bool = False) -> None:
+        """Destroy the process group (idempotent).
+
+        ``barrier``: first wait until every rank gets here (after a normal end of training).
+        Without it, a rank that tears its connections down while another is still busy
+        (rank 0 finishing the MLflow run) could abort in gloo's background threads
+        ("terminate called without an active exception"). Error paths skip the barrier: the
+        other ranks may never arrive.
+        """
         if self.enabled and torch_dist.is_initialized():
+            if barrier:
+                torch_dist.barrier()
             torch_dist.destroy_process_group()
         self.enabled = False
 

@@ -673,7 +673,7 @@ class Trainer:
                 self.tracker.finish(status)
             elif dist.is_main:
                 self.tracker.flush()
-            dist.close()
+            dist.close(barrier=status in ("FINISHED", "RUNNING"))
         result = TrainResult(
             run_id=self.tracker.run_id,
             run_dir=self.run_dir,
