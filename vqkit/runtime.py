@@ -38,7 +38,8 @@ def keep_freed_memory() -> bool:
     back to the kernel when freed, so the next step takes a page fault on every 4 KiB page
     it writes (a median of 12,000 faults per K=512, D=256 quantizer step in
     ``benchmarks/quantizer_breakdown.py``, 0 with this setting; the quickstart training
-    step of ``benchmarks/quantizer.py --train-step`` got 15-20% faster). Allocations below 32 MiB
+    step of ``benchmarks/quantizer.py --train-step`` got 15-20% faster than with
+    ``--system-malloc``). Allocations below 32 MiB
     then come from the heap, which is no longer trimmed below 1 GiB: the process keeps its
     peak heap, as a GPU caching allocator does. ``VQKIT_KEEP_FREED_MEMORY=0`` turns it off.
 
