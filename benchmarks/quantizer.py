@@ -337,7 +337,13 @@ def check_gradients(k, d, beta, codes, z0, g, device) -> tuple[float, float, tup
 
 # --------------------------------------------------------------------------- main parts
 class PeakGemm:
-    """A square fp32 matmul timed as one more "method" of the rounds (the bound's rate)."""
+    """A square fp32 matmul timed as one more "method" of the rounds (the bound's rate).
+
+    The bound uses ``torch.mm`` (the BLAS every method's matmuls run on). On CPU the same
+    product is also timed with oneDNN's fp32 matmul on a pre-packed operand (an op torch
+    ships for its compiler), which no method uses: it shows how far the BLAS is from what
+    this CPU can do (on AMD Zen 4, MKL's sgemm is about 20% slower; docs/performance.md).
+    """
 
     def __init__(self, device: torch.device, size: int = 2048):
         g = torch.Generator(device="cpu").manual_seed(1)
@@ -346,6 +352,9 @@ class PeakGemm:
         self.b = torch.randn(size, size, generator=g).to(device)
         self.out = torch.empty(size, size, device=device)
         self.device = device
+        self.packed = None
+        if device.type == "cpu" and _onednn_linear_works():
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(self.b.t().contiguous(), size)
 
     def seconds(self) -> float:
         sync(self.device)
@@ -354,8 +363,29 @@ class PeakGemm:
         sync(self.device)
         return time.perf_counter() - t
 
+    def onednn_seconds(self) -> float | None:
+        """Seconds of the same product with oneDNN (None: not on this device or torch)."""
+        if self.packed is None:
+            return None
+        t = time.perf_counter()
+        torch.ops.mkldnn._linear_pointwise(self.a, self.packed, None, "none", [], "")
+        return time.perf_counter() - t
+
     def flops(self, seconds: float) -> float:
         return 2 * self.size**3 / seconds
+
+
+def _onednn_linear_works() -> bool:
+    """Whether this torch has oneDNN's packed fp32 linear and it gives ``mm``'s product."""
+    try:
+        if not torch.backends.mkldnn.is_available():
+            return False
+        a, b = torch.randn(33, 20), torch.randn(20, 17)
+        w = torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous(), 33)
+        out = torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [], "")
+        return torch.allclose(out, a @ b, rtol=1e-4, atol=1e-4)
+    except Exception:  # noqa: BLE001 - a private op, missing or changed in this torch
+        return False
 
 
 def bench_point(k, d, n, beta, rounds, device, with_vqp, peak_flops, check=True):
@@ -370,6 +400,7 @@ def bench_point(k, d, n, beta, rounds, device, with_vqp, peak_flops, check=True)
     peak = PeakGemm(device)
     peak.seconds()  # warm-up
     peak_times: list[float] = []
+    onednn_times: list[float] = []
     rows = []
     checks = None
     if check:
@@ -385,6 +416,9 @@ def bench_point(k, d, n, beta, rounds, device, with_vqp, peak_flops, check=True)
             for name, (module, step) in methods.items():
                 times[name].append(timed(step, z, g, module, device))
             these.append(peak.seconds())
+            other = peak.onednn_seconds()
+            if other is not None:
+                onednn_times.append(other)
         peak_times += these
         med = {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
         bound_ms = flops / peak.flops(statistics.median(these)) * 1e3  # rate of these rounds
@@ -408,6 +442,7 @@ def bench_point(k, d, n, beta, rounds, device, with_vqp, peak_flops, check=True)
         "n": n,
         "bound_ms": flops / point_peak * 1e3,
         "peak": point_peak,
+        "onednn_peak": peak.flops(statistics.median(onednn_times)) if onednn_times else None,
         "rows": rows,
         "checks": checks,
     }
@@ -417,7 +452,12 @@ def print_point(res, markdown: bool):
     k, d, n = res["k"], res["d"], res["n"]
     title = (
         f"K={k} D={d} N={n}: bound {res['bound_ms']:.1f} ms "
-        f"(peak {res['peak'] / 1e9:.1f} GFLOP/s: 2048^3 matmul, median of this point's rounds)"
+        f"(peak {res['peak'] / 1e9:.1f} GFLOP/s: 2048^3 torch.mm, median of this point's rounds"
+        + (
+            f"; oneDNN's fp32 matmul, not used by any method: {res['onednn_peak'] / 1e9:.1f} GFLOP/s)"
+            if res.get("onednn_peak")
+            else ")"
+        )
     )
     if markdown:
         print(f"\n**{title}**\n")
