@@ -27,20 +27,10 @@ import statistics
 import time
 
 import torch
+from quantizer import onednn_linear_works  # benchmarks/quantizer.py, next to this script
 
 from vqkit.ops import search as S
 from vqkit.runtime import keep_freed_memory
-
-
-def onednn_available() -> bool:
-    try:
-        if not torch.backends.mkldnn.is_available():
-            return False
-        a, b = torch.randn(33, 20), torch.randn(17, 20)
-        out = torch.ops.mkldnn._linear_pointwise(a, torch.ops.mkldnn._reorder_linear_weight(b, 33), None, "none", [], "")
-        return torch.allclose(out, a @ b.t(), rtol=1e-4, atol=1e-4)
-    except Exception:  # noqa: BLE001 - a private op, missing or changed in this torch
-        return False
 
 
 class OneDnnForward:
@@ -95,7 +85,7 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
-    if not onednn_available():
+    if not onednn_linear_works():
         raise SystemExit("oneDNN's packed linear is not available in this torch build")
     keep_freed_memory()
     if args.threads:

@@ -353,7 +353,7 @@ class PeakGemm:
         self.out = torch.empty(size, size, device=device)
         self.device = device
         self.packed = None
-        if device.type == "cpu" and _onednn_linear_works():
+        if device.type == "cpu" and onednn_linear_works():
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.b.t().contiguous(), size)
 
     def seconds(self) -> float:
@@ -375,7 +375,7 @@ class PeakGemm:
         return 2 * self.size**3 / seconds
 
 
-def _onednn_linear_works() -> bool:
+def onednn_linear_works() -> bool:
     """Whether this torch has oneDNN's packed fp32 linear and it gives ``mm``'s product."""
     try:
         if not torch.backends.mkldnn.is_available():
