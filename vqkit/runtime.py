@@ -24,8 +24,13 @@ _TRIM_THRESHOLD = 1 << 30
 def cpu_friendly_threads() -> None:
     """Let idle OpenMP threads sleep instead of spin (``OMP_WAIT_POLICY=PASSIVE``) unless the
     user chose a policy. On a CPU shared with other processes, spinning threads made small
-    training steps 5-10x slower; with sleeping threads a 2-thread step stays as fast as a
-    1-thread one under load. Only effective before torch is first imported."""
+    training steps 5-10x slower; with sleeping threads a 2-thread step stays about as fast
+    as a 1-thread one under load. The price is the wake-up of every parallel region on an
+    idle machine (quickstart step at K = 8192 on 2 vCPUs, ``benchmarks/quantizer.py
+    --threads 2 --only-train-step``: 190 ms passive, 163 ms ``ACTIVE``, 160 ms libgomp's
+    default; next to one busy process 349, 456 and 691 ms; docs/performance.md). A lone run
+    on an idle machine can set ``OMP_WAIT_POLICY=ACTIVE``. Only effective before torch is
+    first imported."""
     if "torch" not in sys.modules:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
