@@ -40,7 +40,10 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=25)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--system-malloc", action="store_true", help="leave glibc's allocator settings alone")
+    ap.add_argument("--images-per-tile", type=int, default=None,
+                    help="whole images per batched tile GEMM (default: vqkit's choice, vqkit.ops.search.IMAGES_PER_TILE)")
     args = ap.parse_args(argv)
+    S.IMAGES_PER_TILE = args.images_per_tile
     kept = False if args.system_malloc else keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
