@@ -7,7 +7,9 @@ Times, interleaved in one process (minimum and median of the repeats):
 * ``forward``: the search, look-up and squared error alone (no autograd);
 * ``search``: the tiled search alone (score tiles + row-wise argmax);
 * ``tile GEMMs``: only the ``addmm``/``baddbmm`` of the tiles, same shapes;
-* ``argmax``: only the row-wise argmax of those tiles;
+* ``argmax``: only the row-wise argmax of those tiles (vqkit's lanes scheme), next to
+  two references on the same tiles: ``amax only`` (values, no index) and ``torch.max``
+  (values and indices in one call);
 * ``code sums``: the per-code sums of the latents (code-book gradient / EMA statistics);
 * ``harness``: ``sum(z * g)`` and its backward, the part of ``step`` every method pays;
 * ``bound``: ``2 N K D`` flops at the rate of a 2048^3 matmul timed in the same rounds;
@@ -79,9 +81,11 @@ def main(argv=None) -> None:
                 out=tile[: j - i, :, : e - a],
             )
 
-    def argmax():
-        for i, j, a, e in tiles:
-            S._tile_argmax(tile[: j - i, :, : e - a].reshape(-1, e - a))
+    def reduce_tiles(fn):
+        def run():
+            for i, j, a, e in tiles:
+                fn(tile[: j - i, :, : e - a].reshape(-1, e - a))
+        return run
 
     def harness():
         z.grad = None
@@ -92,14 +96,16 @@ def main(argv=None) -> None:
         "forward": lambda: S._quantize(zd, cd, None),
         "search": lambda: [S._scores_max(planes[i].t(), codes_t, half_sq, kc, 0, h * w, work) for i in range(b)],
         "tile GEMMs": gemms,
-        "argmax": argmax,
+        "argmax": reduce_tiles(S._tile_argmax),
+        "amax only": reduce_tiles(lambda t: t.amax(1)),
+        "torch.max": reduce_tiles(lambda t: torch.max(t, 1)),
         "code sums": lambda: S.code_sums(zd, some_indices, k),
         "harness": harness,
         "peak 2048^3": lambda: torch.mm(big, big, out=big_out),
     }
     channel_first = S._channel_first_plan(zd)
     if not channel_first:  # small images are searched as flattened rows: the tile parts would not apply
-        for name in ("search", "tile GEMMs", "argmax"):
+        for name in ("search", "tile GEMMs", "argmax", "amax only", "torch.max"):
             del fns[name]
     times = {name: [] for name in fns}
     faults = []

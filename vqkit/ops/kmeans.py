@@ -225,8 +225,8 @@ def _reassign(
     d = x.shape[1]
     # Searching an unmoved centroid too is harmless (its score is exact either way), so
     # the searched set is padded to a multiple of the search's lane width (fast argmax).
-    k = centroids.shape[0]
-    pad = min(k, -(-int(moved.sum()) // SEARCH_MULTIPLE) * SEARCH_MULTIPLE) - int(moved.sum())
+    k, n_moved = centroids.shape[0], int(moved.sum())
+    pad = min(k, -(-n_moved // SEARCH_MULTIPLE) * SEARCH_MULTIPLE) - n_moved
     if pad > 0:
         moved = moved.clone()
         moved[(~moved).nonzero().squeeze(1)[:pad]] = True

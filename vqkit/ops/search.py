@@ -99,6 +99,17 @@ def plane_tile_shape(plane: int, k: int, device: torch.device, chunk_size: int |
     return tile_shape(plane, k, device, chunk_size)
 
 
+def _score_tiles(xs: torch.Tensor, codes_t: torch.Tensor, half_sq: torch.Tensor, kc: int, work: dict[str, torch.Tensor]):
+    """Yield ``(first code, tile)`` for the code tiles of ``kc`` codes: ``tile`` is the
+    contiguous ``(n, codes)`` score block ``xs . e - ||e||^2 / 2``, written into the
+    workspace (so it is overwritten by the next one)."""
+    n, k = xs.shape[0], codes_t.shape[1]
+    for a in range(0, k, kc):
+        b = min(a + kc, k)
+        tile = torch.addmm(half_sq[a:b], xs, codes_t[:, a:b], out=work["tile"][:n, : b - a])
+        yield a, (tile if b - a == tile.stride(0) else tile.contiguous())
+
+
 def _scores_max(
     x: torch.Tensor,
     codes_t: torch.Tensor,
@@ -111,23 +122,14 @@ def _scores_max(
     """Best score and code index of rows ``start:stop`` of ``x`` against ``codes_t``
     ``(D, K)`` (code tiles of ``kc``; the best of the tiles is kept)."""
     n = stop - start
-    k = codes_t.shape[1]
-    xs = x[start:stop]
-    if kc >= k:
-        tile = torch.addmm(half_sq, xs, codes_t, out=work["tile"][:n])
-        return _tile_argmax(tile)
-    parts = (k + kc - 1) // kc
+    tiles = _score_tiles(x[start:stop], codes_t, half_sq, kc, work)
+    if kc >= codes_t.shape[1]:
+        return _tile_argmax(next(tiles)[1])
+    parts = -(-codes_t.shape[1] // kc)
     vals = work["vals"][:parts, :n]
     idxs = work["idxs"][:parts, :n]
-    for p in range(parts):
-        a = p * kc
-        b = min(a + kc, k)
-        tile = torch.addmm(half_sq[a:b], xs, codes_t[:, a:b], out=work["tile"][:n, : b - a])
-        if b - a != kc:
-            tile = tile.contiguous()
-        best, idx = _tile_argmax(tile)
-        vals[p] = best
-        idxs[p] = idx
+    for p, (_, tile) in enumerate(tiles):
+        vals[p], idxs[p] = _tile_argmax(tile)
     best_val, best_part = torch.max(vals, 0)
     best = idxs.gather(0, best_part.unsqueeze(0)).squeeze(0)
     best += best_part * kc
@@ -207,17 +209,10 @@ def _scores_top2(
     """Like :func:`_scores_max` plus the second-best score of each row: the winner's
     entry of the tile is overwritten with ``-inf`` and a values-only ``amax`` (cheap)
     gives the runner-up. ``-inf`` when there is only one code."""
-    n = stop - start
-    k = codes_t.shape[1]
-    xs = x[start:stop]
     best = index = second = None
-    for a in range(0, k, kc):
-        b = min(a + kc, k)
-        tile = torch.addmm(half_sq[a:b], xs, codes_t[:, a:b], out=work["tile"][:n, : b - a])
-        if b - a != tile.stride(0):
-            tile = tile.contiguous()
+    for a, tile in _score_tiles(x[start:stop], codes_t, half_sq, kc, work):
         val, idx = _tile_argmax(tile)
-        if b - a > 1:
+        if tile.shape[1] > 1:
             runner = tile.scatter_(1, idx.unsqueeze(1), float("-inf")).amax(1)
         else:
             runner = torch.full_like(val, float("-inf"))
@@ -270,8 +265,9 @@ IMAGES_PER_TILE: int | None = None
 def _images_per_tile(b: int, plane: int, k: int, rows: int, kc: int, device: torch.device, chunk_size) -> int:
     """Images searched together in one batched GEMM (when whole images and all codes fit a
     tile): as many as the tile budget allows, times the CPU threads, so that every thread
-    gets whole images (measured with 2 threads: 25% faster at K = 1024, D = 256; neutral
-    with 1)."""
+    gets whole images (a one-off A/B with 2 threads measured 25% at K = 1024, D = 256;
+    reruns of ``benchmarks/quantizer_breakdown.py --images-per-tile`` were within noise;
+    neutral with 1 thread; docs/performance.md)."""
     if rows < plane or kc < k:
         return 1
     if IMAGES_PER_TILE is not None:
