@@ -16,6 +16,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from vqkit import yamlsafe
 from vqkit.errors import Problem, VqkitError, suggest
 from vqkit.plugins import NOUNS, get_registry
 
@@ -159,15 +160,18 @@ def _load_yaml(path: Path, loc: _Loc, problems: list[Problem]) -> Any:
     """Parse one YAML file with the safe loader, recording the mark of every key."""
     shown = str(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = yamlsafe.read_text(path)  # bounded: a huge file is not read to its end
     except FileNotFoundError:
         problems.append(Problem(f"recipe file not found: {shown}"))
+        return None
+    except yamlsafe.YamlLimitError as exc:
+        problems.append(Problem(f"YAML error: {exc.problem}", file=shown, line=1, col=1))
         return None
     except (OSError, UnicodeDecodeError) as exc:
         problems.append(Problem(f"cannot read recipe {shown}: {exc}"))
         return None
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = yamlsafe.compose(text)  # limits on size, depth, nodes and aliases
         if node is None:
             problems.append(Problem("recipe is empty", file=shown, line=1, col=1))
             return None
@@ -176,7 +180,7 @@ def _load_yaml(path: Path, loc: _Loc, problems: list[Problem]) -> Any:
         if dupes:
             problems.extend(dupes)
             return None
-        return yaml.SafeLoader(text).get_single_data()
+        return yamlsafe.construct(node)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         msg = exc.problem or "invalid YAML"
@@ -303,7 +307,7 @@ def parse_override(text: str) -> tuple[Path_, Any]:
             raise VqkitError(Problem(f"--set: empty key in {key!r}"))
         parts.append(int(part) if part.isdigit() else part)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yamlsafe.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
         raise VqkitError(Problem(f"--set {key}: value is not valid YAML: {exc}")) from None
     return tuple(parts), value

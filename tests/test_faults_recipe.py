@@ -1,0 +1,113 @@
+"""Hostile recipes: every limit of vqkit.yamlsafe ends in one located ``vqkit: error``
+line and exit 2, fast and in little memory, and no input gives a RecursionError.
+
+Each case runs ``vqkit validate`` inside one child process that measures the wall time
+and the peak of Python allocations (tracemalloc) of the call, and its peak RSS growth (limits: MAX_NODES 5000, MAX_DEPTH 64)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from vqkit import yamlsafe
+
+_MEASURE = r"""
+import contextlib, io, json, resource, sys, time, tracemalloc
+from vqkit.cli import main
+import vqkit.recipe  # imports paid before measuring
+out = []
+for path in sys.argv[1:]:
+    err = io.StringIO()
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    with contextlib.redirect_stderr(io.StringIO()):
+        main(["validate", path])
+    seconds = time.perf_counter() - t0
+    tracemalloc.start()  # a second call, measured for memory (tracemalloc slows it down)
+    with contextlib.redirect_stderr(err):
+        code = main(["validate", path])
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0
+    out.append({"path": path, "code": code, "seconds": seconds, "peak": peak, "rss_kb": rss,
+                "err": err.getvalue()})
+print(json.dumps(out))
+"""
+
+
+def _alias_bomb(levels: int, width: int = 9) -> str:
+    lines = ["a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    for i in range(1, levels + 1):
+        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * width) + "]")
+    return "\n".join(lines) + "\n"
+
+
+CASES = {
+    # name: (text, expected words in the error, expected line)
+    "bomb9": (_alias_bomb(9), "once aliases are expanded", None),
+    "bomb6": (_alias_bomb(6), "once aliases are expanded", None),
+    "flow1000": ("vqkit: 1\nname: " + "[" * 1000 + "]" * 1000 + "\n", "nest", 2),  # libyaml or our limit
+    "block1000": ("vqkit: 1\n" + "".join("  " * i + f"k{i}:\n" for i in range(1000)) + "  " * 1000 + "v\n",
+                  "nested more than", None),
+    "self_alias": ("vqkit: 1\nname: &a [1, *a]\n", "refers to a value that contains it", 2),
+    "many_keys": ("vqkit: 1\n" + "".join(f"k{i}: {i}\n" for i in range(6_000)), "more than 5000 values", None),
+    "huge_file": ("vqkit: 1\n" + "".join(f"key_{i:07d}: {i}\n" for i in range(700_000)), "more than", 1),
+}
+
+
+def test_hostile_recipes_are_refused_fast_in_little_memory(tmp_path):
+    paths = []
+    for name, (text, _, _) in CASES.items():
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(text)
+        paths.append(str(path))
+    assert (tmp_path / "huge_file.yaml").stat().st_size > 12_000_000  # the issue's 12 MB recipe
+    assert len(CASES["bomb9"][0]) < 700  # the 606-byte bomb of the issue
+    proc = subprocess.run([sys.executable, "-c", _MEASURE, *paths], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    results = {r["path"]: r for r in json.loads(proc.stdout)}
+    for name, (_, words, line) in CASES.items():
+        r = results[str(tmp_path / f"{name}.yaml")]
+        lines = r["err"].splitlines()
+        assert r["code"] == 2, (name, r)
+        assert len(lines) == 1 and lines[0].startswith(f"vqkit: error: {tmp_path / name}.yaml:"), (name, lines)
+        assert words in lines[0] and "Traceback" not in r["err"] and "RecursionError" not in r["err"], (name, lines)
+        if line is not None:
+            assert f".yaml:{line}:" in lines[0], (name, lines)
+        assert r["seconds"] < 0.5, (name, r["seconds"])
+        assert r["peak"] < 20_000_000, (name, r["peak"])
+        assert r["rss_kb"] < 100_000, (name, r["rss_kb"])
+
+
+def test_limits_leave_real_recipes_alone_and_keep_yaml_semantics():
+    text = "a: &x {b: [1, 2.5, true, null, '3']}\nc: *x\nd:\n  <<: *x\n  e: 2026-01-01\n"
+    assert yamlsafe.safe_load(text) == __import__("yaml").safe_load(text)
+    deepest = yamlsafe.MAX_DEPTH - 1  # lists inside the top mapping
+    expected: list = []
+    for _ in range(deepest - 1):
+        expected = [expected]
+    assert yamlsafe.safe_load("a: " + "[" * deepest + "]" * deepest) == {"a": expected}
+    with pytest.raises(yamlsafe.YamlLimitError):
+        yamlsafe.safe_load("a: " + "[" * (deepest + 1) + "]" * (deepest + 1))
+    assert yamlsafe.safe_load("") is None
+
+
+def test_unsafe_tags_stay_refused(tmp_path, capsys):
+    from vqkit.cli import main
+
+    path = tmp_path / "tag.yaml"
+    path.write_text("vqkit: 1\nname: !!python/object/apply:os.system ['true']\n")
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "not allowed" in err and f"{path}:2:" in err
+
+
+def test_set_values_are_read_with_the_same_limits(capsys):
+    from vqkit.errors import VqkitError
+    from vqkit.recipe import parse_override
+
+    with pytest.raises(VqkitError) as info:
+        parse_override("name=" + "[" * 1000 + "]" * 1000)
+    assert "not valid YAML" in str(info.value)
