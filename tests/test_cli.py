@@ -113,7 +113,7 @@ def test_components_json_lists_every_builtin_with_schema(capsys):
                      ("reset_policies", "jukebox"), ("reset_policies", "kmeans")]:
         assert expected in names, expected
     for c in data:
-        assert set(c) == {"kind", "name", "plugin", "distribution", "version", "summary", "params"}
+        assert set(c) == {"kind", "name", "plugin", "distribution", "version", "summary", "capabilities", "params"}
         assert c["summary"], f"{c['kind']}/{c['name']} has no docstring summary"
         assert c["params"]["type"] == "object"
     vq = next(c for c in data if c["name"] == "vq")

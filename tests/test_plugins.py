@@ -128,3 +128,56 @@ def test_plugins_cli_lists_broken_ones_as_json(tmp_path, capsys, use_registry):
     }]
     assert main(["plugins"]) == 0
     assert "broken" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- capabilities
+QUICKSTART = str(__import__("pathlib").Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml")
+
+
+def _swap_recipe(tmp_path, reset="none"):
+    path = tmp_path / "grid.yaml"
+    path.write_text(
+        f"extends: {QUICKSTART}\n"
+        "quantizer: {name: grid, params: {levels: [4, 4]}}\n"
+        f"reset: {{name: {reset}}}\n"
+    )
+    return str(path)
+
+
+def test_fixed_codebook_quantizer_with_a_resetting_policy_is_a_located_validate_error(
+    tmp_path, capsys, use_registry
+):
+    with _fake(tmp_path, "vqkit-grid", "vqkit_grid_cap", ex.FIXED_QUANTIZER, ep_name="grid", version="0.1.0"):
+        registry = use_registry(build_registry())
+        entry = registry.get("quantizers", "grid")
+        assert entry.cls.capabilities() == {"fixed_codebook": True, "multi_codebook": False}
+        assert main(["validate", _swap_recipe(tmp_path)]) == 0
+        capsys.readouterr()
+        bad = _swap_recipe(tmp_path, reset="random")
+        assert main(["validate", bad]) == 2
+        err = capsys.readouterr().err
+        assert err.splitlines() == [
+            f"vqkit: error: {bad}:3:15: reset.name: reset policy 'random' (vqkit 0.1.0) replaces codes, "
+            "but quantizer 'grid' (vqkit-grid 0.1.0) has a fixed code-book (it declares "
+            "fixed_codebook = True); use `reset: {name: none}` or another quantizer"
+        ]
+        # the same rule through --set
+        assert main(["validate", _swap_recipe(tmp_path), "--set", "reset.name=kmeans"]) == 2
+        assert "reset.name: reset policy 'kmeans'" in capsys.readouterr().err
+
+
+def test_loss_that_needs_a_discriminator_is_checked_without_build(tmp_path, capsys):
+    path = tmp_path / "r.yaml"
+    path.write_text(f"extends: {QUICKSTART}\nlosses:\n  - {{name: pixel-l1}}\n  - {{name: discriminator-features}}\n")
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}:4:12: losses.1.name: loss 'discriminator-features' (vqkit 0.1.0) needs a discriminator" in err
+    assert main(["validate", str(path), "--set", "discriminator={name: patchgan}"]) == 0
+
+
+def test_quantizer_without_replace_codes_must_declare_a_fixed_codebook(tmp_path):
+    source = ex.FIXED_QUANTIZER.replace("    fixed_codebook = True\n", "")
+    with _fake(tmp_path, "vqkit-undeclared", "vqkit_undeclared_mod", source):
+        with pytest.warns(PluginWarning, match="does not implement replace_codes.*fixed_codebook = True"):
+            registry = build_registry()
+    assert next(p for p in registry.plugins if p.name == "vqkit-undeclared").status == "broken"

@@ -14,7 +14,23 @@ Conventions shared by all interfaces:
 * Images are ``float32`` tensors of shape ``(B, C, H, W)`` with values in
   ``[-1, 1]`` unless a component declares another ``input_range``.
 * Latents are channel-first ``(B, D, h, w)`` at every component boundary.
-* Code indices are ``int64`` tensors of shape ``(B, h, w)``.
+* Code indices are ``int64`` tensors of shape ``(B, h, w)`` (``(B, S, h, w)`` for a
+  quantizer with ``S`` code-books, see :class:`Quantizer`).
+
+Capabilities: what a component can and cannot do is declared on its class, as typed
+class-level flags that each interface lists in ``CAPABILITIES`` with its default value
+(``Quantizer.fixed_codebook``, ``Quantizer.multi_codebook``,
+``PerceptualLoss.needs_discriminator``, ``CodebookResetPolicy.never_resets``). A component
+overrides only the flags that differ from the default::
+
+    class FSQ(Quantizer):
+        fixed_codebook = True      # implicit code-book: replace_codes is not supported
+
+The same declarations are read by ``vqkit validate`` (e.g. a reset policy that replaces
+codes with a fixed-code-book quantizer is a located recipe error), by the trainer, by
+``vqkit components`` and by the contract suites in :mod:`vqkit.testing` (which skip the
+checks that do not apply). :meth:`Component.capabilities` returns them;
+:meth:`Component.declaration_problems` is checked when a component is registered.
 """
 from __future__ import annotations
 
@@ -58,11 +74,33 @@ class Component:
     #: Parameter schema; override in each component.
     Params: ClassVar[type[Params]] = Params
 
+    #: Names of the capability flags of this kind (class attributes of the interface,
+    #: documented there with their default). A component class overrides the flag
+    #: attributes, never this tuple.
+    CAPABILITIES: ClassVar[tuple[str, ...]] = ()
+
     @classmethod
     def summary(cls) -> str:
         """First line of the class docstring."""
         doc = (cls.__doc__ or "").strip()
         return doc.splitlines()[0].strip() if doc else ""
+
+    @classmethod
+    def capabilities(cls) -> dict[str, Any]:
+        """The capability flags this class declares: ``{flag: value}`` for every name in
+        ``CAPABILITIES`` (defaults included)."""
+        return {name: getattr(cls, name) for name in cls.CAPABILITIES}
+
+    @classmethod
+    def declaration_problems(cls) -> list[str]:
+        """What is wrong with the class's declarations (checked at registration; a
+        non-empty list makes the plugin ``broken``). Flags must keep their declared type."""
+        problems = []
+        for name in cls.CAPABILITIES:
+            value = getattr(cls, name)
+            if not isinstance(value, bool):
+                problems.append(f"capability {name!r} must be a bool, got {value!r}")
+        return problems
 
 
 # --------------------------------------------------------------------------- encoders / decoders
@@ -136,10 +174,45 @@ class Quantizer(Component, nn.Module, abc.ABC):
     assignments in training mode only; the trainer reads and clears it
     (:meth:`take_counts`). A quantizer never resets codes by itself: resets are done by
     a :class:`CodebookResetPolicy` called by the trainer, through :meth:`replace_codes`.
+
+    What the trainer, the telemetry and the resets use: ``codebook_size`` (``K``),
+    ``dim`` (``D``), ``forward``, ``decode_indices``, ``loss_weights()``,
+    ``code_counts``/``take_counts()``, and, when a reset policy other than ``none`` is
+    used, ``codebook()``, ``replace_codes()`` and ``code_parameters()``.
+    ``QuantizerOutput.stats`` are logged as ``quantizer/<name>`` metrics (averaged over
+    the logging window). A k-means initialisation, if any, is the quantizer's own
+    business (done inside ``forward`` in training mode, recorded in a buffer).
+
+    Capability flags (class attributes):
+
+    ``fixed_codebook`` (default ``False``)
+        ``True`` when the code-book is fixed or implicit (e.g. FSQ's grid): codes cannot be
+        replaced, ``replace_codes`` need not be implemented (the base raises
+        ``NotImplementedError``), and a recipe combining it with a reset policy that
+        replaces codes is rejected by ``vqkit validate``. ``codebook()`` still returns the
+        ``(K, D)`` code vectors and ``code_counts`` still counts usage.
+    ``multi_codebook`` (default ``False``)
+        ``True`` when the quantizer has ``S = num_codebooks`` code-books of ``K`` codes
+        each (residual VQ, product quantization). Then ``indices`` are int64
+        ``(B, S, h, w)`` (stage ``s`` in ``[:, s]``), ``decode_indices`` takes that
+        shape, ``code_counts`` is float32 ``(S, K)``, and the per-code-book methods take the
+        stage: ``codebook(stage)`` ``(K, D_s)``, ``replace_codes(idx, vectors, stage)``,
+        ``code_parameters(stage)``; :meth:`stage_inputs` returns the vectors each stage
+        quantized (the space of its code-book). The trainer keeps one usage monitor and
+        one reset policy (built from the recipe's ``reset`` block, seed ``seed + s``) per
+        code-book; ``codebook/*`` metrics are aggregated over code-books (usage and
+        perplexity averaged, dead codes and resets summed) and also logged per
+        code-book as ``codebook/<s>/<metric>``.
     """
 
     codebook_size: int
     dim: int
+    #: number of code-books ``S`` (instance attribute of multi-code-book quantizers)
+    num_codebooks: int = 1
+
+    CAPABILITIES: ClassVar[tuple[str, ...]] = ("fixed_codebook", "multi_codebook")
+    fixed_codebook: ClassVar[bool] = False
+    multi_codebook: ClassVar[bool] = False
 
     @abc.abstractmethod
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
@@ -153,11 +226,32 @@ class Quantizer(Component, nn.Module, abc.ABC):
     def codebook(self) -> torch.Tensor:
         """The code vectors ``(K, D)`` (detached) in the space of encoder outputs."""
 
-    @abc.abstractmethod
     def replace_codes(self, idx: torch.Tensor, vectors: torch.Tensor) -> None:
         """Set codes ``idx`` (int64 ``(n,)``) to ``vectors`` ``(n, D)`` given in encoder-output
         space, and reset every state that depends on those codes (usage counters, EMA
-        cluster sizes and sums)."""
+        cluster sizes and sums). Mandatory unless the class declares
+        ``fixed_codebook = True``. Multi-code-book quantizers take a third argument,
+        ``stage``."""
+        raise NotImplementedError(f"{type(self).__name__} cannot replace codes (fixed code-book)")
+
+    def stage_inputs(self, z: torch.Tensor, indices: torch.Tensor) -> list[torch.Tensor]:
+        """Multi-code-book quantizers only: given the encoder output ``z`` ``(B, D, h, w)``
+        and the indices ``(B, S, h, w)`` it was quantized to, the vectors each stage
+        quantized, one float ``(B, D_s, h, w)`` per stage (for residual VQ: the residual
+        entering stage ``s``). The reset policies of stage ``s`` observe these."""
+        raise NotImplementedError(f"{type(self).__name__} is not a multi-code-book quantizer")
+
+    @classmethod
+    def declaration_problems(cls) -> list[str]:
+        problems = super().declaration_problems()
+        if not cls.fixed_codebook and cls.replace_codes is Quantizer.replace_codes:
+            problems.append(
+                "does not implement replace_codes(): implement it, or declare "
+                "`fixed_codebook = True` if its codes cannot be replaced"
+            )
+        if cls.multi_codebook and cls.stage_inputs is Quantizer.stage_inputs:
+            problems.append("declares multi_codebook = True but does not implement stage_inputs()")
+        return problems
 
     def loss_weights(self) -> dict[str, float]:
         """Weight of each term of ``QuantizerOutput.losses`` in the training objective
@@ -170,7 +264,8 @@ class Quantizer(Component, nn.Module, abc.ABC):
         return []
 
     def take_counts(self) -> torch.Tensor:
-        """Return and zero the assignment counts accumulated since the last call."""
+        """Return and zero the assignment counts accumulated since the last call
+        (``(K,)``, or ``(S, K)`` for a multi-code-book quantizer)."""
         counts = self.code_counts.clone()
         self.code_counts.zero_()
         return counts
@@ -199,8 +294,16 @@ class CodebookResetPolicy(Component, abc.ABC):
     :class:`ResetPlan` through ``Quantizer.replace_codes`` and resets the optimizer
     state of those rows. Policies never mutate the quantizer themselves. Under
     distributed training, ``observe`` receives the data of all ranks and ``plan`` runs
-    on rank 0 only; its plan is broadcast.
+    on rank 0 only; its plan is broadcast. With a multi-code-book quantizer the trainer
+    builds one policy per code-book (seed ``seed + s``), each seeing only its stage.
+
+    Capability flag: ``never_resets`` (default ``False``): the policy never returns a
+    plan (like ``none``); only such policies may be combined with a quantizer that
+    declares ``fixed_codebook = True``.
     """
+
+    CAPABILITIES: ClassVar[tuple[str, ...]] = ("never_resets",)
+    never_resets: ClassVar[bool] = False
 
     def observe(self, z: torch.Tensor, indices: torch.Tensor) -> None:  # noqa: B027
         """Record a batch of encoder outputs and assignments."""
@@ -227,9 +330,14 @@ class PerceptualLoss(Component, nn.Module, abc.ABC):
     returns a 0-dim float tensor, differentiable w.r.t. ``reconstruction``.
     Losses with ``needs_discriminator = True`` receive the trained discriminator and must
     not update it (they are computed with its parameters frozen).
+
+    Capability flag: ``needs_discriminator`` (default ``False``): the loss reads the
+    recipe's discriminator; ``vqkit validate`` rejects a recipe using it without a
+    ``discriminator`` block.
     """
 
     input_range: ClassVar[tuple[float, float]] = (-1.0, 1.0)
+    CAPABILITIES: ClassVar[tuple[str, ...]] = ("needs_discriminator",)
     needs_discriminator: ClassVar[bool] = False
 
     @abc.abstractmethod

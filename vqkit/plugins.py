@@ -83,6 +83,7 @@ class ComponentEntry:
             "distribution": self.distribution,
             "version": self.version,
             "summary": self.summary,
+            "capabilities": self.cls.capabilities(),
             "params": self.params_schema(),
         }
 
@@ -142,6 +143,10 @@ class Registry:
             )
         if not isinstance(entry.name, str) or not entry.name:
             raise TypeError(f"component names must be non-empty strings, got {entry.name!r}")
+        # declarations of classes that can be built (a schema-only abstract class is not)
+        bad = [] if inspect.isabstract(entry.cls) else entry.cls.declaration_problems()
+        if bad:
+            raise TypeError(f"{NOUNS[entry.kind]} {entry.name!r} ({entry.cls.__name__}): " + "; ".join(bad))
         existing = self._entries[entry.kind].get(entry.name)
         if existing is not None:
             raise VqkitError(

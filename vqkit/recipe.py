@@ -234,12 +234,33 @@ def _walk_value(node: yaml.Node, path: Path_, file: str, loc: _Loc, dupes: list[
         loc.marks[path] = key_mark
 
 
-def _merge(base: Any, over: Any) -> Any:
-    """Deep-merge mappings; anything else in ``over`` replaces ``base``."""
-    if isinstance(base, dict) and isinstance(over, dict):
+def _is_component_block(path: Path_) -> bool:
+    """Whether ``path`` is a component block (``quantizer``, ``reset``, ``losses.0``...)."""
+    return (len(path) == 1 and path[0] in COMPONENT_BLOCKS) or (
+        len(path) == 2 and path[0] == "losses" and isinstance(path[1], int)
+    )
+
+
+def _swaps_component(path: Path_, base: Any, over: Any) -> bool:
+    """A component block whose ``name`` changes is replaced whole, not merged: the new
+    component does not inherit the old one's params (or ``every``, ``weight``...)."""
+    return (
+        _is_component_block(path)
+        and isinstance(base, dict)
+        and isinstance(over, dict)
+        and "name" in over
+        and over.get("name") != base.get("name", "none" if path == ("reset",) else None)
+    )
+
+
+def _merge(base: Any, over: Any, path: Path_ = ()) -> Any:
+    """The one merge rule of ``extends:`` and ``--set``: mappings deep-merge, except a
+    component block whose ``name`` changes, which ``over`` replaces whole; anything else
+    in ``over`` (lists, scalars, null) replaces ``base``."""
+    if isinstance(base, dict) and isinstance(over, dict) and not _swaps_component(path, base, over):
         out = dict(base)
         for k, v in over.items():
-            out[k] = _merge(base[k], v) if k in base else copy.deepcopy(v)
+            out[k] = _merge(base[k], v, path + (k,)) if k in base else copy.deepcopy(v)
         return out
     return copy.deepcopy(over)
 
@@ -277,7 +298,7 @@ def _read_with_extends(
                 parent = _read_with_extends(parent_path, loc, problems, chain + (resolved,))
         if parent is not None:
             # the child's keys override the parent's locations
-            _drop_locations_under(loc, data)
+            _drop_locations_under(loc, data, parent)
             loc.marks.update({k: v for k, v in own.marks.items() if k != ("extends",)})
             loc.values.update({k: v for k, v in own.values.items() if k != ("extends",)})
             return _merge(parent, data)
@@ -286,10 +307,12 @@ def _read_with_extends(
     return data
 
 
-def _drop_locations_under(loc: _Loc, data: dict) -> None:
-    """Forget parent locations of list values the child replaces wholesale."""
+def _drop_locations_under(loc: _Loc, data: dict, parent: Any = None) -> None:
+    """Forget parent locations of values the child replaces wholesale (lists, scalars and
+    component blocks whose name changes)."""
+    parent = parent if isinstance(parent, dict) else {}
     for key, value in data.items():
-        if not isinstance(value, dict):
+        if not isinstance(value, dict) or _swaps_component((key,), parent.get(key), value):
             for marks in (loc.marks, loc.values):
                 for p in [p for p in marks if p[:1] == (key,)]:
                     del marks[p]
@@ -327,20 +350,35 @@ def _apply_override(data: dict, path: Path_, value: Any, loc: _Loc, problems: li
             problems.append(Problem(f"--set: cannot descend into {_dotted(path[: i + 1])}", path=_dotted(path)))
             return
     last = path[-1]
+    # `--set quantizer.name=fsq` swaps the component: same rule as a child recipe's block
+    block = path[:-1]
+    if last == "name" and _is_component_block(block) and _swaps_component(block, cur, {"name": value}):
+        cur.clear()
+        _forget_locations(loc, block)
     if isinstance(cur, dict):
-        cur[last] = value
+        old = cur.get(last)
+        cur[last] = _merge(old, value, path)
+        if isinstance(old, dict) and isinstance(value, dict) and not _swaps_component(path, old, value):
+            for key in value:  # merged: only the keys given are now from --set
+                _forget_locations(loc, path + (key,))
+                loc.marks[path + (key,)] = ("--set", None, None)  # type: ignore[assignment]
+            return
     elif isinstance(cur, list) and isinstance(last, int) and last <= len(cur):
         if last == len(cur):
             cur.append(value)
         else:
-            cur[last] = value
+            cur[last] = _merge(cur[last], value, path)
     else:
         problems.append(Problem("--set: no such key or index", path=_dotted(path)))
         return
+    _forget_locations(loc, path)
+    loc.marks[path] = ("--set", None, None)  # type: ignore[assignment]
+
+
+def _forget_locations(loc: _Loc, path: Path_) -> None:
     for marks in (loc.marks, loc.values):
         for p in [p for p in marks if p[: len(path)] == path]:
             del marks[p]
-    loc.marks[path] = ("--set", None, None)  # type: ignore[assignment]
 
 
 # =========================================================================== validation
@@ -502,10 +540,55 @@ def validate_data(data: Any, loc: _Loc, source: str) -> Recipe:
                 problems.append(
                     dataclasses.replace(p, message=f"{p.message} [{NOUNS[kind]} {name!r}, provided by {entry.distribution or entry.plugin}]")
                 )
+    problems.extend(_capability_problems(data, refs, registry, loc))
     if problems:
         raise VqkitError(problems)
     assert model is not None
     return Recipe(model, params, source)
+
+
+def _provider(entry: Any) -> str:
+    """``'fsq' (vqkit-fsq 0.1.0)``: a component and the distribution that provides it."""
+    dist = entry.distribution or f"plugin {entry.plugin}"
+    return f"{entry.name!r} ({dist}{' ' + entry.version if entry.version else ''})"
+
+
+def _capability_problems(data: dict, refs: list[tuple[Path_, str, Any]], registry: Any, loc: _Loc) -> list[Problem]:
+    """Combinations of components their declared capabilities rule out (see
+    :mod:`vqkit.interfaces`, "Capabilities"), located in the recipe."""
+    entries: dict[Path_, Any] = {}
+    for path, kind, ref in refs:
+        name = ref.get("name")
+        if isinstance(name, str) and name in registry.names(kind):
+            entries[path] = registry.get(kind, name)
+    problems = []
+    quantizer, reset = entries.get(("quantizer",)), entries.get(("reset",))
+    if quantizer is not None and reset is not None:
+        if quantizer.cls.fixed_codebook and not reset.cls.never_resets:
+            where = ("reset", "name") if isinstance(data.get("reset"), dict) else ("reset",)
+            problems.append(
+                Problem(
+                    f"reset policy {_provider(reset)} replaces codes, but quantizer "
+                    f"{_provider(quantizer)} has a fixed code-book (it declares "
+                    "fixed_codebook = True); use `reset: {name: none}` or another quantizer",
+                    path=_dotted(where),
+                    **loc.find(where, value=True),
+                )
+            )
+    has_disc = isinstance(data.get("discriminator"), dict)
+    for path, entry in entries.items():
+        if path[0] == "losses" and entry.cls.needs_discriminator and not has_disc:
+            where = path + ("name",)
+            problems.append(
+                Problem(
+                    f"loss {_provider(entry)} needs a discriminator (it declares "
+                    "needs_discriminator = True) but the recipe has no `discriminator` block; "
+                    "add e.g. `discriminator: {name: patchgan}`",
+                    path=_dotted(where),
+                    **loc.find(where, value=True),
+                )
+            )
+    return problems
 
 
 def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
