@@ -9,11 +9,31 @@ MLflow tracking store. Every operation goes through a queue:
   ``<run dir>/tracking_buffer.jsonl``. Sending is retried every :attr:`Tracker.retry_s`
   seconds and when the run ends; whatever is still unsent stays in that file and can be
   sent later with ``vqkit sync RUN_DIR`` (a resumed run sends it too). Nothing is lost.
+  A request to a server that accepts but never answers gives up after
+  :data:`REQUEST_TIMEOUT_S` seconds (artifacts: longer, by size), so a hung server costs
+  at most that per retry interval.
+
+The buffer is a journal: every operation has a sequence number, and after each operation
+is sent the number is recorded in ``tracking_buffer.sent`` (atomically; a mark without a
+buffer file is stale and removed), so a process killed while sending resends at most the
+one operation in flight, and those are idempotent (metrics by ``(key, step)``, params,
+tags and artifacts by name, the end status). Creating a run is idempotent too:
+the run carries the tag ``vqkit.local_id`` and is looked up by it before a new one is made.
+On a resumed run, no metric ``(key, step)`` already in the store is logged again, and
+metrics an earlier leg buffered for steps after the resumed checkpoint are dropped (the
+resumed leg logs those steps itself); an earlier leg's queued ``end`` is not replayed.
+
+The embedded sqlite store is created and migrated under an inter-process file lock
+(``<db>.lock``, the ``filelock`` package), so runs started at the same moment on a new
+store do not race on MLflow's migrations. A sqlite store that cannot be opened is a user
+error naming the file and MLflow's error, never "unreachable".
 
 The tracking URI is, in order: the recipe's ``tracking.uri``, ``$MLFLOW_TRACKING_URI``,
 ``sqlite:///<absolute path of ./mlflow.db>``.
 
-Each run has a local folder (the *run dir*, ``<tracking.output_dir>/<run id>``) holding
+Each run has a local folder (the *run dir*, ``<tracking.output_dir>/<run id>``, or
+``<tracking.output_dir>/local-<local id>`` when the store was unreachable as the run
+started: ``run.json`` then gets the run id once the run is created) holding
 ``run.json`` (run id, tracking URI, experiment), checkpoints, images and the buffer.
 """
 from __future__ import annotations
@@ -32,6 +52,10 @@ __all__ = ["Tracker", "resolve_tracking_uri", "read_run_info", "find_run_dir", "
 
 RUN_INFO = "run.json"
 BUFFER = "tracking_buffer.jsonl"
+SENT = "tracking_buffer.sent"
+#: seconds an HTTP request to the tracking server may take (unless
+#: ``$MLFLOW_HTTP_REQUEST_TIMEOUT`` is set); artifact uploads get this plus 1 s per 20 MB
+REQUEST_TIMEOUT_S = 5.0
 
 #: MLflow limits (mlflow.utils.validation), repeated here so they hold for old clients too.
 MAX_PARAM_VALUE = 6000
@@ -79,11 +103,79 @@ def _quiet_mlflow_logs() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+_USER_TIMEOUT: str | None = None
+
+
 def _configure_http_retries() -> None:
-    """Fail fast on an unreachable server: the tracker retries by itself later."""
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    """Fail fast on an unreachable or hung server: the tracker retries by itself later
+    (one attempt per request, :data:`REQUEST_TIMEOUT_S` seconds at most)."""
+    global _USER_TIMEOUT
+    if _USER_TIMEOUT is None:
+        _USER_TIMEOUT = os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(REQUEST_TIMEOUT_S)))
+
+
+class _request_timeout:
+    """Within the block, HTTP requests time out after ``seconds`` (unless the user set
+    ``$MLFLOW_HTTP_REQUEST_TIMEOUT``: MLflow reads it at each request)."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def __enter__(self) -> None:
+        self.saved = os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT")
+        if not _USER_TIMEOUT:
+            os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(max(1, int(math.ceil(self.seconds))))
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.saved is None:
+            os.environ.pop("MLFLOW_HTTP_REQUEST_TIMEOUT", None)
+        else:
+            os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = self.saved
+
+
+def _open_client(uri: str) -> Any:
+    """An :class:`mlflow.MlflowClient` whose store is open.
+
+    A sqlite store is created and migrated under an inter-process lock (``<db>.lock``):
+    MLflow's migrations are not safe to run from two processes at once. A sqlite store
+    that exists but cannot be opened (half-migrated, not a database, unreadable), or that
+    cannot be created, raises :class:`~vqkit.errors.VqkitError` naming the file and
+    MLflow's error. Other stores are contacted on first use.
+    """
+    _configure_http_retries()
+    from mlflow import MlflowClient
+
+    _quiet_mlflow_logs()
+    path = _sqlite_path(uri)
+    if path is None:
+        return MlflowClient(tracking_uri=uri)
+    from filelock import FileLock, Timeout
+
+    from vqkit.errors import VqkitError
+
+    existed = path.is_file() and path.stat().st_size > 0
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(path) + ".lock", timeout=300):
+            client = MlflowClient(tracking_uri=uri)
+            client.search_experiments(max_results=1)  # opens the store: creates / migrates it
+    except Timeout:
+        raise VqkitError(f"MLflow tracking store {path}: another process holds {path}.lock for "
+                         "more than 300 s (a store migration that hangs?)") from None
+    except OSError as exc:
+        raise VqkitError(f"cannot create the MLflow tracking store {path}: {exc.strerror or exc}") from None
+    except Exception as exc:
+        if "database is locked" in str(exc):  # busy, not broken: retried later
+            raise
+        if existed:
+            raise VqkitError(f"the MLflow tracking store {path} exists but cannot be opened: "
+                             f"{type(exc).__name__}: {_short(exc)}") from None
+        raise VqkitError(f"cannot create the MLflow tracking store {path}: "
+                         f"{type(exc).__name__}: {_short(exc)}") from None
+    return client
 
 
 def read_run_info(run_dir: str | os.PathLike) -> dict[str, Any]:
@@ -151,35 +243,59 @@ class Tracker:
         self._next_try = 0.0
         self._resumed = False
         self._known_params: dict[str, str] | None = None
+        self._seq = 0  # sequence number of the last queued operation
+        self._after_step: int | None = None  # resumed at this step (earlier leg's later steps dropped)
+        self._existing: dict[str, set[int]] = {}  # metric key -> steps already in the store
+        self._training = True  # wording of the warnings (False for `vqkit sync`)
 
     # ------------------------------------------------------------------ lifecycle
-    def start(self, resume_run_id: str | None = None) -> str | None:
+    def start(self, resume_run_id: str | None = None, after_step: int | None = None) -> str | None:
         """Create (or reopen ``resume_run_id``) the MLflow run; returns its id, or ``None``
-        when the store is unreachable (the run is then created when it comes back)."""
+        when the store is unreachable (the run is then created when it comes back).
+
+        ``after_step``: this leg resumes from a checkpoint of that step; metrics an earlier
+        leg buffered for later steps are dropped (this leg logs them) and no metric step
+        already in the store is logged again."""
         if not self.enabled:
             return None
         self.run_id = resume_run_id
         self._resumed = resume_run_id is not None
-        self._queue.append({"op": "start"})
+        self._after_step = after_step
+        self._queue.append(self._numbered({"op": "start"}))
         self._drain()
         return self.run_id
 
-    def attach(self, run_dir: str | os.PathLike) -> Path:
+    def attach(self, run_dir: str | os.PathLike, *, replay_end: bool = False) -> Path:
         """Use ``run_dir`` for ``run.json`` and the buffer; queue anything buffered there by
-        an earlier process (sent with the next operations)."""
+        an earlier process (sent with the next operations) and not yet sent.
+
+        An earlier leg's ``end`` is replayed only with ``replay_end`` (``vqkit sync``): a
+        resumed run is running. Its metrics (and images) of steps after ``after_step`` of
+        :meth:`start` are dropped: the resumed leg logs those steps."""
         self.run_dir = Path(run_dir)
         if not self.enabled:
             return self.run_dir
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._remove_stale_temp_files()
         old = self._read_buffer()
+        had_old = bool(old)
         if old:
+            after = self._after_step
+            old = [op for op in old if op["op"] != "start" and (replay_end or op["op"] != "end")
+                   and not (after is not None and "step" in op and int(op["step"]) > after)]
             # operations of an earlier leg go first, after this run's start
             head = [op for op in self._queue if op["op"] == "start"]
             rest = [op for op in self._queue if op["op"] != "start"]
-            self._queue = head + [op for op in old if op["op"] != "start"] + rest
-            self._persisted = 0
-            self._persist()
-        elif self._queue:
+            self._seq = max([self._seq] + [int(op.get("seq", 0)) for op in old])
+            for op in rest:  # numbered after the earlier leg's operations
+                op["seq"] = self._next_seq()
+            self._queue = head + old + rest
+            self._rewrite_buffer()
+        else:
+            if self.buffer_path.exists():  # everything in it was sent: a new journal
+                self.buffer_path.unlink()
+                self._sent_path.unlink(missing_ok=True)
+        if not had_old and self._queue:
             self._persist()
         self._write_run_info()
         self._drain()
@@ -262,15 +378,47 @@ class Tracker:
         tracker.local_id = info.get("local_id", tracker.local_id)
         tracker.run_id = info.get("run_id")
         tracker._resumed = tracker.run_id is not None
-        tracker._queue.append({"op": "start"})
-        tracker.attach(run_dir)
+        tracker._training = False
+        tracker._queue.append(tracker._numbered({"op": "start"}))
+        tracker.attach(run_dir, replay_end=True)
         return tracker
 
     # ------------------------------------------------------------------ internals
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def _numbered(self, op: dict[str, Any]) -> dict[str, Any]:
+        op["seq"] = self._next_seq()
+        return op
+
     def _push(self, op: dict[str, Any]) -> None:
-        self._queue.append(op)
+        self._queue.append(self._numbered(op))
         self._persist_if_offline()
         self._drain()
+
+    @property
+    def _sent_path(self) -> Path | None:
+        return self.run_dir / SENT if self.run_dir is not None else None
+
+    def _remove_stale_temp_files(self) -> None:
+        """Temp files of a buffer rewrite cut by a crash."""
+        if self.run_dir is not None:
+            for name in (BUFFER, SENT, RUN_INFO):
+                for tmp in self.run_dir.glob(f"{name.rsplit('.', 1)[0]}*.tmp"):
+                    tmp.unlink(missing_ok=True)
+
+    def _record_sent(self, seq: int) -> None:
+        """Durably note that the journal's operations up to ``seq`` are sent."""
+        path = self._sent_path
+        if path is None or not (self.buffer_path and self.buffer_path.exists()):
+            return
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps({"seq": int(seq)}))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
 
     def _persist_if_offline(self) -> None:
         if not self.online:
@@ -283,6 +431,8 @@ class Tracker:
         new = self._queue[self._persisted:]
         if not new:
             return
+        if not self.buffer_path.exists() and self._sent_path is not None:
+            self._sent_path.unlink(missing_ok=True)  # the mark of an earlier, fully sent journal
         with open(self.buffer_path, "a", encoding="utf-8") as f:
             for op in new:
                 f.write(json.dumps(op) + "\n")
@@ -295,6 +445,7 @@ class Tracker:
             return
         if not self._queue:
             self.buffer_path.unlink(missing_ok=True)
+            self._sent_path.unlink(missing_ok=True)
             self._persisted = 0
             return
         tmp = self.buffer_path.with_suffix(".tmp")
@@ -319,7 +470,12 @@ class Tracker:
                 ops.append(json.loads(line))
             except ValueError:  # a line cut by a crash: the rest is still good
                 continue
-        return ops
+        sent = 0
+        try:
+            sent = int(json.loads(self._sent_path.read_text(encoding="utf-8"))["seq"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        return [op for op in ops if int(op.get("seq", sent + 1)) > sent]
 
     def _write_run_info(self) -> None:
         if self.run_dir is None or not self.enabled:
@@ -346,18 +502,24 @@ class Tracker:
         try:
             while self._queue:
                 n = self._send_head()
+                persisted = n <= self._persisted
+                last_seq = self._queue[n - 1].get("seq")
                 del self._queue[:n]
                 self._persisted = max(0, self._persisted - n)
+                if persisted and last_seq is not None:
+                    self._record_sent(int(last_seq))
                 sent_any = True
         except _Unreachable as exc:
             if self.online:
                 self.online = False
                 if not self._warned:
                     self._warned = True
-                    where = f"; operations are buffered in {self.buffer_path}" if self.buffer_path else ""
+                    where = f"operations are buffered in {self.buffer_path}" if self.buffer_path else \
+                        "operations are kept in memory"
+                    goes_on = "training continues; " if self._training else ""
                     print(
                         f"vqkit: warning: MLflow tracking at {self.uri} is unreachable ({exc}); "
-                        f"training continues{where} and they are sent when it is back",
+                        f"{goes_on}{where} and sent when it is back",
                         file=self.stderr,
                     )
             self._next_try = time.monotonic() + self.retry_s
@@ -372,47 +534,31 @@ class Tracker:
 
     def _client_or_raise(self) -> Any:
         if self._client is None:
+            from vqkit.errors import VqkitError
+
             try:
-                _configure_http_retries()
-                from mlflow import MlflowClient
-
-                _quiet_mlflow_logs()
-
-                path = _sqlite_path(self.uri)
-                if path is not None:
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                self._client = MlflowClient(tracking_uri=self.uri)
+                self._client = _open_client(self.uri)
+            except VqkitError:  # a sqlite store that cannot be opened: the user must act
+                raise
             except Exception as exc:  # an unusable URI behaves like an unreachable store
                 raise _Unreachable(_short(exc)) from None
         return self._client
 
     def _send_head(self) -> int:
         """Send the operation(s) at the head of the queue; return how many were done."""
+        from vqkit.errors import VqkitError
+
         op = self._queue[0]
         try:
             client = self._client_or_raise()
             kind = op["op"]
-            if kind == "start":
-                self._do_start(client)
-                return 1
-            if self.run_id is None:  # pragma: no cover - start always precedes
-                raise _Unreachable("run not created")
-            if kind == "metrics":
-                return self._do_metrics(client)
-            if kind == "params":
-                self._do_params(client, op["params"])
-            elif kind == "tags":
-                self._log_batch(client, tags=op["tags"])
-            elif kind == "artifact":
-                path = Path(op["path"])
-                if path.is_file():
-                    client.log_artifact(self.run_id, str(path), op.get("artifact_path"))
-                else:
-                    print(f"vqkit: warning: artifact {path} no longer exists; not logged", file=self.stderr)
-            elif kind == "end":
-                client.set_terminated(self.run_id, status=op.get("status", "FINISHED"))
-            return 1
-        except _Unreachable:
+            if kind == "artifact" and Path(op["path"]).is_file():
+                seconds = REQUEST_TIMEOUT_S + Path(op["path"]).stat().st_size / 20e6
+            else:
+                seconds = REQUEST_TIMEOUT_S
+            with _request_timeout(seconds):
+                return self._send_op(client, op, kind)
+        except (_Unreachable, VqkitError):
             raise
         except Exception as exc:
             code = getattr(exc, "error_code", None)
@@ -420,6 +566,28 @@ class Tracker:
                 print(f"vqkit: warning: MLflow refused {op['op']!r}: {_short(exc)}; skipped", file=self.stderr)
                 return 1
             raise _Unreachable(_short(exc)) from None
+
+    def _send_op(self, client: Any, op: dict[str, Any], kind: str) -> int:
+        if kind == "start":
+            self._do_start(client)
+            return 1
+        if self.run_id is None:  # pragma: no cover - start always precedes
+            raise _Unreachable("run not created")
+        if kind == "metrics":
+            return self._do_metrics(client)
+        if kind == "params":
+            self._do_params(client, op["params"])
+        elif kind == "tags":
+            self._log_batch(client, tags=op["tags"])
+        elif kind == "artifact":
+            path = Path(op["path"])
+            if path.is_file():
+                client.log_artifact(self.run_id, str(path), op.get("artifact_path"))
+            else:
+                print(f"vqkit: warning: artifact {path} no longer exists; not logged", file=self.stderr)
+        elif kind == "end":
+            client.set_terminated(self.run_id, status=op.get("status", "FINISHED"))
+        return 1
 
     def _do_start(self, client: Any) -> None:
         if self.run_id is not None:
@@ -434,6 +602,7 @@ class Tracker:
             else:
                 if run.info.status != "RUNNING":
                     client.update_run(self.run_id, status="RUNNING")
+                self._existing = self._logged_steps(client, run)
         if self.run_id is None:
             exp = client.get_experiment_by_name(self.experiment)
             if exp is None:
@@ -446,9 +615,23 @@ class Tracker:
                 exp_id = exp.experiment_id
                 if exp.lifecycle_stage == "deleted":
                     client.restore_experiment(exp_id)
-            run = client.create_run(exp_id, run_name=self.run_name)
+            run = self._find_own_run(client, exp_id)  # created by a send cut short?
+            if run is None:
+                run = client.create_run(exp_id, run_name=self.run_name, tags={"vqkit.local_id": self.local_id})
             self.run_id = run.info.run_id
         self._write_run_info()
+
+    def _find_own_run(self, client: Any, exp_id: str) -> Any:
+        """The run this tracker created before a crash cut the send short (same local id)."""
+        runs = client.search_runs([exp_id], filter_string=f"tags.`vqkit.local_id` = '{self.local_id}'",
+                                  max_results=1)
+        return runs[0] if runs else None
+
+    @staticmethod
+    def _logged_steps(client: Any, run: Any) -> dict[str, set[int]]:
+        """Steps of every metric already in the store for ``run``."""
+        return {key: {int(m.step) for m in client.get_metric_history(run.info.run_id, key)}
+                for key in run.data.metrics}
 
     def _do_params(self, client: Any, params: dict[str, str]) -> None:
         if self._resumed and self._known_params is None:
@@ -476,9 +659,12 @@ class Tracker:
             if batch and len(batch) + len(op["metrics"]) > METRICS_PER_BATCH:
                 break
             for k, v in op["metrics"].items():
+                if int(op["step"]) in self._existing.get(k, ()):
+                    continue  # logged by an earlier leg of this run: never twice
                 batch.append(Metric(k, float(v), int(op["ts"]), int(op["step"])))
             n += 1
-        client.log_batch(self.run_id, metrics=batch)
+        if batch:
+            client.log_batch(self.run_id, metrics=batch)
         return n
 
     def _log_batch(self, client: Any, params: Mapping[str, str] | None = None,
@@ -512,11 +698,7 @@ def _short(exc: BaseException) -> str:
 
 # =========================================================================== reading runs back
 def _client(uri: str) -> Any:
-    _configure_http_retries()
-    from mlflow import MlflowClient
-
-    _quiet_mlflow_logs()
-    return MlflowClient(tracking_uri=uri)
+    return _open_client(uri)
 
 
 def download_checkpoint(uri: str, run_id: str, run_dir: str | os.PathLike) -> Path:
