@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import warnings
 
 import pytest
@@ -95,14 +96,61 @@ def test_disabled_plugins_are_blocked(tmp_path, monkeypatch):
     assert "huber" not in registry.names("perceptual_losses")
 
 
-def test_duplicate_names_name_both_distributions(tmp_path):
+def test_name_clash_is_one_warning_and_fatal_only_where_the_name_is_used(tmp_path):
     with _fake(tmp_path, "vqkit-huber", "vqkit_huber_a", ex.GOOD), \
          _fake(tmp_path, "vqkit-huber-fork", "vqkit_huber_b", ex.DUPLICATE, version="0.1"):
-        with pytest.raises(VqkitError) as info:
+        with pytest.warns(PluginWarning) as record:
+            registry = build_registry()
+    assert len(record) == 1
+    msg = str(record[0].message)
+    assert "perceptual loss 'huber' is ambiguous" in msg
+    assert "vqkit-huber 1.2.3" in msg and "vqkit-huber-fork 0.1" in msg
+    # other names still work; the ambiguous one names both distributions and the fix
+    assert registry.get("perceptual_losses", "pixel-l1").distribution == "vqkit"
+    with pytest.raises(VqkitError, match=r"ambiguous.*vqkit-huber-fork 0.1.*VQKIT_DISABLE_PLUGINS=vqkit-huber-fork"):
+        registry.get("perceptual_losses", "huber")
+    assert [e.distribution for e in registry.entries("perceptual_losses", "huber")] == ["vqkit-huber", "vqkit-huber-fork"]
+
+
+def test_strict_mode_keeps_a_name_clash_fatal(tmp_path, monkeypatch):
+    monkeypatch.setenv("VQKIT_STRICT_PLUGINS", "1")
+    with _fake(tmp_path, "vqkit-huber", "vqkit_huber_c", ex.GOOD), \
+         _fake(tmp_path, "vqkit-huber-fork", "vqkit_huber_d", ex.DUPLICATE, version="0.1"):
+        with pytest.raises(VqkitError, match="'huber' is ambiguous.*VQKIT_STRICT_PLUGINS=1"):
             build_registry()
-    msg = str(info.value)
-    assert "duplicate perceptual loss 'huber'" in msg
-    assert "vqkit-huber)" in msg and "vqkit-huber-fork" in msg
+
+
+def test_clash_with_a_builtin_leaves_plugins_and_other_recipes_working(tmp_path, capsys, use_registry, monkeypatch):
+    """A distribution registering `vq` (entry point also named `vq`): `vqkit plugins` lists
+    the clash, a recipe not using `vq` validates, one using it fails located with both
+    distributions and the entry point to block; blocking it gives back the built-in."""
+    use_registry(None)
+    with _fake(tmp_path, "vqkit-evil", "vqkit_evil_mod", ex.CLASHING_VQ, ep_name="vq", version="1.0"), \
+         _fake(tmp_path, "vqkit-grid", "vqkit_grid_clash", ex.FIXED_QUANTIZER, ep_name="grid", version="0.1.0"):
+        assert main(["plugins"]) == 0
+        out, err = capsys.readouterr()
+        assert re.search(r"^vq +vqkit-evil +1\.0 +ok +1\b", out, re.M)
+        assert "name clashes (only recipes using these names fail):" in out
+        assert err.count("vqkit: warning:") == 1 and "quantizer 'vq' is ambiguous" in err
+        assert main(["plugins", "--json"]) == 0
+        evil = [p for p in json.loads(capsys.readouterr().out) if p["distribution"] == "vqkit-evil"]
+        assert evil[0]["clashes"] and "vqkit-evil 1.0" in evil[0]["clashes"][0]
+
+        use_registry(None)
+        assert main(["validate", _swap_recipe(tmp_path)]) == 0
+        use_registry(None)
+        assert main(["validate", QUICKSTART]) == 2
+        err = capsys.readouterr().err
+        assert (
+            f"vqkit: error: {QUICKSTART}:10:19: quantizer.name: quantizer 'vq' is ambiguous: registered by "
+            "plugin 'vq' (distribution vqkit 0.1.0) and by plugin 'vq' (distribution vqkit-evil 1.0); block "
+            "the third-party one with VQKIT_DISABLE_PLUGINS=vqkit-evil:vq (or uninstall its distribution)"
+        ) in err
+
+        monkeypatch.setenv("VQKIT_DISABLE_PLUGINS", "vqkit-evil:vq")
+        registry = use_registry(build_registry())
+        assert registry.get("quantizers", "vq").distribution == "vqkit"
+        assert main(["validate", QUICKSTART]) == 0
 
 
 def test_hookimpl_with_fewer_arguments_is_accepted(tmp_path):
@@ -124,7 +172,7 @@ def test_plugins_cli_lists_broken_ones_as_json(tmp_path, capsys, use_registry):
         "name": "vqkit-broken", "distribution": "vqkit-broken", "version": "1.2.3",
         "module": "vqkit_broken_mod4", "status": "broken",
         "error": "ModuleNotFoundError: No module named 'this_module_does_not_exist_anywhere'",
-        "components": {},
+        "components": {}, "clashes": [],
     }]
     assert main(["plugins"]) == 0
     assert "broken" in capsys.readouterr().out

@@ -7,7 +7,12 @@ loaded lazily, on the first call to :func:`get_registry`, one entry point at a t
   its error, warned about once on stderr and skipped; ``VQKIT_STRICT_PLUGINS=1`` makes
   that fatal (:class:`~vqkit.errors.VqkitError`);
 * ``VQKIT_DISABLE_PLUGINS=a,b`` blocks entry points by name (recorded as ``blocked``);
-* two components with one name in one kind is an error naming both distributions.
+  ``DIST:NAME`` blocks only the entry point ``NAME`` of distribution ``DIST``;
+* two components with one name in one kind (a name clash) are both kept: every command
+  warns once, ``vqkit plugins`` lists the clash with both distributions, and only a
+  recipe (or lookup) that uses the ambiguous name fails, naming both distributions and
+  the entry point to block; ``VQKIT_STRICT_PLUGINS=1`` makes any clash fatal. A built-in
+  is never replaced: blocking the third-party plugin leaves the built-in in place.
 """
 from __future__ import annotations
 
@@ -26,6 +31,8 @@ from vqkit.errors import PluginWarning, VqkitError, suggest
 from vqkit.interfaces import KINDS
 
 ENTRY_POINT_GROUP = "vqkit"
+#: the distribution whose entry points are the built-in components
+BUILTIN_DISTRIBUTION = "vqkit"
 STRICT_ENV = "VQKIT_STRICT_PLUGINS"
 DISABLE_ENV = "VQKIT_DISABLE_PLUGINS"
 
@@ -52,6 +59,8 @@ class PluginInfo:
     status: str = "ok"  # ok | broken | blocked
     error: str | None = None
     components: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    #: name clashes this plugin is part of, one line each
+    clashes: list[str] = dataclasses.field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -94,28 +103,60 @@ class Registry:
     def __init__(self) -> None:
         self._entries: dict[str, dict[str, ComponentEntry]] = {k: {} for k in KINDS}
         self.plugins: list[PluginInfo] = []
+        #: (kind, name) -> every entry registered under that name, when more than one
+        self.clashes: dict[tuple[str, str], list[ComponentEntry]] = {}
 
     # -- queries ---------------------------------------------------------------------
     def names(self, kind: str) -> list[str]:
         return sorted(self._entries[kind])
 
     def entries(self, kind: str | None = None, pattern: str | None = None) -> list[ComponentEntry]:
+        """Registered components (sorted by kind and name; every side of a name clash)."""
         kinds = [kind] if kind else list(KINDS)
         out = []
         for k in kinds:
             for name in sorted(self._entries[k]):
                 if pattern is None or fnmatch.fnmatchcase(name, pattern):
-                    out.append(self._entries[k][name])
+                    out.extend(self.clashes.get((k, name), [self._entries[k][name]]))
         return out
 
     def get(self, kind: str, name: str) -> ComponentEntry:
         """Look a component up; unknown names raise :class:`VqkitError` with a suggestion."""
         if kind not in self._entries:
             raise VqkitError(f"unknown component kind {kind!r}" + suggest(kind, KINDS))
+        if (kind, name) in self.clashes:
+            raise VqkitError(self.clash_message(kind, name))
         try:
             return self._entries[kind][name]
         except KeyError:
             raise VqkitError(self.unknown_message(kind, name)) from None
+
+    def clash_message(self, kind: str, name: str) -> str:
+        """Why ``name`` is ambiguous and how to fix it (empty when it is not)."""
+        entries = self.clashes.get((kind, name))
+        if not entries:
+            return ""
+        who = " and by ".join(
+            f"plugin {e.plugin!r} (distribution {e.distribution or '?'} {e.version or ''})".replace(" )", ")")
+            for e in entries
+        )
+        third = [e for e in entries if e.distribution != BUILTIN_DISTRIBUTION]
+        blocks = [self._block_name(e) for e in (third if len(third) < len(entries) else entries[1:])]
+        return (
+            f"{NOUNS[kind]} {name!r} is ambiguous: registered by {who}; block the third-party one "
+            f"with {DISABLE_ENV}={','.join(blocks)} (or uninstall its distribution)"
+        )
+
+    def _block_name(self, entry: ComponentEntry) -> str:
+        """The ``VQKIT_DISABLE_PLUGINS`` item that blocks ``entry``'s plugin and no other."""
+        same = [p for p in self.plugins if p.name == entry.plugin]
+        if len(same) > 1 and entry.distribution:
+            return f"{entry.distribution}:{entry.plugin}"
+        return entry.plugin
+
+    def clash_lines(self) -> list[str]:
+        """One line per name clash, naming every plugin and distribution involved."""
+        return [self.clash_message(kind, name) for kind, name in sorted(self.clashes)]
 
     def unknown_message(self, kind: str, name: str) -> str:
         msg = f"unknown {NOUNS[kind]} {name!r}" + suggest(str(name), self._entries[kind])
@@ -134,7 +175,8 @@ class Registry:
         return sorted(seen)
 
     # -- registration ----------------------------------------------------------------
-    def _add(self, entry: ComponentEntry) -> None:
+    def _check(self, entry: ComponentEntry) -> None:
+        """Raise ``TypeError`` if ``entry`` is not a valid component of its kind."""
         interface = KINDS[entry.kind]
         if not (inspect.isclass(entry.cls) and issubclass(entry.cls, interface)):
             raise TypeError(
@@ -147,14 +189,14 @@ class Registry:
         bad = [] if inspect.isabstract(entry.cls) else entry.cls.declaration_problems()
         if bad:
             raise TypeError(f"{NOUNS[entry.kind]} {entry.name!r} ({entry.cls.__name__}): " + "; ".join(bad))
+
+    def _add(self, entry: ComponentEntry) -> None:
+        """Add a checked entry; a second entry under one name makes a clash."""
         existing = self._entries[entry.kind].get(entry.name)
         if existing is not None:
-            raise VqkitError(
-                f"duplicate {NOUNS[entry.kind]} {entry.name!r}: registered by plugin "
-                f"{existing.plugin!r} (distribution {existing.distribution}) and by plugin "
-                f"{entry.plugin!r} (distribution {entry.distribution}); uninstall one or "
-                f"block it with {DISABLE_ENV}={entry.plugin}"
-            )
+            key = (entry.kind, entry.name)
+            self.clashes.setdefault(key, [existing]).append(entry)
+            return
         self._entries[entry.kind][entry.name] = entry
 
 
@@ -168,7 +210,13 @@ def _entry_points() -> list[md.EntryPoint]:
     unique: dict[tuple[str, str], md.EntryPoint] = {}
     for ep in eps:
         unique.setdefault((ep.name, ep.value), ep)
-    return sorted(unique.values(), key=lambda e: e.name)
+    # built-ins first: in a name clash they are listed first and never replaced
+    def key(ep: md.EntryPoint) -> tuple[bool, str, str]:
+        dist = getattr(ep, "dist", None)
+        name = dist.name if dist is not None else ""
+        return (name != BUILTIN_DISTRIBUTION, ep.name, name)
+
+    return sorted(unique.values(), key=key)
 
 
 def build_registry(
@@ -210,7 +258,7 @@ def build_registry(
             module=ep.value,
         )
         registry.plugins.append(info)
-        if ep.name in blocked:
+        if ep.name in blocked or f"{info.distribution}:{ep.name}" in blocked:
             info.status = "blocked"
             continue
         try:
@@ -219,7 +267,8 @@ def build_registry(
             fail(info, exc, "failed to import")
             continue
         try:
-            pm.register(obj, name=ep.name)
+            # entry-point names are unique per distribution only
+            pm.register(obj, name=f"{info.distribution}:{ep.name}" if info.distribution else ep.name)
         except Exception as exc:
             fail(info, exc, "could not be registered")
             continue
@@ -246,7 +295,29 @@ def build_registry(
 
     for info, obj in loaded:
         _collect(pm, registry, info, obj, fail)
+    _report_clashes(registry, strict)
     return registry
+
+
+def _report_clashes(registry: Registry, strict: bool) -> None:
+    """Record each clash on its plugins; one warning for all (fatal under strict mode)."""
+    if not registry.clashes:
+        return
+    lines = registry.clash_lines()
+    for (kind, name), entries in sorted(registry.clashes.items()):
+        line = registry.clash_message(kind, name)
+        for e in entries:
+            for info in registry.plugins:
+                if info.name == e.plugin and info.distribution == e.distribution and line not in info.clashes:
+                    info.clashes.append(line)
+    if strict:
+        raise VqkitError(f"{'; '.join(lines)} [{STRICT_ENV}=1]")
+    warnings.warn(
+        "; ".join(lines) + " (recipes that do not use " + ("this name" if len(lines) == 1 else "these names")
+        + " are not affected)",
+        PluginWarning,
+        stacklevel=3,
+    )
 
 
 def _collect(
@@ -275,21 +346,13 @@ def _collect(
 
                 kwargs = {"register": register}
                 impl.function(**{a: kwargs[a] for a in impl.argnames})
-        added = []
-        for entry in staged:
-            try:
-                registry._add(entry)
-            except Exception:
-                for e in added:  # undo this plugin's partial registration
-                    del registry._entries[e.kind][e.name]
-                raise
-            added.append(entry)
-    except VqkitError:
-        raise  # duplicates are always fatal: silently picking one hides bugs
+        for entry in staged:  # all or nothing: check every entry before adding any
+            registry._check(entry)
     except Exception as exc:
         fail(info, exc, "raised while registering components")
         return
     for entry in staged:
+        registry._add(entry)
         info.components.setdefault(entry.kind, []).append(entry.name)
 
 

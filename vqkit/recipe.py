@@ -520,10 +520,10 @@ def validate_data(data: Any, loc: _Loc, source: str) -> Recipe:
         name = ref.get("name")
         if not isinstance(name, str):
             continue  # the block schema already reported it
-        if name not in registry.names(kind):
+        if name not in registry.names(kind) or registry.clash_message(kind, name):
             problems.append(
                 Problem(
-                    registry.unknown_message(kind, name),
+                    registry.clash_message(kind, name) or registry.unknown_message(kind, name),
                     path=_dotted(path + ("name",)),
                     **loc.find(path + ("name",), value=True),
                 )
@@ -559,7 +559,7 @@ def _capability_problems(data: dict, refs: list[tuple[Path_, str, Any]], registr
     entries: dict[Path_, Any] = {}
     for path, kind, ref in refs:
         name = ref.get("name")
-        if isinstance(name, str) and name in registry.names(kind):
+        if isinstance(name, str) and name in registry.names(kind) and not registry.clash_message(kind, name):
             entries[path] = registry.get(kind, name)
     problems = []
     quantizer, reset = entries.get(("quantizer",)), entries.get(("reset",))

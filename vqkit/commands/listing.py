@@ -40,6 +40,10 @@ def run_plugins(args) -> int:
         n = sum(len(v) for v in pl.components.values())
         rows.append((pl.name, pl.distribution, pl.version, pl.status, n, pl.error or ""))
     print(table(["plugin", "distribution", "version", "status", "components", "error"], rows))
+    if registry.clashes:
+        print("\nname clashes (only recipes using these names fail):")
+        for line in registry.clash_lines():
+            print(f"  {line}")
     return 0
 
 
