@@ -414,11 +414,14 @@ class Tracker:
         if path is None or not (self.buffer_path and self.buffer_path.exists()):
             return
         tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(json.dumps({"seq": int(seq)}))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(json.dumps({"seq": int(seq)}))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as exc:
+            self._buffer_failed(exc)
 
     def _persist_if_offline(self) -> None:
         if not self.online:
@@ -431,14 +434,30 @@ class Tracker:
         new = self._queue[self._persisted:]
         if not new:
             return
-        if not self.buffer_path.exists() and self._sent_path is not None:
-            self._sent_path.unlink(missing_ok=True)  # the mark of an earlier, fully sent journal
-        with open(self.buffer_path, "a", encoding="utf-8") as f:
-            for op in new:
-                f.write(json.dumps(op) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        size = 0
+        try:
+            if not self.buffer_path.exists() and self._sent_path is not None:
+                self._sent_path.unlink(missing_ok=True)  # the mark of an earlier, fully sent journal
+            size = self.buffer_path.stat().st_size if self.buffer_path.exists() else 0
+            with open(self.buffer_path, "a", encoding="utf-8") as f:
+                for op in new:
+                    f.write(json.dumps(op) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:  # full disk, read-only: keep them in memory, say so once
+            try:
+                os.truncate(self.buffer_path, size)  # no half-written tail to be read twice
+            except OSError:
+                pass
+            self._buffer_failed(exc)
+            return
         self._persisted = len(self._queue)
+
+    def _buffer_failed(self, exc: OSError) -> None:
+        if not getattr(self, "_warned_buffer", False):
+            self._warned_buffer = True
+            print(f"vqkit: warning: cannot write the tracking buffer {self.buffer_path}: "
+                  f"{exc.strerror or exc}; unsent operations are kept in memory only", file=self.stderr)
 
     def _rewrite_buffer(self) -> None:
         if self.buffer_path is None:
@@ -449,12 +468,17 @@ class Tracker:
             self._persisted = 0
             return
         tmp = self.buffer_path.with_suffix(".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for op in self._queue:
-                f.write(json.dumps(op) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.buffer_path)
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                for op in self._queue:
+                    f.write(json.dumps(op) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.buffer_path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            self._buffer_failed(exc)
+            return
         self._persisted = len(self._queue)
 
     def _read_buffer(self) -> list[dict[str, Any]]:

@@ -55,6 +55,19 @@ def resolve_checkpoint(target: str, recipe=None, tracking_uri: str | None = None
     return download_checkpoint(uri, target, dest)
 
 
+def resume_state(target: str, recipe=None) -> tuple[Path, dict]:
+    """``(checkpoint path, state)`` to resume from. A checkpoint file is loaded as it is
+    (damaged: refused); a run dir or run id falls back to its newest intact checkpoint,
+    saying on stderr which newer files were skipped and why."""
+    from vqkit.train.checkpoint import load_checkpoint, newest_intact
+
+    path = resolve_checkpoint(target, recipe)
+    if Path(target).is_file():
+        return path, load_checkpoint(path)
+    found = newest_intact(path.parent, warn=lambda text: print(f"vqkit: warning: {text}", file=sys.stderr))
+    return found if found is not None else (path, load_checkpoint(path))
+
+
 # =========================================================================== train
 def configure_train(p) -> None:
     p.add_argument("recipe", nargs="?", metavar="RECIPE",
@@ -92,14 +105,12 @@ def run_train(args) -> int:
         return _spawn(args)
     if args.nproc < 1:
         raise VqkitError(Problem(f"--nproc must be >= 1, got {args.nproc}"))
-    from vqkit.train.checkpoint import load_checkpoint
     from vqkit.train.trainer import Trainer
 
     recipe = _recipe_for(args)
     state = path = None
     if args.resume:
-        path = resolve_checkpoint(args.resume, recipe)
-        state = load_checkpoint(path)
+        path, state = resume_state(args.resume, recipe)
         if recipe is None:
             recipe = _checkpoint_recipe(state, path, args.overrides)
     quiet = args.quiet or int(os.environ.get("RANK", "0")) != 0

@@ -455,7 +455,8 @@ class Trainer:
                 f"logging to a new run at {uri}"
             )
             resume_id = None
-        run_id = tracker.start(resume_run_id=resume_id)
+        # a resumed leg supersedes what an earlier leg logged after the checkpoint's step
+        run_id = tracker.start(resume_run_id=resume_id, after_step=self.step if self.resume is not None else None)
         if run_dir is None:
             run_dir = Path(tcfg.output_dir).resolve() / (run_id or f"local-{tracker.local_id}")
         self.run_dir = run_dir
@@ -465,6 +466,8 @@ class Trainer:
         tracker.attach(run_dir)
         self.ckpt_dir = run_dir / "checkpoints"
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        for folder in (self.ckpt_dir, run_dir / "images"):  # temp files of a killed process
+            ckpt.remove_temp_files(folder)
 
         tracker.log_params(self.recipe.flat_params())
         tags = {
@@ -639,9 +642,11 @@ class Trainer:
         try:
             self._setup()
             self._setup_tracking()
-        except BaseException:
+        except BaseException as exc:
             if self.dist is not None:
                 self.dist.close()
+            if isinstance(exc, OSError):  # e.g. an unwritable run folder
+                self._fail_os(exc, end_run=True)
             raise
         tc = self.cfg.train
         dist = self.dist
@@ -659,6 +664,8 @@ class Trainer:
             status = "FINISHED" if self.step >= tc.steps else "RUNNING"
         except NonFiniteLoss as exc:
             self._fail_nonfinite(exc)
+        except OSError as exc:  # full disk, read-only file system, permissions: FAILED below
+            self._fail_os(exc)
         except KeyboardInterrupt:
             status = "KILLED"
             if self.step > start and dist.is_main and _finite_params(self.model, self.disc):
@@ -685,6 +692,29 @@ class Trainer:
         if dist.is_main:
             self._summary(result)
         return result
+
+    def _fail_os(self, exc: OSError, end_run: bool = False) -> None:
+        """Raise the one-line user error for a file-system error (the path and the cause),
+        after tagging the MLflow run ``vqkit.failure`` (and ending it FAILED when
+        ``end_run``; the loop's ``finally`` does it otherwise)."""
+        import errno as errno_names
+
+        name = errno_names.errorcode.get(exc.errno or 0, "")
+        cause = (exc.strerror or str(exc)) + (f" ({name})" if name else "")
+        reason = f"{exc.filename}: {cause}" if exc.filename else cause
+        tracker = self.tracker
+        if tracker is not None and getattr(tracker, "enabled", False):
+            try:
+                tracker.set_tags({"vqkit.failure": f"file system error: {reason}"[:5000]})
+                if end_run:
+                    tracker.finish("FAILED")
+            except OSError:  # pragma: no cover - the tracker keeps what it cannot write
+                pass
+        ckpt_dir = getattr(self, "ckpt_dir", None)
+        newest = ckpt.latest_checkpoint(ckpt_dir) if ckpt_dir is not None and ckpt_dir.is_dir() else None
+        keep = f"; the newest checkpoint, {newest}, is intact" if newest is not None else ""
+        ended = "; the MLflow run is marked FAILED" if tracker is not None and getattr(tracker, "run_id", None) else ""
+        raise VqkitError(f"{reason}{ended}{keep}") from None
 
     def _fail_nonfinite(self, exc: NonFiniteLoss) -> None:
         if self.dist.is_main:
