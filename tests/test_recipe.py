@@ -169,3 +169,47 @@ def test_set_overrides(tmp_path):
 def test_normalized_recipe_is_plain_yaml(tmp_path):
     text = load_recipe(write(tmp_path, GOOD)).to_yaml()
     assert yaml.safe_load(text)["name"] == "test"
+
+
+def test_a_component_whose_name_changes_is_replaced_not_merged(tmp_path):
+    """extends: the child's block replaces the parent's when its `name` differs (params,
+    and keys like reset.every, are not inherited); the same name keeps merging."""
+    write(tmp_path, GOOD + "reset: {name: random, every: 7, params: {threshold: 2.0}}\n", "base.yaml")
+    child = write(tmp_path, """\
+        extends: base.yaml
+        quantizer: {name: vq, params: {codebook_size: 32}}
+        reset: {name: none}
+        encoder: {params: {latent_dim: 8}}
+        """, "child.yaml")
+    data = load_recipe(child).to_dict()
+    assert data["quantizer"]["name"] == "vq" and data["quantizer"]["params"]["codebook_size"] == 32
+    assert data["quantizer"]["params"]["beta"] == 0.25  # vq's default, not inherited
+    assert data["reset"] == {"name": "none", "params": {}, "every": 100, "start_step": 0, "stop_step": None}
+    assert data["encoder"]["params"] == {"channels": [8, 16], "latent_dim": 8, "activation": "silu"}
+    # an error in the swapped block points at the child, never at the parent's params
+    write(tmp_path, "extends: base.yaml\nquantizer: {name: vq, params: {codebook_sise: 32}}\n", "bad.yaml")
+    [msg] = problems(tmp_path / "bad.yaml")
+    assert msg.startswith(f"{tmp_path / 'bad.yaml'}:2:32: quantizer.params.codebook_sise: unknown key"), msg
+
+
+@pytest.mark.parametrize("overrides", [
+    ["quantizer.name=vq", "quantizer.params.codebook_size=32"],
+    ["quantizer={name: vq, params: {codebook_size: 32}}"],
+])
+def test_set_swaps_a_component_by_the_same_rule(tmp_path, overrides):
+    data = load_recipe(write(tmp_path, GOOD), overrides).to_dict()
+    assert data["quantizer"]["name"] == "vq"
+    assert data["quantizer"]["params"]["codebook_size"] == 32 and data["quantizer"]["params"]["beta"] == 0.25
+
+
+def test_set_mapping_with_the_same_name_merges_like_extends(tmp_path):
+    path = write(tmp_path, GOOD)
+    data = load_recipe(path, ["quantizer={name: t-vq, params: {beta: 0.5}}", "train={steps: 3}"]).to_dict()
+    assert data["quantizer"]["params"] == {"codebook_size": 64, "beta": 0.5}
+    assert data["train"]["steps"] == 3 and data["train"]["batch_size"] == 4
+    # a loss is a component block too: a new name replaces its weight and start_step
+    data = load_recipe(path, ["losses.1.name=pixel-l1"]).to_dict()
+    assert data["losses"][1] == {"name": "pixel-l1", "params": {}, "weight": 1.0, "start_step": 0}
+    # an error in a key a merging --set gave is located at --set
+    msgs = problems(path, ["quantizer={params: {codebook_size: 1}}"])
+    assert msgs == ["--set: quantizer.params.codebook_size: Input should be greater than or equal to 2 (got 1) [quantizer 't-vq', provided by schema-test]"], msgs
