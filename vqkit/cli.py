@@ -25,7 +25,9 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("explain", "recipes", "print the normalized recipe (defaults filled in)"),
     ("train", "train", "train a model from a recipe, logging to MLflow (--resume to continue)"),
     ("eval", "train", "evaluate a checkpoint or run on its test split (PSNR, SSIM, LPIPS)"),
-    ("compare", "train", "compare MLflow runs: params that differ and final metrics"),
+    ("sweep", "sweep", "train every combination of a grid as nested MLflow runs (resumable)"),
+    ("compare", "compare", "compare MLflow runs: params that differ, final metrics, plots, image grids"),
+    ("ui", "ui", "open MLflow's UI on a tracking store (default: ./mlflow.db)"),
     ("sync", "train", "send tracking operations buffered while MLflow was unreachable"),
     ("weights", "weights", "create (fetch) and list pretrained weights, e.g. for lpips"),
 ]

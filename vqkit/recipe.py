@@ -97,8 +97,30 @@ class TrackingConfig(_Block):
         "sqlite:///mlflow.db in the working directory)"
     )
     experiment: str = Field("vqkit", description="MLflow experiment name")
-    run_name: Optional[str] = Field(None, description="MLflow run name (default: recipe name)")
+    run_name: Optional[str] = Field(
+        None, description="MLflow run name (default: the recipe name, followed by the --set "
+        "overrides when there are any; a sweep names each child by its grid values)"
+    )
+    description: Optional[str] = Field(None, description="MLflow run description (markdown)")
     output_dir: str = Field("runs", description="local folder for checkpoints and buffers")
+    system_metrics: bool = Field(
+        False, description="log MLflow system metrics (CPU, memory, disk, GPU; psutil) every 10 s"
+    )
+
+
+class SweepConfig(_Block):
+    """What `vqkit sweep RECIPE` runs: every combination of the grid, as nested child runs."""
+
+    grid: dict[str, list[Any]] = Field(
+        default_factory=dict,
+        description="recipe key path (as for --set) -> the values to try; the sweep runs every "
+        "combination (same as --grid KEY=V1,V2)",
+    )
+    jobs: int = Field(1, ge=1, description="children trained side by side (CPU threads split)")
+    metrics: list[str] = Field(
+        default_factory=lambda: ["eval/psnr"],
+        description="metrics of the summary: the best child of each (direction from the name)",
+    )
 
 
 class RecipeModel(_Block):
@@ -115,6 +137,9 @@ class RecipeModel(_Block):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    sweep: Optional[SweepConfig] = Field(
+        None, description="a grid for `vqkit sweep` (ignored by `vqkit train`)"
+    )
 
 
 # which top-level component blocks map to which registry kind

@@ -57,6 +57,14 @@ SENT = "tracking_buffer.sent"
 #: ``$MLFLOW_HTTP_REQUEST_TIMEOUT`` is set); artifact uploads get this plus 1 s per 20 MB
 REQUEST_TIMEOUT_S = 5.0
 
+#: Experiment tag read by MLflow 3's UI (``mlflow/server/js``: ``ExperimentKind``): an
+#: experiment marked ``custom_model_development`` opens on its training runs, not on the
+#: GenAI overview. Set when vqkit creates (or first logs to) an experiment.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+#: The run description shown by MLflow's UI.
+DESCRIPTION_TAG = "mlflow.note.content"
+
 #: MLflow limits (mlflow.utils.validation), repeated here so they hold for old clients too.
 MAX_PARAM_VALUE = 6000
 MAX_TAG_VALUE = 8000
@@ -345,6 +353,21 @@ class Tracker:
         if self.enabled:
             self._push({"op": "artifact", "path": str(Path(local_path).resolve()), "artifact_path": artifact_path})
 
+    def log_image(self, local_path: str | os.PathLike, key: str, step: int) -> None:
+        """Log a PNG (kept on disk until sent) with ``mlflow``'s ``log_image(key=, step=)``,
+        so the UI's image grid and its step slider compare runs."""
+        if self.enabled:
+            self._push({"op": "image", "path": str(Path(local_path).resolve()), "key": key,
+                        "step": int(step), "ts": int(time.time() * 1000)})
+
+    def log_dataset(self, name: str, digest: str, source: Mapping[str, Any], context: str,
+                    profile: Mapping[str, Any] | None = None) -> None:
+        """Record a data set the run used as an MLflow input (``mlflow.log_input``):
+        ``context`` is the split (``train``/``test``), shown by the UI's Dataset column."""
+        if self.enabled:
+            self._push({"op": "dataset", "name": name, "digest": digest, "source": dict(source),
+                        "context": context, "profile": dict(profile or {})})
+
     def flush(self) -> bool:
         """Try to send everything queued now; True when nothing is left."""
         if self.enabled:
@@ -609,6 +632,10 @@ class Tracker:
                 client.log_artifact(self.run_id, str(path), op.get("artifact_path"))
             else:
                 print(f"vqkit: warning: artifact {path} no longer exists; not logged", file=self.stderr)
+        elif kind == "image":
+            self._do_image(client, op)
+        elif kind == "dataset":
+            self._do_dataset(client, op)
         elif kind == "end":
             client.set_terminated(self.run_id, status=op.get("status", "FINISHED"))
         return 1
@@ -639,11 +666,33 @@ class Tracker:
                 exp_id = exp.experiment_id
                 if exp.lifecycle_stage == "deleted":
                     client.restore_experiment(exp_id)
+            if exp is None or EXPERIMENT_KIND_TAG not in exp.tags:
+                client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             run = self._find_own_run(client, exp_id)  # created by a send cut short?
             if run is None:
                 run = client.create_run(exp_id, run_name=self.run_name, tags={"vqkit.local_id": self.local_id})
             self.run_id = run.info.run_id
         self._write_run_info()
+
+    def _do_image(self, client: Any, op: dict[str, Any]) -> None:
+        path = Path(op["path"])
+        if not path.is_file():
+            print(f"vqkit: warning: image {path} no longer exists; not logged", file=self.stderr)
+            return
+        from PIL import Image
+
+        with Image.open(path) as image:
+            client.log_image(self.run_id, image.convert("RGB"), key=op["key"], step=op["step"],
+                             timestamp=op["ts"], synchronous=True)
+
+    def _do_dataset(self, client: Any, op: dict[str, Any]) -> None:
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        dataset = Dataset(name=op["name"], digest=op["digest"], source_type="vqkit",
+                          source=json.dumps(op["source"], sort_keys=True),
+                          profile=json.dumps(op["profile"], sort_keys=True) if op["profile"] else None)
+        tags = [InputTag(key="mlflow.data.context", value=op["context"])]
+        client.log_inputs(self.run_id, datasets=[DatasetInput(dataset=dataset, tags=tags)])
 
     def _find_own_run(self, client: Any, exp_id: str) -> Any:
         """The run this tracker created before a crash cut the send short (same local id)."""
@@ -796,3 +845,194 @@ def fetch_runs(uri: str, run_ids: Iterable[str] = (), experiment: str | None = N
         }
         for r in runs
     ]
+
+
+# =========================================================================== run context
+def context_tags(source: str | None, entry_point: str) -> dict[str, str]:
+    """MLflow's standard context tags of a run: ``mlflow.source.name`` (the recipe file, else
+    the command), ``mlflow.source.type`` (``LOCAL``), ``mlflow.project.entryPoint`` (the
+    vqkit command), ``mlflow.user`` and, when the recipe (else the working directory) is in
+    a git checkout, ``mlflow.source.git.commit`` / ``branch`` / ``repoURL``."""
+    import getpass
+
+    from mlflow.utils import mlflow_tags as mt
+
+    tags = {
+        mt.MLFLOW_SOURCE_NAME: source or entry_point,
+        mt.MLFLOW_SOURCE_TYPE: "LOCAL",
+        mt.MLFLOW_PROJECT_ENTRY_POINT: entry_point,
+    }
+    try:
+        tags[mt.MLFLOW_USER] = getpass.getuser()
+    except Exception:  # no user name (containers without a passwd entry)
+        pass
+    where = Path(source).resolve().parent if source and Path(source).is_file() else Path.cwd()
+    try:
+        from mlflow.utils.git_utils import get_git_branch, get_git_commit, get_git_repo_url
+
+        commit = get_git_commit(str(where))
+        if commit:
+            tags[mt.MLFLOW_GIT_COMMIT] = commit
+            for key, fn in ((mt.MLFLOW_GIT_BRANCH, get_git_branch), (mt.MLFLOW_GIT_REPO_URL, get_git_repo_url)):
+                value = fn(str(where))
+                if value:
+                    tags[key] = value
+    except Exception:  # GitPython or the git executable missing: no git tags
+        pass
+    return tags
+
+
+class SystemMetrics:
+    """MLflow's system metrics monitor (CPU, memory, disk, network, GPU through psutil /
+    pynvml) logging ``system/*`` metrics to a run every ``interval_s`` seconds from a thread.
+    Does nothing when the run does not exist yet (store unreachable)."""
+
+    def __init__(self, uri: str, run_id: str | None, interval_s: float = 10.0):
+        self._monitor = None
+        if run_id is None:
+            return
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, tracking_uri=uri)
+            self._monitor.start()
+        except Exception as exc:  # psutil missing or the store refused: training goes on
+            print(f"vqkit: warning: system metrics are off ({_short(exc)})", file=sys.stderr)
+            self._monitor = None
+
+    def finish(self) -> None:
+        if self._monitor is not None:
+            try:
+                self._monitor.finish()
+            except Exception:
+                pass
+            self._monitor = None
+
+
+# =========================================================================== finding runs
+def _store_error(uri: str, exc: BaseException):
+    from vqkit.errors import VqkitError
+
+    return VqkitError(f"cannot read MLflow tracking store {uri}: {_short(exc)}")
+
+
+def run_dict(run: Any) -> dict[str, Any]:
+    """A run as a plain dict ``{run_id, run_name, status, experiment_id, start_time, params,
+    metrics, tags}`` (metrics: the latest value of each key)."""
+    return {
+        "run_id": run.info.run_id,
+        "run_name": run.info.run_name,
+        "status": run.info.status,
+        "experiment_id": run.info.experiment_id,
+        "start_time": run.info.start_time,
+        "params": dict(run.data.params),
+        "metrics": dict(run.data.metrics),
+        "tags": dict(run.data.tags),
+    }
+
+
+def search_runs(uri: str, experiment: str | None = None, filter_string: str = "",
+                max_results: int = 5000) -> list[dict[str, Any]]:
+    """Active runs of ``experiment`` (all experiments when ``None``), newest first, as
+    :func:`run_dict` dicts; an unknown experiment is a user error with a suggestion."""
+    from vqkit.errors import VqkitError, suggest
+
+    try:
+        client = _client(uri)
+        if experiment is not None:
+            exp = client.get_experiment_by_name(experiment)
+            if exp is None:
+                names = [e.name for e in client.search_experiments()]
+                raise VqkitError(f"no MLflow experiment {experiment!r} at {uri}" + suggest(experiment, names))
+            ids = [exp.experiment_id]
+        else:
+            ids = [e.experiment_id for e in client.search_experiments()]
+        if not ids:
+            return []
+        runs = client.search_runs(ids, filter_string=filter_string, max_results=max_results,
+                                  order_by=["attributes.start_time DESC"])
+    except VqkitError:
+        raise
+    except Exception as exc:
+        raise _store_error(uri, exc) from None
+    return [run_dict(r) for r in runs]
+
+
+def resolve_runs(uri: str, refs: Iterable[str], experiment: str | None = None) -> list[dict[str, Any]]:
+    """The runs named by ``refs``: each a full run id, a unique run-id prefix or a run name
+    (a run name matching several runs is an error listing them). Searched in
+    ``experiment``, else in every experiment."""
+    from vqkit.errors import Problem, VqkitError
+
+    refs = list(refs)
+    if not refs:
+        return []
+    pool = search_runs(uri, experiment)
+    out, problems = [], []
+    for ref in refs:
+        hits = [r for r in pool if r["run_id"] == ref]
+        if not hits:
+            hits = [r for r in pool if r["run_id"].startswith(ref.lower())] if _hexish(ref) else []
+        if not hits:
+            hits = [r for r in pool if r["run_name"] == ref]
+        if len(hits) == 1:
+            out.append(hits[0])
+        elif not hits:
+            from vqkit.errors import suggest
+
+            names = sorted({r["run_name"] for r in pool if r["run_name"]})
+            where = f"experiment {experiment!r}" if experiment else "any experiment"
+            problems.append(Problem(f"no MLflow run with id, id prefix or name {ref!r} in {where} at {uri}"
+                                    + (suggest(ref, names) if names else "")))
+        else:
+            listed = ", ".join(f"{r['run_id'][:8]} ({r['run_name']}, {r['status']})" for r in hits[:8])
+            problems.append(Problem(f"{ref!r} matches {len(hits)} runs: {listed}; give a longer run-id prefix"))
+    if problems:
+        raise VqkitError(problems)
+    return out
+
+
+def _hexish(text: str) -> bool:
+    return len(text) >= 4 and all(c in "0123456789abcdefABCDEF" for c in text)
+
+
+def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    """``[(step, value), ...]`` of metric ``key`` of a run, in step order."""
+    try:
+        history = _client(uri).get_metric_history(run_id, key)
+    except Exception as exc:
+        raise _store_error(uri, exc) from None
+    return sorted((int(m.step), float(m.value)) for m in history)
+
+
+def list_artifacts(uri: str, run_id: str, path: str | None = None) -> list[str]:
+    """Paths of the files directly under artifact folder ``path`` of a run."""
+    try:
+        return [a.path for a in _client(uri).list_artifacts(run_id, path) if not a.is_dir]
+    except Exception as exc:
+        raise _store_error(uri, exc) from None
+
+
+def download_artifact(uri: str, run_id: str, path: str, dst: str | os.PathLike) -> Path:
+    """Download artifact ``path`` of a run into folder ``dst``; returns the local file."""
+    Path(dst).mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    try:
+        return Path(_client(uri).download_artifacts(run_id, path, dst_path=str(dst)))
+    except Exception as exc:
+        raise _store_error(uri, exc) from None
+
+
+def delete_run(uri: str, run_id: str) -> None:
+    """Soft-delete a run (MLflow's ``deleted`` lifecycle stage: hidden, restorable)."""
+    try:
+        _client(uri).delete_run(run_id)
+    except Exception as exc:
+        raise _store_error(uri, exc) from None
+
+
+def ui_command(uri: str) -> str:
+    """The command that shows the runs of tracking store ``uri`` in MLflow's UI."""
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri} in a browser"
+    return f"vqkit ui --tracking-uri {uri}  (or: mlflow ui --backend-store-uri {uri})"

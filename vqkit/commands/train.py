@@ -1,4 +1,4 @@
-"""``vqkit train``, ``vqkit eval``, ``vqkit compare`` and ``vqkit sync``."""
+"""``vqkit train``, ``vqkit eval`` and ``vqkit sync`` (``vqkit compare``: :mod:`vqkit.commands.compare`)."""
 from __future__ import annotations
 
 import json
@@ -78,6 +78,8 @@ def configure_train(p) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar or progress lines")
     p.add_argument("--nproc", type=int, default=1, metavar="N",
                    help="train with N processes on this machine (runs torchrun; gloo on CPU)")
+    p.add_argument("--parent-run", metavar="RUN_ID",
+                   help="log as a nested child of this MLflow run (what `vqkit sweep` does)")
 
 
 def _recipe_for(args):
@@ -85,7 +87,13 @@ def _recipe_for(args):
     from vqkit.recipe import load_recipe
 
     if args.recipe:
-        return load_recipe(args.recipe, args.overrides)
+        recipe = load_recipe(args.recipe, args.overrides)
+        if recipe.model.tracking.run_name is None and args.overrides:
+            from vqkit.sweep import overrides_name
+
+            # a run trained with --set is named for what they change
+            recipe.model.tracking.run_name = overrides_name(recipe.model.name, args.overrides)
+        return recipe
     if not args.resume:
         raise VqkitError(Problem("vqkit train: give a RECIPE (or --resume RUN_ID_OR_PATH)"))
     return None
@@ -114,7 +122,8 @@ def run_train(args) -> int:
         if recipe is None:
             recipe = _checkpoint_recipe(state, path, args.overrides)
     quiet = args.quiet or int(os.environ.get("RANK", "0")) != 0
-    trainer = Trainer(recipe, resume=state, resume_path=path, quiet=quiet)
+    tags = {"mlflow.parentRunId": args.parent_run} if args.parent_run else None
+    trainer = Trainer(recipe, resume=state, resume_path=path, quiet=quiet, tags=tags)
     trainer.run()
     return 0
 
@@ -130,6 +139,8 @@ def _spawn(args) -> int:
         argv += ["--resume", args.resume]
     if args.quiet:
         argv.append("--quiet")
+    if args.parent_run:
+        argv += ["--parent-run", args.parent_run]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={args.nproc}", "-m", "vqkit.cli", *argv]
     env = dict(os.environ)
@@ -182,57 +193,6 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.6g}"
     return str(v)
-
-
-# =========================================================================== compare
-def configure_compare(p) -> None:
-    p.add_argument("runs", nargs="*", metavar="RUN_ID", help="MLflow run ids")
-    p.add_argument("--experiment", help="compare every run of this MLflow experiment")
-    p.add_argument("--tracking-uri", default=None,
-                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
-    p.add_argument("--metrics", default="eval/psnr,eval/ssim,eval/lpips,loss/total,codebook/usage,codebook/perplexity",
-                   help="comma-separated metrics shown (their final values)")
-    p.add_argument("--all-params", action="store_true", help="show every param, not only those that differ")
-    p.add_argument("--json", action="store_true", help="print JSON")
-
-
-def run_compare(args) -> int:
-    from vqkit.tracking import fetch_runs, resolve_tracking_uri
-
-    if not args.runs and not args.experiment:
-        raise VqkitError(Problem("vqkit compare: give RUN_ID... or --experiment NAME"))
-    uri = resolve_tracking_uri(args.tracking_uri)
-    runs = fetch_runs(uri, args.runs, args.experiment)
-    if not runs:
-        raise VqkitError(f"no runs found in experiment {args.experiment!r} at {uri}")
-    keys = sorted({k for r in runs for k in r["params"]})
-    if args.all_params or len(runs) == 1:
-        shown = keys
-    else:
-        shown = [k for k in keys if len({r["params"].get(k) for r in runs}) > 1]
-    metric_keys = [m.strip() for m in args.metrics.split(",") if m.strip()]
-    metric_keys = [m for m in metric_keys if any(m in r["metrics"] for r in runs)]
-    if args.json:
-        out = [
-            {
-                "run_id": r["run_id"], "run_name": r["run_name"], "status": r["status"],
-                "params": {k: r["params"].get(k) for k in shown},
-                "metrics": {k: r["metrics"].get(k) for k in metric_keys},
-            }
-            for r in runs
-        ]
-        print(json.dumps(out, indent=2))
-        return 0
-    headers = ["", *[f"{r['run_name'] or ''} {r['run_id'][:8]}".strip() for r in runs]]
-    rows: list[list[object]] = [["status", *[r["status"] for r in runs]]]
-    for k in shown:
-        rows.append([k, *[r["params"].get(k, "") for r in runs]])
-    for k in metric_keys:
-        rows.append([k, *[_fmt(r["metrics"][k]) if k in r["metrics"] else "" for r in runs]])
-    if not shown and len(runs) > 1:
-        rows.insert(1, ["(params)", *["identical" for _ in runs]])
-    print(table(headers, rows))
-    return 0
 
 
 # =========================================================================== sync

@@ -45,7 +45,10 @@ from vqkit.train.data import StepBatches, read_batch
 from vqkit.train.distributed import DistContext, init_distributed
 from vqkit.train.schedule import make_scheduler
 
-__all__ = ["Trainer", "TrainResult", "NonFiniteLoss", "evaluate", "save_recon_grid", "train"]
+__all__ = ["Trainer", "TrainResult", "NonFiniteLoss", "evaluate", "save_recon_grid", "train", "dataset_fingerprint"]
+
+#: MLflow image key of the reconstruction grids (``mlflow.log_image(key=, step=)``).
+RECON_KEY = "reconstructions"
 
 
 class NonFiniteLoss(Exception):
@@ -178,6 +181,21 @@ def evaluate(
     return result
 
 
+def dataset_fingerprint(ds: Dataset, samples: int = 256) -> tuple[str, dict[str, Any]]:
+    """``(digest, profile)`` of a data set split for MLflow's dataset inputs: the digest is
+    the SHA-256 of the length, the image shape and the float32 bytes of ``samples`` evenly
+    spaced items (reading all of a large folder would cost more than a short run)."""
+    import hashlib
+
+    n = len(ds)
+    h = hashlib.sha256(f"{n}:{int(ds.channels)}:{tuple(ds.image_size)}".encode())
+    idx = torch.linspace(0, n - 1, steps=min(n, samples)).round().long().unique()
+    h.update(read_batch(ds, idx).float().contiguous().numpy().tobytes())
+    profile = {"num_items": n, "channels": int(ds.channels), "image_size": list(ds.image_size),
+               "digest_items": int(idx.numel())}
+    return h.hexdigest()[:16], profile
+
+
 def save_recon_grid(originals: torch.Tensor, reconstructions: torch.Tensor, path: Path) -> Path:
     """PNG grid: originals in the top row, their reconstructions below.
 
@@ -224,6 +242,9 @@ class Trainer:
         stop_after: stop (with a checkpoint) after this many total steps even if
             ``train.steps`` is larger; the LR schedule still follows ``train.steps``.
         stdout / stderr: where to print (default: the process's).
+        tags: extra MLflow tags of the run, e.g. ``{"mlflow.parentRunId": ID}`` for a child
+            of a sweep.
+        entry_point: the command recorded as the run's ``mlflow.project.entryPoint``.
     """
 
     def __init__(
@@ -236,8 +257,13 @@ class Trainer:
         stop_after: int | None = None,
         stdout: TextIO | None = None,
         stderr: TextIO | None = None,
+        tags: dict[str, str] | None = None,
+        entry_point: str = "vqkit train",
     ):
         self.recipe = recipe
+        self.extra_tags = dict(tags or {})
+        self.entry_point = entry_point
+        self.system_metrics: Any = None
         self.cfg = recipe.model
         self.resume = resume
         self.resume_path = resume_path
@@ -324,10 +350,17 @@ class Trainer:
         self.batches = StepBatches(
             built.train_data, tc.batch_size, cfg.seed, dist.rank, dist.world_size, tc.num_workers
         )
-        # a fixed set of test images for the reconstruction grids
+        # a fixed set of test images for the reconstruction grids: the first ones of the test
+        # split built with seed 0, so every run of a data set shows the same images
         size = max(built.image_size)
-        n_grid = min(len(built.test_data), 16 if size <= 64 else 8)
-        self.grid_images = read_batch(built.test_data, torch.arange(n_grid))
+        grid_data = built.test_data
+        if cfg.seed != 0:
+            from vqkit.plugins import get_registry
+
+            cls = get_registry().get("datasets", cfg.data.name).cls
+            grid_data = cls(self.recipe.params_of("data"), split="test", seed=0)
+        n_grid = min(len(grid_data), 16 if size <= 64 else 8)
+        self.grid_images = read_batch(grid_data, torch.arange(n_grid))
 
     def _disc_steps(self) -> int:
         return max(1, self.cfg.train.steps - self.disc_ref.start_step)
@@ -423,7 +456,7 @@ class Trainer:
     # ------------------------------------------------------------------ tracking / run dir
     def _setup_tracking(self) -> None:
         from vqkit.plugins import get_registry
-        from vqkit.tracking import Tracker, read_run_info, resolve_tracking_uri
+        from vqkit.tracking import DESCRIPTION_TAG, Tracker, context_tags, read_run_info, resolve_tracking_uri
 
         tcfg = self.cfg.tracking
         prev_run = (self.resume or {}).get("run") or {}
@@ -479,10 +512,24 @@ class Trainer:
         }
         if self.resume is not None:
             tags["vqkit.resumed_from_step"] = self.step
+        tags.update(context_tags(self.recipe.source, self.entry_point))
+        if tcfg.description:
+            tags[DESCRIPTION_TAG] = tcfg.description
+        tags.update(self.extra_tags)
         tracker.set_tags(tags)
         recipe_path = run_dir / "recipe.yaml"
         recipe_path.write_text(self.recipe.to_yaml(), encoding="utf-8")
         tracker.log_artifact(recipe_path)
+        if self.resume is None:
+            for split, ds in (("train", self.built.train_data), ("test", self.built.test_data)):
+                digest, profile = dataset_fingerprint(ds)
+                tracker.log_dataset(self.cfg.data.name, digest,
+                                    {"component": self.cfg.data.name, "params": self.recipe.to_dict()["data"]["params"]},
+                                    split, profile)
+        if tcfg.system_metrics:
+            from vqkit.tracking import SystemMetrics
+
+            self.system_metrics = SystemMetrics(uri, tracker.run_id)
 
     # ------------------------------------------------------------------ one step
     def _autocast(self):
@@ -629,6 +676,7 @@ class Trainer:
             self.model.train(was)
         path = save_recon_grid(x, recon, self.run_dir / "images" / f"recon_{self.step:06d}.png")
         self.tracker.log_artifact(path, "images")
+        self.tracker.log_image(path, RECON_KEY, self.step)  # MLflow's image grid / step slider
 
     def _evaluate(self) -> dict[str, float]:
         ec = self.cfg.eval
@@ -676,6 +724,8 @@ class Trainer:
         finally:
             if previous_term is not None:
                 signal.signal(signal.SIGTERM, previous_term)
+            if self.system_metrics is not None:
+                self.system_metrics.finish()
             if dist.is_main and status != "RUNNING":
                 self.tracker.finish(status)
             elif dist.is_main:
@@ -835,6 +885,10 @@ class Trainer:
                   f"in {result.tracking_uri}", file=self.out)
         print(f"vqkit: run dir {result.run_dir}" + (f"; checkpoint {result.checkpoint}" if result.checkpoint else ""),
               file=self.out, flush=True)
+        if result.run_id and result.tracking_uri:
+            from vqkit.tracking import ui_command
+
+            print(f"vqkit: see it in MLflow's UI: {ui_command(result.tracking_uri)}", file=self.out, flush=True)
 
 
 def _sigterm_as_interrupt():
