@@ -220,3 +220,74 @@ class CodebookMonitor:
         self._pending_resets = int(state["pending_resets"])
         self.history = {k: [float(x) for x in state["history"][k]] for k in _HISTORY_KEYS}
         self.reset_events = [(int(s), int(n)) for s, n in state["reset_events"]]
+
+
+# --------------------------------------------------------------------------- several code-books
+def stage_counts(indices: torch.Tensor, codebook_size: int, num_codebooks: int = 1) -> torch.Tensor:
+    """Assignments per code of each code-book: float64 ``(S, K)`` from indices ``(B, h, w)``
+    (``S = 1``) or ``(B, S, h, w)`` (a multi-code-book quantizer)."""
+    idx = indices.detach().to("cpu", torch.int64)
+    if num_codebooks == 1 and idx.dim() != 4:
+        idx = idx.unsqueeze(1)
+    per = idx.movedim(1, 0).reshape(num_codebooks, -1)
+    return torch.stack([torch.bincount(row, minlength=codebook_size) for row in per]).double()
+
+
+def usage_and_perplexity(counts: torch.Tensor) -> tuple[float, float] | None:
+    """Fraction of codes used and ``exp(H)`` of the code distribution, each averaged over
+    the code-books of ``counts`` ``(S, K)``; ``None`` before any assignment."""
+    if float(counts.sum()) == 0:
+        return None
+    usage, perplexity = [], []
+    for row in counts:
+        total = row.sum()
+        usage.append(float((row > 0).double().mean()))
+        p = row[row > 0] / total if total > 0 else row[:0]
+        perplexity.append(float(torch.exp(-(p * p.log()).sum())) if total > 0 else 0.0)
+    return sum(usage) / len(usage), sum(perplexity) / len(perplexity)
+
+
+class StagedMonitor:
+    """The monitors of a multi-code-book quantizer, one per code-book, as one monitor.
+
+    :meth:`metrics` and :meth:`snapshot` return the ``codebook/*`` keys of
+    :class:`CodebookMonitor` aggregated over code-books (``usage`` and ``perplexity``
+    averaged, ``dead`` and ``resets`` summed) and each code-book's own values as
+    ``codebook/<s>/<metric>``. :meth:`save_plots` writes each code-book's two plots with a
+    ``_<s>`` suffix. The monitors' state is kept by their managers.
+    """
+
+    _SUMMED = ("codebook/dead", "codebook/resets")
+
+    def __init__(self, monitors: list[CodebookMonitor]):
+        if not monitors:
+            raise ValueError("StagedMonitor needs at least one monitor")
+        self.monitors = list(monitors)
+        self.codebook_size = self.monitors[0].codebook_size
+
+    def _combine(self, per: list[dict[str, float]]) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for key in per[0]:
+            values = [m[key] for m in per]
+            out[key] = float(sum(values)) if key in self._SUMMED else float(sum(values) / len(values))
+        for s, m in enumerate(per):
+            for key, value in m.items():
+                out[key.replace("codebook/", f"codebook/{s}/", 1)] = value
+        return out
+
+    def snapshot(self) -> dict[str, float]:
+        return self._combine([m.snapshot() for m in self.monitors])
+
+    def metrics(self, step: int) -> dict[str, float]:
+        return self._combine([m.metrics(step) for m in self.monitors])
+
+    def save_plots(self, out_dir: pathlib.Path | str) -> list[pathlib.Path]:
+        out = pathlib.Path(out_dir)
+        paths = []
+        for s, monitor in enumerate(self.monitors):
+            for path in monitor.save_plots(out / f".stage{s}"):
+                target = out / f"{path.stem}_{s}{path.suffix}"
+                path.replace(target)
+                paths.append(target)
+            (out / f".stage{s}").rmdir()
+        return paths

@@ -7,7 +7,13 @@ Context passed to component constructors (``cls(params, **context)``):
 * quantizer: ``dim = encoder.latent_dim``;
 * decoder: ``out_channels = C``, ``latent_dim = D``, ``factor = encoder.factor``;
 * losses: ``channels = C``; discriminator: ``channels = C``;
-* reset policy: ``codebook_size = quantizer.codebook_size``, ``dim = D``, ``seed`` (recipe seed).
+* reset policy: ``codebook_size = quantizer.codebook_size``, ``dim = D``, ``seed`` (recipe seed);
+  for a multi-code-book quantizer one policy per code-book ``s``, with ``dim = D_s`` (the
+  width of ``quantizer.codebook(s)``) and ``seed = recipe seed + s``.
+
+Also here: :func:`component_tags` (which component of the run came from which
+distribution, for MLflow) and :func:`not_implemented_error` (a component that raised
+``NotImplementedError`` at run time, as a user error naming it and its distribution).
 """
 from __future__ import annotations
 
@@ -29,7 +35,10 @@ __all__ = [
     "build_losses",
     "build_discriminator",
     "build_policy",
+    "build_policies",
     "build_all",
+    "component_tags",
+    "not_implemented_error",
     "loss_keys",
 ]
 
@@ -129,6 +138,22 @@ def build_policy(recipe: Recipe, model: VQModel) -> CodebookResetPolicy:
     )
 
 
+def build_policies(recipe: Recipe, model: VQModel) -> list[CodebookResetPolicy]:
+    """One reset policy per code-book of the quantizer (a single one for most quantizers)."""
+    quantizer = model.quantizer
+    if not getattr(type(quantizer), "multi_codebook", False):
+        return [build_policy(recipe, model)]
+    ref = recipe.model.reset
+    return [
+        _make(
+            "reset_policies", ref.name, recipe.params_of("reset"), "reset",
+            codebook_size=model.codebook_size, dim=int(quantizer.codebook(s).shape[1]),
+            seed=recipe.model.seed + s,
+        )
+        for s in range(int(quantizer.num_codebooks))
+    ]
+
+
 @dataclasses.dataclass
 class Built:
     """Everything a training run is made of."""
@@ -140,6 +165,12 @@ class Built:
     losses: nn.ModuleList
     discriminator: Discriminator | None
     policy: CodebookResetPolicy
+    #: one policy per code-book (``[policy]`` unless the quantizer has several)
+    policies: list[CodebookResetPolicy] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.policies:
+            self.policies = [self.policy]
 
     @property
     def channels(self) -> int:
@@ -160,15 +191,83 @@ def build_all(recipe: Recipe) -> Built:
     for i, loss in enumerate(losses):
         if not isinstance(loss, PerceptualLoss):  # pragma: no cover - registry checks classes
             raise TypeError(f"losses.{i} is not a PerceptualLoss")
-    disc = build_discriminator(recipe, c)
-    needs = [recipe.model.losses[i].name for i, m in enumerate(losses) if getattr(m, "needs_discriminator", False)]
-    if needs and disc is None:
-        raise VqkitError(
-            Problem(
-                f"loss {needs[0]!r} needs a discriminator but the recipe has no `discriminator` "
-                "block; add e.g. `discriminator: {name: patchgan}`",
-                path="discriminator",
-            )
+    disc = build_discriminator(recipe, c)  # a loss that needs one: checked by validate
+    policies = build_policies(recipe, model)
+    return Built(recipe, train, test, model, losses, disc, policies[0], policies)
+
+
+def _used_entries(recipe: Recipe) -> list[tuple[str, Any]]:
+    """``(block, registry entry)`` of every component the recipe uses (``losses.<i>``)."""
+    from vqkit.recipe import COMPONENT_BLOCKS
+
+    m = recipe.model
+    out = []
+    for block, kind in COMPONENT_BLOCKS.items():
+        ref = getattr(m, block)
+        if ref is not None:
+            out.append((block, get_registry().get(kind, ref.name)))
+    for i, ref in enumerate(m.losses):
+        out.append((f"losses.{i}", get_registry().get("perceptual_losses", ref.name)))
+    return out
+
+
+def _describe(entry: Any) -> str:
+    dist = entry.distribution or "no distribution"
+    return f"{entry.name} ({dist}{' ' + entry.version if entry.version else ''})"
+
+
+def component_tags(recipe: Recipe) -> dict[str, str]:
+    """MLflow tags naming where each component of the run came from:
+    ``vqkit.component.<block> = name (distribution version)``, plus
+    ``vqkit.component.<block>.plugin`` (the entry point) and ``vqkit.plugins``: the
+    distributions the run used (``dist==version``, sorted)."""
+    tags: dict[str, str] = {}
+    used = set()
+    for block, entry in _used_entries(recipe):
+        tags[f"vqkit.component.{block}"] = _describe(entry)
+        tags[f"vqkit.component.{block}.plugin"] = entry.plugin
+        if entry.distribution:
+            used.add(f"{entry.distribution}=={entry.version}")
+    tags["vqkit.plugins"] = ", ".join(sorted(used))
+    return tags
+
+
+def not_implemented_error(exc: NotImplementedError, built: Built | None, recipe: Recipe) -> VqkitError:
+    """A component raised ``NotImplementedError`` during a run: the user error naming it
+    (recipe block, name, distribution) and what it did not implement. The component is
+    the innermost frame of the traceback whose ``self`` is one of the run's components."""
+    import traceback
+
+    objects: dict[int, str] = {}
+    if built is not None:
+        objects = {
+            id(built.train_data): "data", id(built.test_data): "data",
+            id(built.model.encoder): "encoder", id(built.model.quantizer): "quantizer",
+            id(built.model.decoder): "decoder",
+        }
+        if built.discriminator is not None:
+            objects[id(built.discriminator)] = "discriminator"
+        for i, loss in enumerate(built.losses):
+            objects[id(loss)] = f"losses.{i}"
+        for policy in built.policies:
+            objects[id(policy)] = "reset"
+    block, method = None, None
+    for frame, _ in reversed(list(traceback.walk_tb(exc.__traceback__))):
+        owner = frame.f_locals.get("self")
+        if owner is not None and id(owner) in objects:
+            block, method = objects[id(owner)], frame.f_code.co_name
+            break
+    entries = dict(_used_entries(recipe))
+    detail = str(exc) or "NotImplementedError"
+    if block is None:
+        return VqkitError(f"a component raised NotImplementedError: {detail}")
+    entry = entries.get(block)
+    who = _describe(entry) if entry is not None else block
+    kind = block.split(".")[0].replace("losses", "loss").replace("data", "dataset").replace("reset", "reset policy")
+    return VqkitError(
+        Problem(
+            f"{kind} {who} does not implement {method}() ({detail}); it cannot be used this way "
+            "(check its documented capabilities, or report it to its distribution)",
+            path=block,
         )
-    policy = build_policy(recipe, model)
-    return Built(recipe, train, test, model, losses, disc, policy)
+    )

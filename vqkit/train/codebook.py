@@ -33,7 +33,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from vqkit.recipe import ResetRef
     from vqkit.train.distributed import DistContext
 
-__all__ = ["CodebookManager", "check_plan", "reset_due", "reset_optimizer_rows"]
+__all__ = ["CodebookManager", "StagedCodebookManager", "codebook_manager", "check_plan", "reset_due", "reset_optimizer_rows"]
 
 
 def reset_due(step: int, every: int, start_step: int = 0, stop_step: int | None = None) -> bool:
@@ -248,3 +248,107 @@ class CodebookManager:
                 UserWarning,
                 stacklevel=2,
             )
+
+
+# --------------------------------------------------------------------------- several code-books
+class _StageView:
+    """Code-book ``stage`` of a multi-code-book quantizer, seen as the single code-book a
+    :class:`CodebookManager` and a reset policy work with."""
+
+    def __init__(self, quantizer: Quantizer, stage: int):
+        self.quantizer = quantizer
+        self.stage = int(stage)
+        self.codebook_size = int(quantizer.codebook_size)
+
+    def codebook(self) -> torch.Tensor:
+        return self.quantizer.codebook(self.stage)
+
+    def replace_codes(self, idx: torch.Tensor, vectors: torch.Tensor) -> None:
+        self.quantizer.replace_codes(idx, vectors, self.stage)
+
+    def code_parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.quantizer.code_parameters(self.stage))
+
+    def to_code_space(self, z: torch.Tensor) -> torch.Tensor:
+        return z  # stage_inputs are in the stage's code space by contract
+
+
+class StagedCodebookManager:
+    """One :class:`CodebookManager` per code-book of a multi-code-book quantizer
+    (``multi_codebook = True``, see :class:`~vqkit.interfaces.Quantizer`).
+
+    After each step the indices ``(B, S, h, w)`` are split by code-book; code-book ``s``
+    is observed with the vectors its stage quantized (``quantizer.stage_inputs``, only
+    computed when some policy can reset), reset by its own policy through
+    ``replace_codes(idx, vectors, s)``, and monitored by its own
+    :class:`~vqkit.telemetry.CodebookMonitor`; :attr:`monitor` combines them.
+    """
+
+    def __init__(
+        self,
+        quantizer: Quantizer,
+        policies: list[CodebookResetPolicy],
+        reset_cfg: ResetRef | None,
+        dist: DistContext | None = None,
+    ):
+        from vqkit.telemetry import StagedMonitor
+
+        n = int(quantizer.num_codebooks)
+        if len(policies) != n:
+            raise ValueError(f"{n} code-books need {n} reset policies, got {len(policies)}")
+        self.quantizer = quantizer
+        self.managers = [
+            CodebookManager(_StageView(quantizer, s), policies[s], reset_cfg,
+                            CodebookMonitor(quantizer.codebook_size), dist)
+            for s in range(n)
+        ]
+        self.monitor = StagedMonitor([m.monitor for m in self.managers])
+        self._observe = any(not getattr(p, "never_resets", False) for p in policies)
+
+    @property
+    def last_plan(self) -> list[ResetPlan | None]:
+        return [m.last_plan for m in self.managers]
+
+    def after_step(
+        self, step: int, z: torch.Tensor, indices: torch.Tensor, optimizers: list[torch.optim.Optimizer]
+    ) -> int:
+        """As :meth:`CodebookManager.after_step`, for indices ``(B, S, h, w)``; returns the
+        number of codes reset over all code-books."""
+        n = len(self.managers)
+        if indices.dim() != 4 or indices.shape[1] != n:
+            raise ValueError(
+                f"a quantizer with {n} code-books must return indices (B, {n}, h, w), got {tuple(indices.shape)}"
+            )
+        if self._observe:
+            with torch.no_grad():
+                inputs = list(self.quantizer.stage_inputs(z.detach(), indices.detach()))
+            if len(inputs) != n:
+                raise ValueError(f"stage_inputs returned {len(inputs)} tensors for {n} code-books")
+        else:  # policies that never reset ignore the vectors: skip computing them
+            inputs = [z] * n
+        return sum(m.after_step(step, inputs[s], indices[:, s], optimizers) for s, m in enumerate(self.managers))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"stages": [m.state_dict() for m in self.managers]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        stages = state.get("stages")
+        if stages is None or len(stages) != len(self.managers):
+            have = "one code-book" if stages is None else f"{len(stages)} code-books"
+            raise ValueError(f"the checkpoint's code-book state has {have}, the quantizer {len(self.managers)}")
+        for manager, sub in zip(self.managers, stages):
+            manager.load_state_dict(sub)
+
+
+def codebook_manager(
+    quantizer: Quantizer,
+    policies: list[CodebookResetPolicy],
+    reset_cfg: ResetRef | None,
+    dist: DistContext | None = None,
+) -> CodebookManager | StagedCodebookManager:
+    """The manager for ``quantizer``: a :class:`StagedCodebookManager` when it declares
+    ``multi_codebook``, else a :class:`CodebookManager` with a fresh monitor. Both have
+    ``after_step``, ``monitor``, ``state_dict`` and ``load_state_dict``."""
+    if getattr(type(quantizer), "multi_codebook", False):
+        return StagedCodebookManager(quantizer, policies, reset_cfg, dist)
+    return CodebookManager(quantizer, policies[0], reset_cfg, CodebookMonitor(quantizer.codebook_size), dist)

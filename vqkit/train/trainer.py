@@ -40,7 +40,7 @@ from vqkit.interfaces import Dataset
 from vqkit.model import VQModel
 from vqkit.recipe import Recipe
 from vqkit.train import checkpoint as ckpt
-from vqkit.train.build import Built, build_all, loss_keys
+from vqkit.train.build import Built, build_all, component_tags, loss_keys, not_implemented_error
 from vqkit.train.data import StepBatches, read_batch
 from vqkit.train.distributed import DistContext, init_distributed
 from vqkit.train.schedule import make_scheduler
@@ -144,14 +144,17 @@ def evaluate(
     model.eval()
     n = min(int(num_samples), len(dataset))
     sums: dict[str, float] = {}
-    counts = torch.zeros(model.codebook_size, dtype=torch.float64)
+    from vqkit.telemetry import stage_counts, usage_and_perplexity
+
+    num_codebooks = int(getattr(model.quantizer, "num_codebooks", 1))
+    counts = torch.zeros(num_codebooks, model.codebook_size, dtype=torch.float64)
     try:
         for start in range(0, n, batch_size):
             idx = torch.arange(start, min(n, start + batch_size))
             x = read_batch(dataset, idx).to(device)
             recon, out, _ = model(x)
             recon = recon.float().clamp(-1.0, 1.0)
-            counts += torch.bincount(out.indices.reshape(-1).cpu(), minlength=model.codebook_size).double()
+            counts += stage_counts(out.indices, model.codebook_size, num_codebooks)
             a, b = (recon + 1.0) / 2.0, (x + 1.0) / 2.0
             per: dict[str, torch.Tensor] = {}
             if "psnr" in metrics:
@@ -173,11 +176,9 @@ def evaluate(
     finally:
         model.train(was_training)
     result = {k: v / max(1, n) for k, v in sums.items()}
-    total = counts.sum()
-    if total > 0:
-        p = counts[counts > 0] / total
-        result["eval/usage"] = float((counts > 0).double().mean())
-        result["eval/perplexity"] = float(torch.exp(-(p * p.log()).sum()))
+    usage = usage_and_perplexity(counts)  # averaged over code-books
+    if usage is not None:
+        result["eval/usage"], result["eval/perplexity"] = usage
     return result
 
 
@@ -320,11 +321,11 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
         self.disc_scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
 
-        from vqkit.telemetry import CodebookMonitor
-        from vqkit.train.codebook import CodebookManager
+        from vqkit.train.codebook import codebook_manager
 
-        self.monitor = CodebookMonitor(self.model.codebook_size)
-        self.codebook = CodebookManager(self.model.quantizer, built.policy, cfg.reset, self.monitor, dist)
+        # one monitor and policy per code-book (several for a multi_codebook quantizer)
+        self.codebook = codebook_manager(self.model.quantizer, built.policies, cfg.reset, dist)
+        self.monitor = self.codebook.monitor
 
         self.lpips = None
         if "lpips" in cfg.eval.metrics:
@@ -455,7 +456,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ tracking / run dir
     def _setup_tracking(self) -> None:
-        from vqkit.plugins import get_registry
         from vqkit.tracking import DESCRIPTION_TAG, Tracker, context_tags, read_run_info, resolve_tracking_uri
 
         tcfg = self.cfg.tracking
@@ -505,7 +505,7 @@ class Trainer:
         tracker.log_params(self.recipe.flat_params())
         tags = {
             "vqkit.version": __version__,
-            "vqkit.plugins": ", ".join(get_registry().distributions()),
+            **component_tags(self.recipe),  # vqkit.plugins: the distributions this run used
             "vqkit.recipe_sha256": self.recipe.sha256(),
             "vqkit.run_dir": str(run_dir),
             "vqkit.world_size": self.dist.world_size,
@@ -577,6 +577,8 @@ class Trainer:
         terms["loss/total"] = total
         if self._nonfinite(total):
             raise NonFiniteLoss(self._describe_terms(terms, step))
+        for key, value in out.stats.items():  # logged as quantizer/<name>
+            terms[f"quantizer/{key}"] = torch.as_tensor(float(value))
         self.scaler.scale(total).backward()
         grad_norm = self._clip_and_step(self.opt, self.gen_params, self.scaler)
         if grad_norm is not None:
@@ -695,6 +697,8 @@ class Trainer:
                 self.dist.close()
             if isinstance(exc, OSError):  # e.g. an unwritable run folder
                 self._fail_os(exc, end_run=True)
+            if isinstance(exc, NotImplementedError):
+                raise not_implemented_error(exc, getattr(self, "built", None), self.recipe) from None
             raise
         tc = self.cfg.train
         dist = self.dist
@@ -712,6 +716,8 @@ class Trainer:
             status = "FINISHED" if self.step >= tc.steps else "RUNNING"
         except NonFiniteLoss as exc:
             self._fail_nonfinite(exc)
+        except NotImplementedError as exc:  # a component cannot do what the recipe asks
+            raise not_implemented_error(exc, self.built, self.recipe) from None
         except OSError as exc:  # full disk, read-only file system, permissions: FAILED below
             self._fail_os(exc)
         except KeyboardInterrupt:
