@@ -69,7 +69,7 @@ def vqkit_register_datasets():
 # A tiny fixed-code-book quantizer (a grid of `levels` per projected dimension, like FSQ):
 # declares fixed_codebook = True and does not implement replace_codes.
 FIXED_QUANTIZER = '''
-import itertools
+from typing import Annotated
 
 import torch
 from pydantic import Field
@@ -84,7 +84,7 @@ class GridQuantizer(Quantizer):
     fixed_codebook = True
 
     class Params(Params):
-        levels: list[int] = Field([3, 3], min_length=1, description="grid points per projected dimension")
+        levels: list[Annotated[int, Field(ge=2)]] = Field([3, 3], min_length=1, description="grid points per projected dimension")
 
     def __init__(self, params, *, dim):
         super().__init__()
@@ -114,7 +114,7 @@ class GridQuantizer(Quantizer):
         straight = grid.detach() + (u - u.detach())   # value exactly the grid point
         if self.training:
             self.code_counts += torch.bincount(indices.flatten(), minlength=self.codebook_size).float()
-        return QuantizerOutput(self.proj_out(straight), indices, {}, {"grid_mean": float(grid.mean())})
+        return QuantizerOutput(self.proj_out(straight), indices, {}, {"grid_mean": float(grid.detach().mean())})
 
     def decode_indices(self, indices):
         return self.proj_out(self._grid(indices))
@@ -131,3 +131,80 @@ def vqkit_register_quantizers(register):
 
 # registers a quantizer under the built-in name `vq` (a name clash)
 CLASHING_VQ = FIXED_QUANTIZER.replace('register("grid", GridQuantizer)', 'register("vq", GridQuantizer)')
+
+# A tiny multi-code-book quantizer: two nearest-code stages on the residuals
+# (multi_codebook = True, indices (B, S, h, w), per-stage codebook/replace_codes).
+MULTI_QUANTIZER = '''
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+from vqkit import hookimpl
+from vqkit.interfaces import Params, Quantizer, QuantizerOutput
+
+
+class TwoStage(Quantizer):
+    """Residual nearest-code quantizer with S stages (test plugin)."""
+
+    multi_codebook = True
+
+    class Params(Params):
+        stages: int = Field(2, ge=1, description="number of code-books S")
+        codebook_size: int = Field(16, ge=2, description="codes per code-book K")
+
+    def __init__(self, params, *, dim):
+        super().__init__()
+        self.dim, self.codebook_size, self.num_codebooks = dim, params.codebook_size, params.stages
+        self.books = nn.ParameterList(
+            [nn.Parameter(torch.randn(params.codebook_size, dim) / (s + 1)) for s in range(params.stages)]
+        )
+
+    def _search(self, r, s):
+        flat = r.movedim(1, -1).reshape(-1, self.dim)
+        return torch.cdist(flat.detach(), self.books[s].detach()).argmin(1)
+
+    def forward(self, z):
+        b, _, h, w = z.shape
+        residual, total, indices, losses = z, torch.zeros_like(z), [], {}
+        for s in range(self.num_codebooks):
+            idx = self._search(residual, s)
+            code = self.books[s][idx].reshape(b, h, w, self.dim).movedim(-1, 1)
+            losses[f"codebook{s}"] = F.mse_loss(code, residual.detach())
+            total = total + code
+            residual = residual - code.detach()
+            indices.append(idx.reshape(b, h, w))
+        losses["commitment"] = F.mse_loss(z, total.detach())
+        quantized = total.detach() + (z - z.detach())
+        return QuantizerOutput(quantized, torch.stack(indices, 1), losses, {"stages": float(self.num_codebooks)})
+
+    def decode_indices(self, indices):
+        total = 0
+        for s in range(self.num_codebooks):
+            total = total + self.books[s][indices[:, s]].movedim(-1, 1)
+        return total
+
+    def stage_inputs(self, z, indices):
+        out, residual = [], z
+        for s in range(self.num_codebooks):
+            out.append(residual)
+            residual = residual - self.books[s][indices[:, s]].movedim(-1, 1)
+        return out
+
+    def codebook(self, stage):
+        return self.books[stage].detach()
+
+    def replace_codes(self, idx, vectors, stage):
+        with torch.no_grad():
+            self.books[stage][idx] = vectors.to(self.books[stage].dtype)
+
+    def code_parameters(self, stage):
+        return [self.books[stage]]
+
+    def loss_weights(self):
+        return {"commitment": 0.25}
+
+
+@hookimpl
+def vqkit_register_quantizers(register):
+    register("two-stage", TwoStage)
+'''

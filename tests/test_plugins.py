@@ -229,3 +229,17 @@ def test_quantizer_without_replace_codes_must_declare_a_fixed_codebook(tmp_path)
         with pytest.warns(PluginWarning, match="does not implement replace_codes.*fixed_codebook = True"):
             registry = build_registry()
     assert next(p for p in registry.plugins if p.name == "vqkit-undeclared").status == "broken"
+
+
+def test_components_text_shows_full_types_descriptions_and_capabilities(tmp_path, capsys, use_registry):
+    with _fake(tmp_path, "vqkit-grid", "vqkit_grid_list", ex.FIXED_QUANTIZER, ep_name="grid", version="0.1.0"):
+        use_registry(build_registry())
+        assert main(["components", "quantizers", "grid"]) == 0
+    out = capsys.readouterr().out
+    assert "grid (vqkit-grid 0.1.0): Rounds a bounded projection of each latent to a fixed grid (test plugin)." in out
+    assert "capabilities: fixed_codebook = True, multi_codebook = False" in out
+    assert re.search(r"^levels +list\[int ≥ 2\] \(≥ 1 items\) +\[3, 3\] +grid points per projected dimension$", out, re.M)
+    assert main(["components", "reset_policies", "random"]) == 0
+    assert re.search(r"^threshold +float ≥ 0 +1\.0 +a code with fewer assignments", capsys.readouterr().out, re.M)
+    assert main(["components", "perceptual_losses", "disc*"]) == 0
+    assert "capabilities: needs_discriminator = True" in capsys.readouterr().out
