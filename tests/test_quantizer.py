@@ -38,7 +38,6 @@ def spread(q: VectorQuantizer, seed=2) -> VectorQuantizer:
     """Give the code-book well separated random codes (the default init is tiny)."""
     g = torch.Generator().manual_seed(seed)
     q.replace_codes(torch.arange(q.codebook_size), torch.randn(q.codebook_size, q.dim, generator=g))
-    q.take_counts()
     return q
 
 
@@ -232,18 +231,17 @@ def test_bad_input_shape_is_rejected():
 
 
 # ----------------------------------------------------------------------------- state
-def test_counts_accumulate_in_training_mode_only():
-    q = spread(make())
-    z = latents()
-    q.eval()(z)
-    assert float(q.code_counts.sum()) == 0
-    q.train()
-    a = q(z).indices
-    b = q(latents(seed=3)).indices
-    expected = torch.bincount(torch.cat([a.flatten(), b.flatten()]), minlength=24).float()
-    assert q.code_counts.dtype == torch.float32
-    assert torch.equal(q.take_counts(), expected)
-    assert float(q.code_counts.sum()) == 0
+def test_no_usage_counter_and_old_checkpoints_with_one_load():
+    """Usage is counted by the trainer from the indices; the quantizer keeps no counter
+    (the old ``code_counts`` grew without bound and nothing read it). A state dict that
+    still has it loads."""
+    q = spread(make()).train()
+    q(latents())
+    assert "code_counts" not in q.state_dict() and not hasattr(q, "take_counts")
+    old = {**q.state_dict(), "code_counts": torch.arange(24.0)}
+    fresh = make()
+    fresh.load_state_dict(old)
+    assert torch.equal(fresh.codebook(), q.codebook())
 
 
 def test_ema_updates_codes_in_training_mode_only_and_follows_the_formula():
@@ -278,8 +276,7 @@ def test_ema_updates_codes_in_training_mode_only_and_follows_the_formula():
 def test_replace_codes_resets_dependent_state(ema):
     q = spread(make(ema=ema)).train()
     q(latents())
-    q(latents(seed=7))  # leaves an EMA update pending
-    used = q.code_counts.nonzero().flatten()[:3]
+    used = q(latents(seed=7)).indices.flatten().unique()[:3]  # leaves an EMA update pending
     assert used.numel() == 3
     before = q.codebook()
     vectors = torch.randn(3, D) * 5
@@ -289,7 +286,6 @@ def test_replace_codes_resets_dependent_state(ema):
     keep[used] = False
     assert torch.equal(after[keep], before[keep])
     assert torch.equal(after[used], vectors)
-    assert float(q.code_counts[used].sum()) == 0 and float(q.code_counts[keep].sum()) > 0
     if ema:
         assert torch.equal(q.ema_cluster_size[used], torch.ones(3))
         assert torch.equal(q.ema_embed_sum[used], vectors)
@@ -329,17 +325,22 @@ def test_kmeans_init_happens_once_and_is_checkpointed(monkeypatch):
 def test_state_dict_round_trip(ema, cosine):
     q = make(ema=ema, cosine=cosine, kmeans_init=True, kmeans_iters=2).train()
     q(latents(seed=1))
-    q(latents(seed=2))
-    q.code_counts.add_(1)
+    q(latents(seed=2))  # with EMA: leaves an update pending
     state = q.state_dict()
-    expected_keys = {"embed", "code_counts", "kmeans_done"}
+    expected_keys = {"embed", "kmeans_done"}
     if ema:
         expected_keys |= {"ema_cluster_size", "ema_embed_sum", "ema_pending"}
+        assert bool(state["ema_pending"])
     assert set(state) == expected_keys
     fresh = make(ema=ema, cosine=cosine, kmeans_init=True, kmeans_iters=2)
     fresh.load_state_dict(state)
     for k, v in fresh.state_dict().items():
+        if ema and k in ("embed", "ema_pending"):  # a loaded model starts with the update applied
+            continue
         assert torch.equal(v, state[k]), k
+    assert torch.equal(fresh.codebook(), q.codebook())
+    if ema:
+        assert torch.equal(fresh.embed, q.codebook()) and not bool(fresh.ema_pending)
     z = latents(seed=3)
     for training in (True, False):
         a, b = q.train(training)(z), fresh.train(training)(z)
@@ -486,3 +487,72 @@ def test_code_sums_both_accumulation_orders(monkeypatch, large):
     idx = torch.randint(0, 11, (2, 16, 17), generator=g)
     expected = torch.zeros(11, 5).index_add_(0, idx.reshape(-1), flat(z))
     torch.testing.assert_close(code_sums(z, idx, 11), expected)
+
+
+# ----------------------------------------------------------------------------- ties and bad input
+TIE_CASES = [(64, 2, 33), (64, 7, 40), (64, 31, 32), (2048, 5, 2047), (2048, 1, 64)]
+
+
+def _duplicated_codes(k: int, low: int, high: int, d: int = 4) -> torch.Tensor:
+    codes = torch.randn(k, d, generator=torch.Generator().manual_seed(k + low))
+    codes[high] = codes[low]
+    return codes
+
+
+@pytest.mark.parametrize("k,low,high", TIE_CASES)
+def test_search_ties_go_to_the_lowest_index(k, low, high):
+    """Duplicate codes (k-means with K > N makes them) give exactly equal scores: the lower
+    index wins, as documented, in every search path (lane trick, runner-up, fused step)."""
+    codes = _duplicated_codes(k, low, high)
+    x = codes[high].repeat(5, 1)
+    assert nearest_codes(x, codes)[0].tolist() == [low] * 5
+    idx, best, second = nearest_two_codes(x, codes)
+    assert idx.tolist() == [low] * 5 and torch.equal(best, second)
+    for shape in ((3, 4, 2, 2), (2, 4, 16, 16), (6, 4, 16, 16)):  # rows, planes, batched planes
+        z = codes[high].view(1, 4, 1, 1).expand(*shape).contiguous()
+        step = straight_through_vq(z, codes)
+        assert set(step.indices.flatten().tolist()) == {low}, shape
+
+
+def test_search_ties_in_random_data_match_first_argmin():
+    """Many duplicated codes, rows drawn at the codes: the index is the first arg-min of the
+    exact distances (and no speed path changes a row without a tie)."""
+    g = torch.Generator().manual_seed(8)
+    base = torch.randn(16, 6, generator=g)
+    codes = base[torch.randint(0, 16, (128,), generator=g)]  # 128 codes, 16 distinct vectors
+    x = codes[torch.randint(0, 128, (300,), generator=g)]
+    exact = (x.double()[:, None, :] - codes.double()[None]).square().sum(-1)  # equal for equal codes
+    expected = exact.argmin(1)  # the first of equal minima
+    assert torch.equal(nearest_codes(x, codes)[0], expected)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("training", [False, True])
+def test_non_finite_latents_are_an_error_not_code_0(bad, training):
+    q = spread(make(ema=True)).train(training)
+    z = latents()
+    z[1, 2, 0, 3] = bad
+    before = {k: v.clone() for k, v in q.state_dict().items()}
+    with pytest.raises(FloatingPointError, match=r"vq: .*1 of 144 latent values are NaN or infinite"):
+        q(z)
+    for key, value in q.state_dict().items():  # nothing was accumulated from the bad batch
+        assert torch.equal(value, before[key]), key
+
+
+@pytest.mark.parametrize("cosine", [False, True])
+def test_decode_indices_in_eval_mode_reproduces_a_training_forward(cosine):
+    """The interface's promise in eval mode too: decoding the indices of a training forward
+    afterwards gives its ``quantized`` (its EMA update is applied by the next forward)."""
+    q = spread(make(ema=True, cosine=cosine)).train()
+    out = q(latents(seed=4, scale=2.0))
+    q.eval()
+    assert torch.equal(q.decode_indices(out.indices), out.quantized)
+    # a model loaded from that state decodes with the codes its next forward uses
+    fresh = make(ema=True, cosine=cosine)
+    fresh.load_state_dict(q.state_dict())
+    fresh.eval()
+    codes = torch.arange(24).view(1, 4, 6)
+    decoded = fresh.decode_indices(codes)
+    nxt = q(latents(seed=5))
+    assert torch.equal(q.decode_indices(nxt.indices), nxt.quantized)
+    assert torch.equal(decoded, q.decode_indices(codes))

@@ -170,15 +170,17 @@ class Quantizer(Component, nn.Module, abc.ABC):
     ``decode_indices(indices)`` maps int64 ``(B, h, w)`` to ``(B, D, h, w)`` and
     reproduces ``QuantizerOutput.quantized`` (forward value) exactly, in train and eval.
 
-    Usage counting: the buffer ``code_counts`` (float32 ``(K,)``) accumulates
-    assignments in training mode only; the trainer reads and clears it
-    (:meth:`take_counts`). A quantizer never resets codes by itself: resets are done by
-    a :class:`CodebookResetPolicy` called by the trainer, through :meth:`replace_codes`.
+    Usage is counted by the trainer from ``QuantizerOutput.indices`` (over all ranks); a
+    quantizer keeps no usage counter. A quantizer never resets codes by itself: resets are
+    done by a :class:`CodebookResetPolicy` called by the trainer, through
+    :meth:`replace_codes`. Latents holding NaN or inf may raise ``FloatingPointError``
+    (the trainer stops the run as for a non-finite loss; under ``torch.distributed`` raise
+    it on every rank, e.g. after an all-reduce of the check, as ``vq`` does).
 
     What the trainer, the telemetry and the resets use: ``codebook_size`` (``K``),
-    ``dim`` (``D``), ``forward``, ``decode_indices``, ``loss_weights()``,
-    ``code_counts``/``take_counts()``, and, when a reset policy other than ``none`` is
-    used, ``codebook()``, ``replace_codes()`` and ``code_parameters()``.
+    ``dim`` (``D``), ``forward``, ``decode_indices``, ``loss_weights()``, and, when a
+    reset policy other than ``none`` is used, ``to_code_space()``, ``codebook()``,
+    ``replace_codes()`` and ``code_parameters()``.
     ``QuantizerOutput.stats`` are logged as ``quantizer/<name>`` metrics (averaged over
     the logging window). A k-means initialisation, if any, is the quantizer's own
     business (done inside ``forward`` in training mode, recorded in a buffer).
@@ -190,12 +192,12 @@ class Quantizer(Component, nn.Module, abc.ABC):
         replaced, ``replace_codes`` need not be implemented (the base raises
         ``NotImplementedError``), and a recipe combining it with a reset policy that
         replaces codes is rejected by ``vqkit validate``. ``codebook()`` still returns the
-        ``(K, D)`` code vectors and ``code_counts`` still counts usage.
+        ``(K, D)`` code vectors.
     ``multi_codebook`` (default ``False``)
         ``True`` when the quantizer has ``S = num_codebooks`` code-books of ``K`` codes
         each (residual VQ, product quantization). Then ``indices`` are int64
         ``(B, S, h, w)`` (stage ``s`` in ``[:, s]``), ``decode_indices`` takes that
-        shape, ``code_counts`` is float32 ``(S, K)``, and the per-code-book methods take the
+        shape, and the per-code-book methods take the
         stage: ``codebook(stage)`` ``(K, D_s)``, ``replace_codes(idx, vectors, stage)``,
         ``code_parameters(stage)``; :meth:`stage_inputs` returns the vectors each stage
         quantized (the space of its code-book). The trainer keeps one usage monitor and
@@ -228,8 +230,8 @@ class Quantizer(Component, nn.Module, abc.ABC):
 
     def replace_codes(self, idx: torch.Tensor, vectors: torch.Tensor) -> None:
         """Set codes ``idx`` (int64 ``(n,)``) to ``vectors`` ``(n, D)`` given in encoder-output
-        space, and reset every state that depends on those codes (usage counters, EMA
-        cluster sizes and sums). Mandatory unless the class declares
+        space, and reset every state that depends on those codes (e.g. EMA cluster sizes
+        and sums). Mandatory unless the class declares
         ``fixed_codebook = True``. Multi-code-book quantizers take a third argument,
         ``stage``."""
         raise NotImplementedError(f"{type(self).__name__} cannot replace codes (fixed code-book)")
@@ -263,12 +265,11 @@ class Quantizer(Component, nn.Module, abc.ABC):
         are reset with the codes). Default: none."""
         return []
 
-    def take_counts(self) -> torch.Tensor:
-        """Return and zero the assignment counts accumulated since the last call
-        (``(K,)``, or ``(S, K)`` for a multi-code-book quantizer)."""
-        counts = self.code_counts.clone()
-        self.code_counts.zero_()
-        return counts
+    def to_code_space(self, z: torch.Tensor) -> torch.Tensor:
+        """Flattened encoder outputs ``(N, D)`` as the search compares them with
+        :meth:`codebook` (e.g. l2-normalized for cosine codes); the reset policies observe
+        these. Default: ``z`` unchanged."""
+        return z
 
 
 # --------------------------------------------------------------------------- reset policies
@@ -289,8 +290,9 @@ class CodebookResetPolicy(Component, abc.ABC):
     Constructed as ``cls(params, codebook_size=K, dim=D, seed=s)``.
 
     The trainer calls :meth:`observe` after every training step with the flattened
-    encoder outputs ``z`` float ``(N, D)`` (detached) and their code ``indices`` int64
-    ``(N,)``, and :meth:`plan` every ``reset.every`` steps; it applies a returned
+    encoder outputs ``z`` float ``(N, D)`` (detached, in the quantizer's code space:
+    ``Quantizer.to_code_space``, e.g. unit vectors for cosine codes) and their code
+    ``indices`` int64 ``(N,)``, and :meth:`plan` every ``reset.every`` steps; it applies a returned
     :class:`ResetPlan` through ``Quantizer.replace_codes`` and resets the optimizer
     state of those rows. Policies never mutate the quantizer themselves. Under
     distributed training, ``observe`` receives the data of all ranks and ``plan`` runs

@@ -1,12 +1,13 @@
 """Code-book reset policies: ``none``, ``random``, ``jukebox`` and ``kmeans``.
 
-A policy watches the encoder outputs ``z`` float ``(N, D)`` and their code indices int64
+A policy watches the encoder outputs ``z`` float ``(N, D)`` (in the quantizer's code space,
+``Quantizer.to_code_space``: unit vectors for cosine codes) and their code indices int64
 ``(N,)`` through :meth:`~vqkit.interfaces.CodebookResetPolicy.observe` (every step, the
 data of all ranks) and, when the trainer asks (every ``reset.every`` steps), returns a
 :class:`~vqkit.interfaces.ResetPlan` naming dead codes and the vectors, in encoder-output
 space, that replace them. Policies never touch the quantizer: the trainer's
 :class:`~vqkit.train.codebook.CodebookManager` applies the plan and resets the state that
-depends on the replaced codes (quantizer usage counters and EMA, optimizer moments).
+depends on the replaced codes (the quantizer's EMA statistics, optimizer moments).
 
 Guarantees of the built-in policies:
 

@@ -54,15 +54,23 @@ class VectorQuantizer(Quantizer):
     sizes ``N_k`` and sums ``m_k``, decay ``ema_decay``, Laplace smoothing ``ema_eps``):
     ``e_k = m_k / N_k``. The statistics of a training batch are accumulated in its
     forward; the codes are recomputed from them at the start of the next forward (or by
-    :meth:`replace_codes`, or :meth:`decode_indices` in eval mode), so ``quantized``
-    always equals ``decode_indices(indices)`` and the sequence of code-books seen by the
+    :meth:`replace_codes`, or when a state dict is loaded), so ``quantized`` always equals
+    ``decode_indices(indices)`` (:meth:`decode_indices` looks up the codes the latest
+    forward searched, in train and eval mode) and the sequence of code-books seen by the
     batches is that of the usual EMA algorithm. :meth:`codebook` always shows the codes
     after the latest update.
 
     With ``kmeans_init`` the code-book is set by k-means (k-means++ seeding, ``kmeans_iters``
     Lloyd iterations) on the first training batch; the buffer ``kmeans_done`` records it,
     so it happens once and survives checkpoints. Its randomness comes from the global
-    torch generator (one draw), so it is reproducible under a fixed seed.
+    torch generator (one draw), so it is reproducible under a fixed seed. Under
+    ``torch.distributed`` the first batches of all ranks are gathered, rank 0 fits and
+    broadcasts the result, so every rank starts from the same code-book before its first
+    search.
+
+    Latents with NaN or infinite values raise ``FloatingPointError`` (before any state
+    changes); in training under ``torch.distributed`` the check is collective, so every
+    rank raises together (the trainer turns it into its non-finite stop).
     """
 
     class Params(Params):
@@ -113,8 +121,9 @@ class VectorQuantizer(Quantizer):
             self.register_buffer("ema_pending", torch.zeros((), dtype=torch.bool))
         else:
             self.embed = nn.Parameter(init)
-        self.register_buffer("code_counts", torch.zeros(k))
         self.register_buffer("kmeans_done", torch.tensor(not p.kmeans_init))
+        self.register_load_state_dict_pre_hook(_drop_legacy_keys)
+        self.register_load_state_dict_post_hook(_apply_pending_after_load)
 
     # ------------------------------------------------------------------ code-book views
     def _codes(self) -> torch.Tensor:
@@ -151,6 +160,12 @@ class VectorQuantizer(Quantizer):
         """``[embed]`` (rows = codes) when the code-book is learned; ``[]`` with EMA."""
         return [] if self.params.ema else [self.embed]
 
+    def to_code_space(self, z: torch.Tensor) -> torch.Tensor:
+        """Flattened latents ``(N, D)`` as the search compares them with the codes:
+        float32, l2-normalized with ``cosine``."""
+        x = z.float()
+        return F.normalize(x, dim=1, eps=_NORM_EPS) if self.params.cosine else x
+
     def loss_weights(self) -> dict[str, float]:
         weights = {"commitment": float(self.params.beta)}
         if not self.params.ema:
@@ -169,16 +184,15 @@ class VectorQuantizer(Quantizer):
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         with torch.autocast(z.device.type, enabled=False):
-            self._apply_pending_ema()
             x = self._prepare(z)
+            self._check_finite(x)
+            self._apply_pending_ema()
             if self.training and not bool(self.kmeans_done):
                 self._kmeans_init(x.detach().permute(0, 2, 3, 1).reshape(-1, self.dim))
             step = straight_through_vq(x, self._codes(), self.params.chunk_size)
-            if self.training:
+            if self.training and self.params.ema:
                 with torch.no_grad():
-                    self.code_counts += step.counts
-                    if self.params.ema:
-                        self._ema_accumulate(code_sums(x.detach(), step.indices, self.codebook_size), step.counts)
+                    self._ema_accumulate(code_sums(x.detach(), step.indices, self.codebook_size), step.counts)
         quantized = step.quantized
         if quantized.dtype != z.dtype:
             quantized = quantized.to(z.dtype)
@@ -193,13 +207,28 @@ class VectorQuantizer(Quantizer):
         )
 
     @torch.no_grad()
+    def _check_finite(self, x: torch.Tensor) -> None:
+        """Raise ``FloatingPointError`` if the latents hold NaN or inf (the search would
+        silently give them code 0). Collective in distributed training."""
+        bad = (~torch.isfinite(x)).sum()
+        if self.training and _distributed():
+            bad = bad.float()
+            torch.distributed.all_reduce(bad)  # every rank raises, none waits in a collective
+        bad = int(bad)
+        if bad:
+            raise FloatingPointError(
+                f"vq: {bad} of {x.numel()} latent values are NaN or infinite (over all processes "
+                "when distributed); the encoder output diverged or its input holds NaN/inf"
+            )
+
+    @torch.no_grad()
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """int64 ``(B, h, w)`` -> float32 ``(B, D, h, w)``, bit for bit the ``quantized`` of
-        the forward that produced the indices."""
+        the forward that produced the indices (the codes the latest forward searched: an EMA
+        update of a training forward is not applied here, in train or eval mode, but by the
+        next forward)."""
         if indices.dim() != 3:
             raise ValueError(f"decode_indices expects indices (B, h, w), got {tuple(indices.shape)}")
-        if not self.training:
-            self._apply_pending_ema()
         b, h, w = indices.shape
         codes = self._codes().detach()
         flat = codes.index_select(0, indices.reshape(-1).to(device=codes.device, dtype=torch.int64))
@@ -208,7 +237,7 @@ class VectorQuantizer(Quantizer):
     # ------------------------------------------------------------------ code-book updates
     @torch.no_grad()
     def _ema_accumulate(self, sums: torch.Tensor, counts: torch.Tensor) -> None:
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        if _distributed():
             # every rank's batch feeds the EMA, and the code-books stay identical
             stats = torch.cat([sums.float(), counts.float().unsqueeze(1)], dim=1)
             torch.distributed.all_reduce(stats)
@@ -220,15 +249,27 @@ class VectorQuantizer(Quantizer):
 
     @torch.no_grad()
     def _kmeans_init(self, x: torch.Tensor) -> None:
-        generator = torch.Generator(device=x.device)
-        generator.manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
-        result = kmeans(x, self.codebook_size, self.params.kmeans_iters, generator, chunk_size=self.params.chunk_size)
-        centroids = result.centroids
+        """k-means on the first training batch ``x`` ``(N, D)``; distributed: on the batches
+        of all ranks (rank order), fitted on rank 0 and broadcast."""
+        seed = int(torch.randint(0, 2**62, (1,)).item())  # drawn on every rank: same RNG streams
+        distributed = _distributed()
+        if distributed:
+            x = _gather_rows(x)
+        centroids = torch.empty(self.codebook_size, self.dim, dtype=torch.float32, device=x.device)
+        sizes = torch.empty(self.codebook_size, dtype=torch.float32, device=x.device)
+        if not distributed or torch.distributed.get_rank() == 0:
+            generator = torch.Generator(device=x.device)
+            generator.manual_seed(seed)
+            result = kmeans(x, self.codebook_size, self.params.kmeans_iters, generator, chunk_size=self.params.chunk_size)
+            centroids.copy_(result.centroids)
+            sizes.copy_(torch.bincount(result.assignments, minlength=self.codebook_size).float().clamp_(min=1.0))
+        if distributed:
+            torch.distributed.broadcast(centroids, src=0)
+            torch.distributed.broadcast(sizes, src=0)
         if self.params.cosine:
             centroids = F.normalize(centroids, dim=1, eps=_NORM_EPS)
         self.embed.copy_(centroids)
         if self.params.ema:
-            sizes = torch.bincount(result.assignments, minlength=self.codebook_size).float().clamp_(min=1.0)
             self.ema_cluster_size.copy_(sizes)
             self.ema_embed_sum.copy_(centroids * sizes.unsqueeze(1))
             self.ema_pending.fill_(False)
@@ -237,19 +278,48 @@ class VectorQuantizer(Quantizer):
     @torch.no_grad()
     def replace_codes(self, idx: torch.Tensor, vectors: torch.Tensor) -> None:
         """Set codes ``idx`` (int64 ``(n,)``) to ``vectors`` ``(n, D)`` (encoder-output space;
-        normalized with ``cosine``); zero their usage counts and, with EMA, restart their
-        statistics at cluster size 1 and sum = the vector. A pending EMA update of the
-        other codes is applied first."""
+        normalized with ``cosine``); with EMA, restart their statistics at cluster size 1
+        and sum = the vector. A pending EMA update of the other codes is applied first."""
         idx = idx.to(device=self.embed.device, dtype=torch.int64).reshape(-1)
         vectors = vectors.detach().to(device=self.embed.device, dtype=torch.float32).reshape(idx.numel(), self.dim)
         if self.params.cosine:
             vectors = F.normalize(vectors, dim=1, eps=_NORM_EPS)
         self._apply_pending_ema()
         self.embed.index_copy_(0, idx, vectors)
-        self.code_counts.index_fill_(0, idx, 0.0)
         if self.params.ema:
             self.ema_cluster_size.index_fill_(0, idx, 1.0)
             self.ema_embed_sum.index_copy_(0, idx, vectors)
+
+
+def _distributed() -> bool:
+    return (torch.distributed.is_available() and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1)
+
+
+def _gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """The rows ``(N_r, D)`` of every rank, concatenated in rank order (``N_r`` may differ)."""
+    world = torch.distributed.get_world_size()
+    n = torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    torch.distributed.all_gather(sizes, n)
+    counts = [int(s) for s in sizes]
+    padded = x.new_zeros(max(counts), x.shape[1])
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    torch.distributed.all_gather(parts, padded.contiguous())
+    return torch.cat([p[:c] for p, c in zip(parts, counts)])
+
+
+def _drop_legacy_keys(module, state_dict, prefix, *args) -> None:
+    """Older checkpoints hold a usage counter ``code_counts`` that nothing read (removed;
+    the trainer counts usage from the indices, :class:`vqkit.telemetry.CodebookMonitor`)."""
+    state_dict.pop(prefix + "code_counts", None)
+
+
+def _apply_pending_after_load(module: "VectorQuantizer", incompatible_keys) -> None:
+    """A loaded model starts from the codes its next forward would use, so that
+    ``decode_indices`` of indices from elsewhere (a prior's samples) matches ``forward``."""
+    module._apply_pending_ema()
 
 
 def _perplexity(counts: torch.Tensor) -> float:

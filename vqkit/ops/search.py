@@ -69,16 +69,26 @@ def _tile_argmax(tile: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     best score ``(n, g)``, an index search over those ``g`` values picks the lane, and one
     over the ``G`` scores of that lane (gathered from the tile) picks the group. Only
     ``g + G`` instead of ``w`` elements per row go through the slow indexed reduction.
+
+    Ties go to the lowest code, like ``torch.max``: the lane search prefers the lowest
+    *lane*, which is the lowest code only when one lane holds the best score, so rows where
+    several lanes do (duplicate codes) are searched again with ``torch.max`` (a check on
+    the ``(n, g)`` lane maxima; rows without such a tie cost nothing more).
     """
     n, w = tile.shape
     g = _lanes(w)
     if g == 0:
         return torch.max(tile, 1)
     groups = tile.view(n, w // g, g)
-    best, lane = groups.amax(1).max(1)
+    lane_best = groups.amax(1)
+    best, lane = lane_best.max(1)
     column = groups.gather(2, lane.view(n, 1, 1).expand(n, w // g, 1))
     group = column.view(n, w // g).argmax(1)
-    return best, torch.add(lane, group, alpha=g)
+    index = torch.add(lane, group, alpha=g)
+    tied = torch.nonzero(lane_best.eq_(best.unsqueeze(1)).sum(1) > 1).flatten()
+    if tied.numel():
+        index[tied] = tile.index_select(0, tied).argmax(1)
+    return best, index
 
 
 def plane_tile_shape(plane: int, k: int, device: torch.device, chunk_size: int | None = None) -> tuple[int, int]:
@@ -166,7 +176,7 @@ def nearest_codes(
     Returns:
         ``(indices, scores)``: int64 ``(N,)`` in ``[0, K)`` and float32 ``(N,)`` with
         ``scores = x . e_idx - ||e_idx||^2 / 2``, so ``||x - e_idx||^2 = ||x||^2 - 2 * scores``.
-        Ties go to the lowest index within a tile.
+        Ties (equal scores, e.g. duplicate codes) go to the lowest index.
     """
     indices, scores, _ = _search_rows(x, codes, chunk_size, runner_up=False)
     return indices, scores

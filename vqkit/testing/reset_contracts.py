@@ -25,7 +25,7 @@ The checks (each raises ``AssertionError`` with a precise message):
 ``dependent_state``
     the policy's own statistics of replaced codes are reset (an immediate second plan does
     not name them again), and through :class:`~vqkit.train.codebook.CodebookManager` the
-    quantizer's usage counters and the Adam moments of the replaced rows are zeroed;
+    Adam moments of the replaced rows are zeroed;
 ``shapes_dtypes_device``
     indices int64 ``(n,)``, vectors ``(n, D)`` in the code-book's dtype (float32 and
     float64) and on its device, and ``plan`` does not modify the code-book it is given;
@@ -232,7 +232,6 @@ def check_dependent_state(cls: type, params: Params | None = None) -> None:
         assert torch.equal(state["exp_avg"][keep], before_avg[keep]) and torch.equal(
             state["exp_avg_sq"][keep], before_sq[keep]
         ), f"{_name(cls)}: Adam moments of codes that were not replaced changed"
-        assert float(quantizer.code_counts[idx].sum()) == 0, f"{_name(cls)}: usage counters of replaced codes not reset"
         assert torch.equal(quantizer.codebook()[keep], before_codes[keep]), f"{_name(cls)}: codes outside the plan changed"
         assert torch.equal(quantizer.codebook()[idx], manager.last_plan.vectors), f"{_name(cls)}: codes not set to the plan's vectors"
         assert manager.monitor.reset_events == [(step, n)], "reset not recorded by the monitor"
@@ -349,8 +348,7 @@ class ToyQuantizer(Quantizer):
     """Minimal l2 nearest-code quantizer for tests of reset machinery (not registered).
 
     ``forward(z)``: ``z`` float ``(B, D, h, w)``; straight-through output, losses
-    ``codebook`` ``||sg[z] - e||^2`` and ``commitment`` ``||z - sg[e]||^2``; counts
-    assignments in ``code_counts`` in training mode. ``replace_codes`` zeroes them.
+    ``codebook`` ``||sg[z] - e||^2`` and ``commitment`` ``||z - sg[e]||^2``.
     """
 
     def __init__(self, codebook_size: int, dim: int, init: torch.Tensor | None = None):
@@ -358,14 +356,11 @@ class ToyQuantizer(Quantizer):
         self.codebook_size, self.dim = codebook_size, dim
         weight = init.clone().float() if init is not None else torch.randn(codebook_size, dim)
         self.weight = nn.Parameter(weight)
-        self.register_buffer("code_counts", torch.zeros(codebook_size))
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         flat = z.movedim(1, -1).reshape(-1, self.dim)
         indices = torch.cdist(flat.detach().float(), self.weight.detach().float()).argmin(dim=1)
         q = self.weight[indices]
-        if self.training:
-            self.code_counts += torch.bincount(indices, minlength=self.codebook_size).float()
         losses = {"codebook": F.mse_loss(q, flat.detach()), "commitment": F.mse_loss(flat, q.detach())}
         q = flat + (q - flat).detach()
         b, _, h, w = z.shape
@@ -382,7 +377,6 @@ class ToyQuantizer(Quantizer):
     def replace_codes(self, idx: torch.Tensor, vectors: torch.Tensor) -> None:
         with torch.no_grad():
             self.weight[idx] = vectors.to(self.weight.dtype)
-            self.code_counts[idx] = 0
 
     def code_parameters(self) -> list[nn.Parameter]:
         return [self.weight]

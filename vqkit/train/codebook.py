@@ -2,16 +2,19 @@
 
 The trainer calls :meth:`CodebookManager.after_step` once per optimizer step. It
 
-1. flattens this rank's encoder outputs ``z`` ``(B, D, h, w)`` to ``(N, D)`` and the
-   indices ``(B, h, w)`` to ``(N,)``, and gathers both from every rank
+1. flattens this rank's encoder outputs ``z`` ``(B, D, h, w)`` to ``(N, D)``, maps them
+   into the quantizer's code space (``quantizer.to_code_space``: unit vectors for cosine
+   codes, so that a policy compares like with like, e.g. k-means fits the directions the
+   search uses), flattens the indices ``(B, h, w)`` to ``(N,)``, and gathers both from
+   every rank
    (:meth:`DistContext.all_gather_cat`), so that the policy and the monitor see the same
    data on every rank;
 2. calls ``policy.observe`` and ``monitor.update``;
 3. when a reset is due (``step >= reset.start_step``, ``(step + 1) % reset.every == 0``,
    ``step <= reset.stop_step``), calls ``policy.plan`` on rank 0 only, broadcasts the
    plan (its size first, then indices and vectors), checks it, and on every rank applies
-   it identically: ``quantizer.replace_codes`` (which resets the quantizer's usage
-   counters and EMA state of those codes), then zeroes the per-row optimizer state
+   it identically: ``quantizer.replace_codes`` (which resets the quantizer's state of
+   those codes, e.g. EMA statistics), then zeroes the per-row optimizer state
    (Adam ``exp_avg``, ``exp_avg_sq``, ...) of those rows for every parameter of
    ``quantizer.code_parameters()`` in every optimizer that holds it, and records the
    reset in the monitor.
@@ -136,7 +139,7 @@ class CodebookManager:
 
     def _gather(self, z: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         d = z.shape[1]
-        flat_z = z.detach().movedim(1, -1).reshape(-1, d).float()
+        flat_z = self.quantizer.to_code_space(z.detach().movedim(1, -1).reshape(-1, d)).float()
         flat_i = indices.detach().reshape(-1).long()
         if flat_z.shape[0] != flat_i.shape[0]:
             raise ValueError(

@@ -34,15 +34,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from vqkit import __version__, gan
+from vqkit import __version__
 from vqkit.errors import Problem, VqkitError
 from vqkit.interfaces import Dataset
 from vqkit.model import VQModel
 from vqkit.recipe import Recipe
 from vqkit.train import checkpoint as ckpt
+from vqkit.train import objective
 from vqkit.train.build import Built, build_all, component_tags, loss_keys, not_implemented_error
 from vqkit.train.data import StepBatches, read_batch
 from vqkit.train.distributed import DistContext, init_distributed
+from vqkit.train.objective import convert_range
 from vqkit.train.schedule import make_scheduler
 
 __all__ = ["Trainer", "TrainResult", "NonFiniteLoss", "evaluate", "save_recon_grid", "train", "dataset_fingerprint"]
@@ -75,14 +77,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def convert_range(x: torch.Tensor, input_range: tuple[float, float]) -> torch.Tensor:
-    """Map images from ``[-1, 1]`` to ``input_range`` (identity for ``(-1, 1)``)."""
-    lo, hi = float(input_range[0]), float(input_range[1])
-    if (lo, hi) == (-1.0, 1.0):
-        return x
-    return (x + 1.0) * ((hi - lo) / 2.0) + lo
-
-
 def _grad_params(module: nn.Module | None) -> list[nn.Parameter]:
     if module is None:
         return []
@@ -102,22 +96,6 @@ def _finite_params(*modules: nn.Module | None) -> bool:
             if t.is_floating_point() and not torch.isfinite(t).all():
                 return False
     return True
-
-
-def _average_grads(params: list[nn.Parameter], dist: DistContext) -> None:
-    """All-reduce-mean the gradients of ``params`` in one flat buffer (no DDP wrapper)."""
-    if not dist.enabled:
-        return
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    flat = dist.all_reduce_mean(flat)
-    offset = 0
-    for g in grads:
-        n = g.numel()
-        g.copy_(flat[offset:offset + n].view_as(g))
-        offset += n
 
 
 # =========================================================================== evaluation
@@ -305,6 +283,7 @@ class Trainer:
         if not gen_params:
             raise VqkitError("the model has no trainable parameters")
         self.gen_params = gen_params
+        self.loss_grad_params = _grad_params(self.losses)  # outside the DDP wrapper
         self.opt = _make_optimizer(gen_params, tc, tc.lr)
         self.sched = make_scheduler(self.opt, tc)
         self.disc_params = _grad_params(self.disc)
@@ -538,49 +517,26 @@ class Trainer:
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
     def _train_step(self, x: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
-        """One generator (and discriminator) update; returns detached 0-dim loss terms."""
-        terms: dict[str, torch.Tensor] = {}
+        """One generator (and discriminator) update; returns detached 0-dim loss terms.
+        The objective is :func:`vqkit.train.objective.generator_objective`."""
         disc_on = self.disc is not None and step >= self.disc_ref.start_step
         self._disc_trainable(False)  # frozen for every generator-side term
         self.opt.zero_grad(set_to_none=True)
-        with self._autocast():
-            recon, out, z_e = self.model_ddp(x)
-            recon32 = recon.float()
-            rec_total = recon32.new_zeros(())
-            for name, ref, loss_fn in zip(self.loss_names, self.loss_refs, self.losses):
-                if step < ref.start_step:
-                    continue
-                rng = getattr(loss_fn, "input_range", (-1.0, 1.0))
-                value = loss_fn(
-                    convert_range(recon32, rng),
-                    convert_range(x, rng),
-                    discriminator=self.disc if getattr(loss_fn, "needs_discriminator", False) else None,
-                ).float()
-                terms[name] = value
-                rec_total = rec_total + ref.weight * value
-            total = rec_total
-            weights = self.model.quantizer.loss_weights()
-            for key, value in out.losses.items():
-                value = value.float()
-                terms[f"loss/{key}"] = value
-                total = total + float(weights.get(key, 1.0)) * value
-            if disc_on:
-                logits_fake = self.disc(recon32)
-                g_loss = gan.generator_loss(self.disc_ref.loss, logits_fake.float())
-                terms["loss/gan_g"] = g_loss
-                factor = torch.ones((), device=x.device)
-                last = self.model.decoder.last_layer_weight()
-                if self.disc_ref.adaptive_weight and last is not None and rec_total.requires_grad:
-                    factor = gan.adaptive_weight(rec_total, g_loss, last).detach()
-                    terms["gan/adaptive_weight"] = factor
-                total = total + self.disc_ref.weight * factor * g_loss
-        terms["loss/total"] = total
+        try:
+            with self._autocast():
+                g = objective.generator_objective(
+                    self.model, x, step, list(zip(self.loss_names, self.loss_refs, self.losses)),
+                    forward=self.model_ddp, discriminator=self.disc, gan_ref=self.disc_ref,
+                )
+        except FloatingPointError as exc:  # a quantizer refused non-finite latents (on every rank)
+            raise NonFiniteLoss(f"step {step + 1}: {exc}") from None
+        terms, total = g.terms, g.total
         if self._nonfinite(total):
             raise NonFiniteLoss(self._describe_terms(terms, step))
-        for key, value in out.stats.items():  # logged as quantizer/<name>
+        for key, value in g.output.stats.items():  # logged as quantizer/<name>
             terms[f"quantizer/{key}"] = torch.as_tensor(float(value))
         self.scaler.scale(total).backward()
-        grad_norm = self._clip_and_step(self.opt, self.gen_params, self.scaler)
+        grad_norm = self._clip_and_step(self.opt, self.gen_params, self.scaler, average=self.loss_grad_params)
         if grad_norm is not None:
             terms["train/grad_norm"] = grad_norm
         self.sched.step()
@@ -589,21 +545,16 @@ class Trainer:
             self._disc_trainable(True)
             self.disc_opt.zero_grad(set_to_none=True)
             with self._autocast():
-                logits_real = self.disc(x)
-                logits_fake = self.disc(recon32.detach())
-                d_loss = gan.discriminator_loss(self.disc_ref.loss, logits_real.float(), logits_fake.float())
+                d_loss = objective.discriminator_objective(self.disc, self.disc_ref.loss, x, g.reconstruction)
             terms["loss/gan_d"] = d_loss
             if self._nonfinite(d_loss):
                 raise NonFiniteLoss(self._describe_terms(terms, step))
             self.disc_scaler.scale(d_loss).backward()
-            if self.dist.enabled:
-                if self.disc_scaler.is_enabled():
-                    self.disc_scaler.unscale_(self.disc_opt)
-                _average_grads(self.disc_params, self.dist)
-            self._clip_and_step(self.disc_opt, self.disc_params, self.disc_scaler)
+            # no DDP wrapper: its gradients are averaged here
+            self._clip_and_step(self.disc_opt, self.disc_params, self.disc_scaler, average=self.disc_params)
             self.disc_sched.step()
 
-        self.codebook.after_step(step, z_e.detach(), out.indices.detach(), [self.opt])
+        self.codebook.after_step(step, g.latents.detach(), g.output.indices.detach(), [self.opt])
         if step == 0 and self.dist.enabled:
             self._sync_from_rank0()
         return {k: v.detach() for k, v in terms.items()}
@@ -612,20 +563,13 @@ class Trainer:
         for p in self.disc_params:  # only the parameters it optimizes (frozen parts stay frozen)
             p.requires_grad_(flag)
 
-    def _clip_and_step(self, opt, params, scaler) -> torch.Tensor | None:
-        clip = self.cfg.train.grad_clip
-        norm = None
-        if clip is not None:
-            if scaler.is_enabled():
-                # the discriminator path may already have unscaled (distributed averaging)
-                with contextlib.suppress(RuntimeError):
-                    scaler.unscale_(opt)
-            norm = torch.nn.utils.clip_grad_norm_(params, clip)
-            if not scaler.is_enabled() and self._nonfinite(norm):
+    def _clip_and_step(self, opt, params, scaler, average=()) -> torch.Tensor | None:
+        def check(norm: torch.Tensor) -> None:
+            if self._nonfinite(norm):
                 raise NonFiniteLoss(f"gradient norm is {float(norm)} at step {self.step}")
-        scaler.step(opt)
-        scaler.update()
-        return norm.detach() if norm is not None else None
+
+        return objective.optimizer_step(opt, params, scaler, self.cfg.train.grad_clip, self.dist,
+                                        average=list(average), check_norm=check)
 
     def _sync_from_rank0(self) -> None:
         """Make every rank hold rank 0's model after the first step (k-means or other
@@ -643,8 +587,18 @@ class Trainer:
         return f"step {step + 1}: {parts}"
 
     # ------------------------------------------------------------------ periodic work
-    def _save(self, final: bool = False) -> Path | None:
-        """Write a checkpoint of the current state (rank 0); never a non-finite one."""
+    def _check_weights(self) -> None:
+        """Stop (every rank together: the check is collective) if any rank's weights hold
+        NaN or inf; called on every rank before work that rank 0 does alone."""
+        if self.dist.any_flag(not _finite_params(self.model, self.disc)):
+            raise NonFiniteLoss(f"model weights are NaN or infinite after step {self.step}")
+
+    def _save(self, final: bool = False, collective: bool = True) -> Path | None:
+        """Write a checkpoint of the current state (rank 0); never a non-finite one. Called
+        on every rank (the weight check is collective) unless ``collective`` is false
+        (rank 0 alone, after an interrupt)."""
+        if collective:
+            self._check_weights()
         if not self.dist.is_main:
             return None
         if not _finite_params(self.model, self.disc):
@@ -674,18 +628,40 @@ class Trainer:
             was = self.model.training
             self.model.eval()
             x = self.grid_images.to(self.device)
-            recon = self.model(x)[0]
-            self.model.train(was)
+            try:
+                recon = self.model(x)[0]
+            except FloatingPointError as exc:
+                self._main_only_failure(f"reconstruction grid after step {self.step}: {exc}")
+                return
+            finally:
+                self.model.train(was)
         path = save_recon_grid(x, recon, self.run_dir / "images" / f"recon_{self.step:06d}.png")
         self.tracker.log_artifact(path, "images")
         self.tracker.log_image(path, RECON_KEY, self.step)  # MLflow's image grid / step slider
 
     def _evaluate(self) -> dict[str, float]:
         ec = self.cfg.eval
-        return evaluate(
-            self.model, self.built.test_data, ec.num_samples, ec.batch_size, list(ec.metrics),
-            self.device, self.lpips,
-        )
+        try:
+            return evaluate(
+                self.model, self.built.test_data, ec.num_samples, ec.batch_size, list(ec.metrics),
+                self.device, self.lpips,
+            )
+        except FloatingPointError as exc:  # non-finite latents (finite but exploded weights)
+            self._main_only_failure(f"evaluation after step {self.step}: {exc}")
+            return {}
+
+    def _main_only_failure(self, message: str) -> None:
+        """Rank 0's own work (evaluation, images) met non-finite values: stop now when alone,
+        else at :meth:`_share_main_failure`, where every rank stops together."""
+        if not self.dist.enabled:
+            raise NonFiniteLoss(message)
+        self._main_failure = message
+
+    def _share_main_failure(self) -> None:
+        """Collective (every rank calls it after rank 0's evaluation/images)."""
+        failure = getattr(self, "_main_failure", None)
+        if self.dist.enabled and self.dist.any_flag(failure is not None):
+            raise NonFiniteLoss(failure or "rank 0 met non-finite values in its evaluation or images")
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> TrainResult:
@@ -723,7 +699,7 @@ class Trainer:
         except KeyboardInterrupt:
             status = "KILLED"
             if self.step > start and dist.is_main and _finite_params(self.model, self.disc):
-                path = self._save()
+                path = self._save(collective=False)
                 self._say(f"vqkit: interrupted at step {self.step}; checkpoint {path}; continue with "
                           f"`vqkit train --resume {self.run_dir}`")
             raise
@@ -818,6 +794,8 @@ class Trainer:
                 last = self.step == stop
                 if bar is not None:
                     bar.update(1)
+                if last or any(self.step % every == 0 for every in (tc.eval_every, tc.image_every)):
+                    self._check_weights()  # before rank 0 evaluates or draws alone
                 if self.step % tc.log_every == 0 or last:
                     metrics = {k: float(v) / n_window for k, v in sums.items()}
                     if dist.is_main:
@@ -844,6 +822,8 @@ class Trainer:
                         self._progress_line()
                 if dist.is_main and (self.step % tc.image_every == 0 or last):
                     self._log_images()
+                if last or any(self.step % every == 0 for every in (tc.eval_every, tc.image_every)):
+                    self._share_main_failure()
                 if self.step % tc.checkpoint_every == 0 and not (last and self.step == tc.steps):
                     self._save()
                 elif last and self.step < tc.steps:
@@ -851,7 +831,7 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
-        if self.step >= tc.steps and dist.is_main:
+        if self.step >= tc.steps:
             self._finish_artifacts()
 
     def _postfix(self, m: dict[str, float]) -> dict[str, str]:
@@ -874,9 +854,11 @@ class Trainer:
         print("vqkit: " + " ".join(parts), file=self.out, flush=True)
 
     def _finish_artifacts(self) -> None:
-        plots = self.monitor.save_plots(self.run_dir / "plots")
-        for p in plots:
-            self.tracker.log_artifact(p, "plots")
+        """Plots (rank 0) and the final checkpoint (called on every rank)."""
+        if self.dist.is_main:
+            plots = self.monitor.save_plots(self.run_dir / "plots")
+            for p in plots:
+                self.tracker.log_artifact(p, "plots")
         self._save(final=True)
 
     def _summary(self, result: TrainResult) -> None:
