@@ -30,6 +30,8 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("ui", "ui", "open MLflow's UI on a tracking store (default: ./mlflow.db)"),
     ("sync", "train", "send tracking operations buffered while MLflow was unreachable"),
     ("weights", "weights", "create (fetch) and list pretrained weights, e.g. for lpips"),
+    ("prior", "prior", "train a prior over a trained autoencoder's codes (`vqkit prior train`)"),
+    ("sample", "sample", "draw images from a trained prior, decoded by its autoencoder"),
 ]
 
 

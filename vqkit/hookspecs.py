@@ -45,3 +45,8 @@ def vqkit_register_datasets(register):
 @hookspec
 def vqkit_register_discriminators(register):
     """Register :class:`vqkit.interfaces.Discriminator` classes."""
+
+
+@hookspec
+def vqkit_register_priors(register):
+    """Register :class:`vqkit.interfaces.Prior` classes (models of code grids)."""

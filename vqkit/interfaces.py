@@ -54,6 +54,7 @@ __all__ = [
     "ResetPlan",
     "Dataset",
     "Discriminator",
+    "Prior",
     "KINDS",
 ]
 
@@ -399,6 +400,97 @@ class Dataset(Component, torch.utils.data.Dataset, abc.ABC):
         ...
 
 
+# --------------------------------------------------------------------------- priors
+class Prior(Component, nn.Module, abc.ABC):
+    """An autoregressive model of the code grids of a trained autoencoder.
+
+    Constructed as ``cls(params, codebook_size=K, grid=(h, w), num_classes=N)``: ``grid``
+    is the shape of one image's indices (any number of dims, flattened in raster order,
+    last dim fastest) and ``N`` the number of class labels (``0``: unconditional).
+
+    ``forward(codes, labels=None)``: ``codes`` int64 ``(B, L)`` flattened grids (or a
+    prefix of them, ``L <= prod(grid)``), ``labels`` int64 ``(B,)`` in ``[0, N)`` (required
+    when ``N > 0``, ignored otherwise); returns float32 logits ``(B, L, K)`` where
+    ``logits[:, t]`` is the distribution of ``codes[:, t]`` given ``codes[:, :t]`` and the
+    label (never the codes at ``t`` or after: causal).
+
+    ``sample(n, labels=None, temperature=1.0, top_k=None, top_p=None, generator=None)``
+    returns int64 ``(n, *grid)``, drawn token by token with ``torch.multinomial`` from the
+    filtered distribution (:meth:`filter_logits`) using ``generator``. The default
+    implementation recomputes the whole prefix at every token (O(L^2) work per token);
+    priors override it with a cache and must draw exactly the same codes for the same
+    generator state (checked by the contract suite).
+    """
+
+    codebook_size: int
+    grid: tuple[int, ...]
+    num_classes: int
+
+    @property
+    def length(self) -> int:
+        """Tokens per grid, ``prod(grid)``."""
+        n = 1
+        for d in self.grid:
+            n *= int(d)
+        return n
+
+    @abc.abstractmethod
+    def forward(self, codes: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        ...
+
+    @staticmethod
+    def filter_logits(
+        logits: torch.Tensor,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+    ) -> torch.Tensor:
+        """Probabilities ``(B, K)`` from logits ``(B, K)``: divided by ``temperature``, all but
+        the ``top_k`` largest removed, then all but the smallest set whose probability
+        reaches ``top_p`` (nucleus) removed; renormalized."""
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        logits = logits.float() / float(temperature)
+        if top_k is not None and 0 < top_k < logits.shape[-1]:
+            kth = torch.topk(logits, int(top_k), dim=-1).values[..., -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        if top_p is not None and top_p < 1.0:
+            sorted_p, order = torch.sort(probs, dim=-1, descending=True)
+            before = torch.cumsum(sorted_p, dim=-1) - sorted_p  # mass of the better tokens
+            sorted_p = sorted_p.masked_fill(before >= float(top_p), 0.0)
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+            probs = probs / probs.sum(dim=-1, keepdim=True)
+        return probs
+
+    def _draw(self, logits, temperature, top_k, top_p, generator) -> torch.Tensor:
+        probs = self.filter_logits(logits, temperature, top_k, top_p)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        n: int,
+        labels: torch.Tensor | None = None,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        was_training = self.training
+        self.eval()  # no dropout while sampling
+        try:
+            device = next(self.parameters()).device
+            codes = torch.zeros((n, 0), dtype=torch.int64, device=device)
+            for _ in range(self.length):
+                # the placeholder at the end does not influence its own logits (causal)
+                logits = self(torch.cat([codes, codes.new_zeros((n, 1))], dim=1), labels)[:, -1]
+                nxt = self._draw(logits, temperature, top_k, top_p, generator)
+                codes = torch.cat([codes, nxt[:, None]], dim=1)
+        finally:
+            self.train(was_training)
+        return codes.reshape(n, *self.grid)
+
 #: kind name (as used in hooks, registries and the CLI) -> interface
 KINDS: dict[str, type] = {
     "encoders": Encoder,
@@ -408,4 +500,5 @@ KINDS: dict[str, type] = {
     "reset_policies": CodebookResetPolicy,
     "datasets": Dataset,
     "discriminators": Discriminator,
+    "priors": Prior,
 }

@@ -45,6 +45,7 @@ NOUNS = {
     "reset_policies": "reset policy",
     "datasets": "dataset",
     "discriminators": "discriminator",
+    "priors": "prior",
 }
 
 

@@ -415,6 +415,11 @@ class Recipe:
         self.source = source
         self._params = component_params
 
+    @property
+    def kind(self) -> str:
+        """``"prior"`` for a ``kind: prior`` recipe, else ``"autoencoder"``."""
+        return "prior" if isinstance(self.model, PriorRecipeModel) else "autoencoder"
+
     def params_of(self, *path: str | int) -> BaseModel:
         """The validated ``Params`` instance of the component at ``path`` (e.g. ``"encoder"``
         or ``("losses", 0)``)."""
@@ -520,6 +525,8 @@ def validate_data(data: Any, loc: _Loc, source: str) -> Recipe:
                 **loc.find(("vqkit",), value=True),
             )
         )
+    if "kind" in data:
+        return _validate_prior(data, loc, source)
     try:
         model = RecipeModel.model_validate(data)
     except ValidationError as exc:
@@ -614,6 +621,95 @@ def _capability_problems(data: dict, refs: list[tuple[Path_, str, Any]], registr
                 )
             )
     return problems
+
+
+# =========================================================================== prior recipes
+class AutoencoderRef(_Block):
+    run: Optional[str] = Field(
+        None, description="the trained autoencoder: MLflow run id, run dir or checkpoint file "
+        "(relative paths: from the working directory); wins over `experiment`"
+    )
+    experiment: Optional[str] = Field(
+        None, description="when `run` is not given: the newest finished run of this MLflow "
+        "experiment (in the prior's tracking store)"
+    )
+    cache_dir: str = Field(
+        "runs/codes", description="folder of the cached codes of the train and test splits, one "
+        "file per autoencoder checkpoint (named by its SHA-256)"
+    )
+    batch_size: int = Field(500, ge=1, description="images per batch when computing the codes")
+
+
+class PriorRef(ComponentRef):
+    class_conditional: bool = Field(
+        False, description="condition on the data set's class labels (it must expose `labels`)"
+    )
+
+
+class PriorEvalConfig(_Block):
+    num_samples: int = Field(10000, ge=1, description="test grids used for prior/test_bpd")
+    batch_size: int = Field(500, ge=1, description="grids per batch for evaluation")
+    grid_samples: int = Field(
+        40, ge=1, description="samples decoded into each sample grid (class-conditional: "
+        "spread evenly over the classes, one row per class)"
+    )
+    temperature: float = Field(1.0, gt=0, description="sampling temperature of the grids")
+    top_k: Optional[int] = Field(None, ge=1, description="keep the k likeliest codes (null: all)")
+    top_p: Optional[float] = Field(None, gt=0, le=1, description="nucleus sampling mass (null: off)")
+    fd_samples: int = Field(
+        0, ge=0, description="at the end of training, the feature distance of this many samples "
+        "against as many reconstructions of test images (0: off)"
+    )
+
+
+class PriorRecipeModel(_Block):
+    vqkit: Literal[1] = Field(description="recipe schema version")
+    kind: Literal["prior"] = Field(description="`prior`: a model of an autoencoder's codes")
+    name: str = Field(description="experiment name")
+    seed: int = Field(0, description="global seed")
+    autoencoder: AutoencoderRef
+    prior: PriorRef
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: PriorEvalConfig = Field(default_factory=PriorEvalConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+
+def _validate_prior(data: dict, loc: _Loc, source: str) -> Recipe:
+    """Validate a ``kind: prior`` recipe (same error reporting as autoencoder recipes)."""
+    if data.get("kind") != "prior":
+        raise VqkitError(Problem(
+            f"unknown recipe kind {data.get('kind')!r} (valid: prior; leave `kind` out for an "
+            "autoencoder recipe)", path="kind", **loc.find(("kind",), value=True)))
+    problems: list[Problem] = []
+    model = None
+    try:
+        model = PriorRecipeModel.model_validate(data)
+        if model.autoencoder.run is None and model.autoencoder.experiment is None:
+            problems.append(Problem(
+                "name the trained autoencoder: `run` (MLflow run id, run dir or checkpoint) or "
+                "`experiment`", path="autoencoder", **loc.find(("autoencoder",))))
+    except ValidationError as exc:
+        problems.extend(_pydantic_problems(exc, (), loc, PriorRecipeModel))
+    params: dict[Path_, BaseModel] = {}
+    ref = data.get("prior")
+    registry = get_registry()
+    if isinstance(ref, dict) and isinstance(ref.get("name"), str):
+        name = ref["name"]
+        if name not in registry.names("priors"):
+            problems.append(Problem(registry.unknown_message("priors", name), path="prior.name",
+                                    **loc.find(("prior", "name"), value=True)))
+        elif isinstance(ref.get("params") or {}, dict):
+            entry = registry.get("priors", name)
+            try:
+                params[("prior",)] = entry.cls.Params.model_validate(ref.get("params") or {})
+            except ValidationError as exc:
+                for p in _pydantic_problems(exc, ("prior", "params"), loc, entry.cls.Params):
+                    problems.append(dataclasses.replace(
+                        p, message=f"{p.message} [prior {name!r}, provided by {entry.distribution or entry.plugin}]"))
+    if problems:
+        raise VqkitError(problems)
+    assert model is not None
+    return Recipe(model, params, source)
 
 
 def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:

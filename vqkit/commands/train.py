@@ -116,9 +116,14 @@ def run_train(args) -> int:
     from vqkit.train.trainer import Trainer
 
     recipe = _recipe_for(args)
+    if recipe is not None and recipe.kind == "prior":
+        raise VqkitError(Problem(f"{args.recipe} is a prior recipe (kind: prior); train it with "
+                                 "`vqkit prior train`", file=args.recipe))
     state = path = None
     if args.resume:
         path, state = resume_state(args.resume, recipe)
+        if state.get("family") == "prior":
+            raise VqkitError(f"{path} is a prior checkpoint; resume it with `vqkit prior train --resume`")
         if recipe is None:
             recipe = _checkpoint_recipe(state, path, args.overrides)
     quiet = args.quiet or int(os.environ.get("RANK", "0")) != 0

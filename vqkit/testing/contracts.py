@@ -328,6 +328,10 @@ def contract_checks(kind: str) -> list[Check]:
         from vqkit.testing.reset_contracts import reset_contract_checks
 
         return reset_contract_checks()
+    if kind == "priors":
+        from vqkit.testing.prior_contracts import prior_contract_checks
+
+        return prior_contract_checks()
     return list(CHECKS[kind])
 
 
