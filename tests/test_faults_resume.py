@@ -1,0 +1,276 @@
+"""Training under faults: `kill -9` at chosen instants (inside a checkpoint write, before
+its rename, right after final.pt is renamed, at an arbitrary moment) then `--resume`;
+damaged and foreign checkpoint files; a run folder that cannot be created and a full
+file system. MLflow contents are read back from the sqlite store."""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vqkit.cli import main
+from vqkit.train import checkpoint as ckpt
+
+pytest_plugins = ("trainkit",)  # fixtures: store, mlflow_template, closed_port
+
+STEPS = 8
+TINY = {
+    "vqkit": 1,
+    "name": "tiny",
+    "seed": 3,
+    "data": {"name": "fashion-mnist", "params": {"limit": 96}},
+    "encoder": {"name": "conv", "params": {"channels": [8, 8], "factor": 4, "latent_dim": 8}},
+    "quantizer": {"name": "vq", "params": {"codebook_size": 16}},
+    "decoder": {"name": "conv", "params": {"channels": [8, 8]}},
+    "losses": [{"name": "pixel-l1"}],
+    "train": {"steps": STEPS, "batch_size": 16, "log_every": 1, "eval_every": 4, "image_every": 100,
+              "checkpoint_every": 3, "keep_checkpoints": 3, "device": "cpu"},
+    "eval": {"num_samples": 16, "batch_size": 16, "metrics": ["psnr"]},
+    "tracking": {"experiment": "faults", "output_dir": "runs"},
+}
+
+#: a `vqkit train` child that SIGKILLs itself at a chosen instant of its checkpoint writes
+_KILLED_AT = r"""
+import os, signal, sys
+from vqkit.train import checkpoint as c
+instant, target = sys.argv[1], sys.argv[2]
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+if instant == "mid_write":  # some bytes of the target's temp file written
+    original_write = c._Recording.write
+    def write(self, data):
+        n = original_write(self, data)
+        if target in self.f.name and self.f.tell() > 2000:
+            die()
+        return n
+    c._Recording.write = write
+else:
+    original_replace = os.replace
+    def replace(src, dst, *a, **k):
+        if instant == "before_rename" and str(dst).endswith(target):
+            die()
+        original_replace(src, dst, *a, **k)
+        if instant == "after_rename" and str(dst).endswith(target):
+            die()
+    os.replace = replace
+from vqkit.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def _client(uri):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", MLFLOW_HTTP_REQUEST_MAX_RETRIES="0")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch, store):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump({**TINY, "tracking": {**TINY["tracking"], "uri": store}}))
+    return tmp_path
+
+
+def _only_run(uri: str):
+    client = _client(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("faults").experiment_id])
+    return client, run
+
+
+def _assert_every_step_once(uri: str) -> None:
+    client, run = _only_run(uri)
+    assert run.info.status == "FINISHED"
+    for key in run.data.metrics:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert len(steps) == len(set(steps)), (key, sorted(steps))
+        if key.startswith("eval/"):
+            assert sorted(steps) == [4, 8], (key, steps)  # the final eval once
+        elif not key.startswith("system/"):
+            assert sorted(steps) == list(range(1, STEPS + 1)), (key, steps)
+
+
+def _temp_files(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if ".tmp" in p.name]
+
+
+# =========================================================================== kill -9, resume
+@pytest.mark.parametrize(
+    "instant, target",
+    [
+        ("mid_write", "step_00000006.pt"),  # inside the second checkpoint's write
+        ("before_rename", "step_00000006.pt"),  # complete temp file, not renamed
+        ("after_rename", "final.pt"),  # final.pt in place, latest.json still on step 6
+        ("external", ""),  # kill -9 from outside, once the first checkpoint exists
+    ],
+)
+def test_kill_9_then_resume_logs_every_metric_step_exactly_once(workdir, store, instant, target):
+    argv = ["train", "tiny.yaml", "--quiet"]
+    if instant == "external":
+        proc = subprocess.Popen([sys.executable, "-m", "vqkit.cli", *argv], cwd=workdir, env=_env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 240
+        while not list(workdir.glob("runs/*/checkpoints/step_00000003.pt")) and time.monotonic() < deadline:
+            assert proc.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.05)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    else:
+        proc = subprocess.run([sys.executable, "-c", _KILLED_AT, instant, target, *argv], cwd=workdir,
+                              env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, getattr(proc, "stderr", "")
+    (run_dir,) = (workdir / "runs").iterdir()
+    if instant in ("mid_write", "before_rename"):
+        assert _temp_files(run_dir / "checkpoints")  # what the kill left behind
+    done = subprocess.run([sys.executable, "-m", "vqkit.cli", "train", "--resume", str(run_dir), "--quiet"],
+                          cwd=workdir, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    if instant == "after_rename":  # the newest complete file is final.pt: nothing redone
+        assert "nothing to do" in done.stderr
+    _assert_every_step_once(store)
+    assert not _temp_files(run_dir), _temp_files(run_dir)
+    assert ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir / "checkpoints"))["step"] == STEPS
+
+
+# =========================================================================== damaged files
+def _flip_bytes_inside_largest_tensor(path: Path, n: int = 2000) -> None:
+    with zipfile.ZipFile(path) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    data = bytearray(path.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26:info.header_offset + 30])
+    start = info.header_offset + 30 + name_len + extra_len
+    n = min(n, info.file_size)
+    for i in range(start, start + n):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_damaged_checkpoints_are_refused_and_resume_falls_back_to_an_intact_one(workdir, store, capsys):
+    assert main(["train", "tiny.yaml", "--quiet"]) == 0
+    client, run = _only_run(store)
+    run_dir = workdir / "runs" / run.info.run_id
+    final = run_dir / "checkpoints" / "final.pt"
+    _flip_bytes_inside_largest_tensor(final)
+    capsys.readouterr()
+    # the file itself: refused, named, the run left as it was
+    assert main(["train", "--resume", str(final), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [
+        f"vqkit: error: checkpoint {final} is damaged: its content does not match the SHA-256 digest "
+        "written with it (bytes changed on disk or in a copy)"]
+    assert main(["eval", str(final)]) == 2
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+    # the run dir: the newest intact checkpoint (step 6), saying so; steps 7..8 not logged twice
+    assert main(["train", "--resume", str(run_dir), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert f"vqkit: warning: checkpoint {final} is damaged" in err
+    assert f"resuming from {run_dir / 'checkpoints' / 'step_00000006.pt'}, the newest intact checkpoint" in err
+    _assert_every_step_once(store)
+    assert ckpt.load_checkpoint(final)["step"] == STEPS  # rewritten whole by the resumed leg
+
+
+@pytest.mark.parametrize("content", [b"hello world\n", b"PK\x03\x04 not really a zip", b""])
+def test_a_file_that_is_not_a_checkpoint_is_named_exit_2(workdir, capsys, content):
+    path = workdir / "notes.pt"
+    path.write_bytes(content)
+    for argv in (["train", "--resume", str(path)], ["eval", str(path)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"vqkit: error: {path} is not a vqkit checkpoint") and "Traceback" not in err
+        assert len(err.strip().splitlines()) == 1
+
+
+def test_flipped_bytes_fail_the_digest_and_format_1_files_still_load(tmp_path):
+    import torch
+
+    path = tmp_path / "c.pt"
+    ckpt.save_checkpoint(path, {"format": ckpt.FORMAT, "step": 1, "model": {"w": torch.randn(4096)}})
+    assert ckpt.load_checkpoint(path)["step"] == 1
+    _flip_bytes_inside_largest_tensor(path, n=1)
+    with pytest.raises(Exception, match="is damaged"):
+        ckpt.load_checkpoint(path)
+    old = tmp_path / "old.pt"
+    torch.save({"format": 1, "step": 2, "model": {"w": torch.zeros(2)}}, old)  # vqkit before digests
+    assert ckpt.load_checkpoint(old)["step"] == 2
+
+
+# =========================================================================== OSError
+def test_a_run_folder_that_cannot_be_created_fails_the_run_with_one_line(workdir, store, capsys):
+    (workdir / "blocked").write_text("a file where the runs folder should be\n")
+    assert main(["train", "tiny.yaml", "--quiet", "--set", "tracking.output_dir=blocked/runs"]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "error" in line]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("vqkit: error: ") and "blocked" in lines[0] and "Not a directory" in lines[0]
+    assert "marked FAILED" in lines[0]
+    _, run = _only_run(store)
+    assert run.info.status == "FAILED" and "Not a directory" in run.data.tags["vqkit.failure"]
+
+
+def test_a_full_file_system_fails_the_run_and_keeps_the_previous_checkpoints(workdir, store, capsys, monkeypatch):
+    """The second checkpoint's write meets ENOSPC after 4 kB (a fake `open` in the
+    checkpoint module: what torch reports as `unexpected pos`)."""
+    real_open = open
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f, self.written = f, 0
+
+        def write(self, data):
+            self.written += len(data)
+            if self.written > 4096:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def fake_open(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        return FullDisk(f) if "step_00000006" in str(path) else f
+
+    monkeypatch.setattr(ckpt, "open", fake_open, raising=False)
+    assert main(["train", "tiny.yaml", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "error" in line]
+    assert len(lines) == 1 and "Traceback" not in err and "unexpected pos" not in err, err
+    _, run = _only_run(store)
+    step6 = workdir / "runs" / run.info.run_id / "checkpoints" / "step_00000006.pt"
+    step3 = step6.with_name("step_00000003.pt")
+    assert lines[0].startswith(f"vqkit: error: {step6}: No space left on device (ENOSPC)")
+    assert f"the newest checkpoint, {step3}, is intact" in lines[0]
+    assert run.info.status == "FAILED" and "No space left" in run.data.tags["vqkit.failure"]
+    assert ckpt.load_checkpoint(step3)["step"] == 3 and not step6.exists()
+    assert not _temp_files(step6.parent)
+    digest = hashlib.sha256(step3.read_bytes()).hexdigest()
+    monkeypatch.setattr(ckpt, "open", real_open, raising=False)
+    assert main(["train", "--resume", run.info.run_id, "--quiet"]) == 0  # the disk has room again
+    assert hashlib.sha256(step3.read_bytes()).hexdigest() == digest or not step3.exists()
+    _assert_every_step_once(store)
