@@ -50,3 +50,13 @@ def vqkit_register_discriminators(register):
 @hookspec
 def vqkit_register_priors(register):
     """Register :class:`vqkit.interfaces.Prior` classes (models of code grids)."""
+
+
+@hookspec
+def vqkit_register_launchers(register):
+    """Register :class:`vqkit.interfaces.Launcher` classes (where a sweep's children run)."""
+
+
+@hookspec
+def vqkit_register_searches(register):
+    """Register :class:`vqkit.interfaces.Search` classes (which combinations a sweep trains)."""

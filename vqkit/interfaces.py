@@ -55,6 +55,13 @@ __all__ = [
     "Dataset",
     "Discriminator",
     "Prior",
+    "Launcher",
+    "Search",
+    "Dimension",
+    "Objective",
+    "Trial",
+    "TrialOutcome",
+    "TrialReporter",
     "KINDS",
 ]
 
@@ -491,6 +498,146 @@ class Prior(Component, nn.Module, abc.ABC):
             self.train(was_training)
         return codes.reshape(n, *self.grid)
 
+# --------------------------------------------------------------------------- sweeps: launchers and searches
+@dataclasses.dataclass(frozen=True)
+class Dimension:
+    """One key of a sweep's search space: a list of ``choices``, or a range ``[low, high]``
+    (``integer`` for whole numbers, ``log`` for a log-uniform range). Written in a recipe as
+    ``[v1, v2]`` or ``{choices: [...]}``, ``{low: 1e-4, high: 1e-2, log: true}``,
+    ``{low: 8, high: 64, integer: true}``."""
+
+    choices: tuple[Any, ...] | None = None
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    integer: bool = False
+
+    @property
+    def is_choice(self) -> bool:
+        return self.choices is not None
+
+    def edges(self) -> list[Any]:
+        """Values the sweep validates before anything runs: every choice, or both ends."""
+        if self.choices is not None:
+            return list(self.choices)
+        lo, hi = (int(self.low), int(self.high)) if self.integer else (float(self.low), float(self.high))
+        return [lo] if lo == hi else [lo, hi]
+
+    def to_json(self) -> dict[str, Any]:
+        if self.choices is not None:
+            return {"choices": list(self.choices)}
+        return {"low": self.low, "high": self.high, "log": self.log, "integer": self.integer}
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """What a search optimizes: the last logged value of ``metric`` of each child, to
+    ``direction`` ``"max"`` or ``"min"``."""
+
+    metric: str = "eval/psnr"
+    direction: str = "max"
+
+
+@dataclasses.dataclass(frozen=True)
+class Trial:
+    """One combination chosen by a search: ``number`` (unique within the sweep, stable across
+    reruns), the recipe ``values`` (key path -> value) and ``state``, JSON-able data the search
+    hands to the child's :class:`TrialReporter` (``{}`` for searches that do not prune)."""
+
+    number: int
+    values: dict[str, Any]
+    state: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrialOutcome:
+    """How a trial's child ended: ``status`` ``"finished"``, ``"pruned"`` (stopped by the
+    search) or ``"failed"``; ``value`` the objective (``None`` when not logged)."""
+
+    status: str
+    value: float | None = None
+    step: int | None = None
+
+
+class TrialReporter(abc.ABC):
+    """Runs inside a child (``vqkit train``): receives the evaluation metrics and says whether
+    the search wants the child stopped (pruned). Made by :meth:`Search.trial_reporter`."""
+
+    @abc.abstractmethod
+    def report(self, step: int, metrics: Mapping[str, float]) -> bool:
+        """Record ``metrics`` (``eval/*``) at ``step``; return ``True`` to stop the child."""
+
+
+class Launcher(Component, abc.ABC):
+    """Where the children of a sweep run.
+
+    Constructed as ``cls(params, jobs=N, out=TextIO)``: ``jobs`` is the number of children
+    in flight at once (``vqkit sweep --jobs``), ``out`` where children's output is echoed.
+
+    ``launch(jobs, on_done=None)`` runs every :class:`vqkit.sweep.ChildJob` (its ``argv`` is
+    a ``vqkit train`` command with this Python, ``env`` extra environment variables, ``log``
+    a file to keep its output in) to its end and returns their exit codes, in the order
+    given; ``on_done(job, code)`` is called as each ends (from the calling thread). A child
+    that cannot be run or whose worker is lost gets a non-zero code; it never raises for
+    that. On ``KeyboardInterrupt`` the running children are asked to stop (SIGTERM: they
+    checkpoint) and the interruption is re-raised. ``close()`` frees what the launcher
+    started (a local Ray instance, executors); it is called once, after the sweep.
+    Children log to the recipe's tracking store themselves, so a launcher whose workers
+    run elsewhere needs a store they can reach (an MLflow server, a shared file system).
+    """
+
+    @abc.abstractmethod
+    def launch(self, jobs: Any, on_done: Any = None) -> list[int]:
+        ...
+
+    def close(self) -> None:  # noqa: B027 - optional
+        """Free what :meth:`launch` started."""
+
+
+class Search(Component, abc.ABC):
+    """Which combinations of recipe values a sweep trains.
+
+    Constructed as ``cls(params, space=..., objective=Objective, budget=N|None, seed=s,
+    state_dir=Path)``: ``space`` maps recipe key paths to :class:`Dimension` s (validated
+    before the search is built); ``budget`` the number of trials (``None``: the search's
+    own default, e.g. every grid combination); ``state_dir`` a folder of the sweep's parent
+    run where a search keeps its state (so an interrupted search continues).
+
+    ``ask(n)`` returns up to ``n`` new :class:`Trial` s (``n=None``: as many as it likes);
+    an empty list ends the sweep. ``tell(trial, outcome)`` is called with every trial's
+    :class:`TrialOutcome` once its child ended, before the next ``ask``. A rerun of the same
+    sweep builds the search again with the same ``state_dir`` and seed: trials must come back
+    with the same numbers (the sweep skips children that finished, resumes interrupted ones).
+
+    Capability flags: ``adaptive`` (default ``False``): the choice depends on earlier
+    outcomes, so the sweep asks in rounds of ``jobs`` trials; ``prunes`` (default ``False``):
+    children report their evaluation metrics through :meth:`trial_reporter` and stop when
+    told (MLflow: status ``KILLED``, tag ``vqkit.pruned``).
+    """
+
+    CAPABILITIES: ClassVar[tuple[str, ...]] = ("adaptive", "prunes")
+    adaptive: ClassVar[bool] = False
+    prunes: ClassVar[bool] = False
+
+    @abc.abstractmethod
+    def ask(self, n: int | None = None) -> list[Trial]:
+        ...
+
+    def tell(self, trial: Trial, outcome: TrialOutcome) -> None:  # noqa: B027 - static searches
+        """Record a trial's outcome."""
+
+    @classmethod
+    def space_problems(cls, space: Mapping[str, Dimension]) -> dict[str, str]:
+        """``{key: problem}`` for dimensions this search cannot explore (e.g. a range given
+        to ``grid``); reported, located, before anything runs."""
+        return {}
+
+    @classmethod
+    def trial_reporter(cls, state: Mapping[str, Any]) -> TrialReporter | None:
+        """The reporter a child uses for a trial with this ``state`` (``None``: no pruning)."""
+        return None
+
+
 #: kind name (as used in hooks, registries and the CLI) -> interface
 KINDS: dict[str, type] = {
     "encoders": Encoder,
@@ -501,4 +648,6 @@ KINDS: dict[str, type] = {
     "datasets": Dataset,
     "discriminators": Discriminator,
     "priors": Prior,
+    "launchers": Launcher,
+    "searches": Search,
 }

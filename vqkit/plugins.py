@@ -46,6 +46,8 @@ NOUNS = {
     "datasets": "dataset",
     "discriminators": "discriminator",
     "priors": "prior",
+    "launchers": "launcher",
+    "searches": "search",
 }
 
 

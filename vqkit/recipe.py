@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from vqkit import yamlsafe
 from vqkit.errors import Problem, VqkitError, suggest
@@ -108,6 +108,44 @@ class TrackingConfig(_Block):
     )
 
 
+class DimensionSpec(_Block):
+    """One key of a sweep's search space (see :class:`vqkit.interfaces.Dimension`)."""
+
+    choices: Optional[list[Any]] = Field(None, min_length=1, description="the values to try")
+    low: Optional[float] = Field(None, description="lower end of a range")
+    high: Optional[float] = Field(None, description="upper end of a range")
+    log: bool = Field(False, description="log-uniform range (low > 0)")
+    integer: bool = Field(False, description="whole numbers in [low, high]")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _list_is_choices(cls, value: Any) -> Any:
+        return {"choices": value} if isinstance(value, list) else value
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "DimensionSpec":
+        ranged = self.low is not None or self.high is not None
+        if self.choices is not None and ranged:
+            raise ValueError("give either choices or a range (low, high), not both")
+        if self.choices is None:
+            if self.low is None or self.high is None:
+                raise ValueError("a range needs both low and high (or give a list of choices)")
+            if self.low > self.high:
+                raise ValueError(f"low ({self.low:g}) is above high ({self.high:g})")
+            if self.log and self.low <= 0:
+                raise ValueError(f"a log-uniform range needs low > 0, got {self.low:g}")
+        elif self.log or self.integer:
+            raise ValueError("log and integer apply to ranges, not to choices")
+        return self
+
+
+class ObjectiveSpec(_Block):
+    metric: str = Field("eval/psnr", description="child metric the search optimizes (its last value)")
+    direction: Optional[Literal["max", "min"]] = Field(
+        None, description="max or min (default: from the metric's name, as `vqkit compare --sort`)"
+    )
+
+
 class SweepConfig(_Block):
     """What `vqkit sweep RECIPE` runs: every combination of the grid, as nested child runs."""
 
@@ -120,6 +158,26 @@ class SweepConfig(_Block):
     metrics: list[str] = Field(
         default_factory=lambda: ["eval/psnr"],
         description="metrics of the summary: the best child of each (direction from the name)",
+    )
+    # search and launcher: component kinds like the others (docs/sweeps.md)
+    search: ComponentRef = Field(
+        default_factory=lambda: ComponentRef(name="grid"),
+        description="which combinations run: a registered search (`vqkit components searches`)",
+    )
+    space: dict[str, DimensionSpec] = Field(
+        default_factory=dict,
+        description="recipe key path -> a list of choices, or {low, high, log, integer} for a range "
+        "(`grid` entries are choices too; same as --space KEY=SPEC)",
+    )
+    objective: ObjectiveSpec = Field(
+        default_factory=lambda: ObjectiveSpec(), description="what the search optimizes"
+    )
+    budget: Optional[int] = Field(
+        None, ge=1, description="number of trials (default: the search's own, e.g. every grid combination)"
+    )
+    launcher: ComponentRef = Field(
+        default_factory=lambda: ComponentRef(name="local"),
+        description="where the children run: a registered launcher (`vqkit components launchers`)",
     )
 
 
@@ -548,6 +606,11 @@ def validate_data(data: Any, loc: _Loc, source: str) -> Recipe:
         for i, value in enumerate(losses):
             if isinstance(value, dict):
                 refs.append((("losses", i), "perceptual_losses", value))
+    sweep = data.get("sweep")
+    if isinstance(sweep, dict):  # the search and launcher a `vqkit sweep` uses
+        for block, kind in (("search", "searches"), ("launcher", "launchers")):
+            if isinstance(sweep.get(block), dict):
+                refs.append((("sweep", block), kind, sweep[block]))
     for path, kind, ref in refs:
         name = ref.get("name")
         if not isinstance(name, str):

@@ -4,12 +4,14 @@ A sweep is a grid of recipe keys (``--grid KEY=V1,V2`` or a recipe's ``sweep.gri
 combination is a *child*: an ordinary ``vqkit train RECIPE --set ...`` run, named for its grid
 values (``reset=jukebox K=1024``) and nested under one MLflow parent run.
 
-Two small seams, kept apart so other searches (random, optuna) and launchers (ray,
-submitit) can be added without touching the rest:
+Two seams, each a component kind with its own hook (``vqkit components searches|launchers``):
 
-* search: :func:`expand_grid` turns a grid into :class:`ChildSpec` s (name + overrides);
-* launcher: :class:`LocalLauncher` runs :class:`ChildJob` s (a command line and its
-  environment) as subprocesses on this machine, ``jobs`` at a time, CPU threads split.
+* search (:class:`vqkit.interfaces.Search`): which combinations of the sweep's *space*
+  (``sweep.grid``/``--grid`` choices, ``sweep.space``/``--space`` choices and ranges) run.
+  Built-ins ``grid`` and ``random`` (vqkit/components/searches.py); ``optuna`` is a plugin.
+* launcher (:class:`vqkit.interfaces.Launcher`): where the :class:`ChildJob` s (a command
+  line and its environment) run. Built-in ``local`` (vqkit/components/launchers.py,
+  ``jobs`` at a time, CPU threads split); ``ray`` and ``submitit`` are plugins.
 
 :func:`plan_sweep` validates every child recipe before anything runs and reports every
 problem at once. The MLflow side (parent run, skipping finished children, resuming
@@ -21,12 +23,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
-import os
-import signal
-import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence, TextIO
 
@@ -38,7 +35,8 @@ __all__ = [
     "ChildSpec",
     "ChildJob",
     "SweepPlan",
-    "LocalLauncher",
+    "child_spec",
+    "parse_space",
     "parse_grid",
     "expand_grid",
     "grid_labels",
@@ -179,46 +177,100 @@ def parse_grid(texts: Iterable[str]) -> dict[str, list[Any]]:
     return grid
 
 
+def child_spec(index: int, values: Mapping[str, Any], base_overrides: Sequence[str] = (),
+               base_run_name: str | None = None) -> ChildSpec:
+    """The child of one combination: named for its values, its recipe = the sweep's
+    overrides, then the values, then its run name (and no sweep block)."""
+    name = values_name(values)
+    if base_run_name:
+        name = f"{base_run_name} {name}"
+    sets = [f"{k}={json.dumps(v)}" for k, v in values.items()]
+    run_name = f"tracking.run_name={json.dumps(name)}"
+    return ChildSpec(index, name, dict(values), (*base_overrides, *sets, run_name, "sweep=null"))
+
+
 def expand_grid(grid: Mapping[str, Sequence[Any]], base_overrides: Sequence[str] = (),
                 base_run_name: str | None = None) -> list[ChildSpec]:
     """Every combination of ``grid`` (last key fastest), each named for its values."""
     keys = list(grid)
-    children = []
-    for i, combo in enumerate(itertools.product(*(grid[k] for k in keys))):
-        values = dict(zip(keys, combo))
-        name = values_name(values)
-        if base_run_name:
-            name = f"{base_run_name} {name}"
-        sets = [f"{k}={json.dumps(v)}" for k, v in values.items()]
-        run_name = f"tracking.run_name={json.dumps(name)}"
-        children.append(ChildSpec(i, name, values, (*base_overrides, *sets, run_name, "sweep=null")))
-    return children
+    return [child_spec(i, dict(zip(keys, combo)), base_overrides, base_run_name)
+            for i, combo in enumerate(itertools.product(*(grid[k] for k in keys)))]
+
+
+def parse_space(texts: Iterable[str]) -> dict[str, Any]:
+    """``['train.lr={low: 1e-4, high: 1e-2, log: true}', 'reset.name=[none, random]']`` ->
+    ``{key: spec}`` (YAML; a list is a list of choices), as in a recipe's ``sweep.space``."""
+    space: dict[str, Any] = {}
+    problems = []
+    for text in texts:
+        key, sep, raw = text.partition("=")
+        key = key.strip()
+        if not sep or not key or not raw.strip():
+            problems.append(Problem(f"--space expects KEY.PATH=SPEC ([v1, v2] or {{low: L, high: H, log: true}}), "
+                                    f"got {text!r}"))
+            continue
+        try:
+            space[key] = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            problems.append(Problem(f"--space {key}: {raw!r} is not valid YAML ({str(exc).splitlines()[0]})"))
+    if problems:
+        raise VqkitError(problems)
+    return space
 
 
 # =========================================================================== planning
 @dataclasses.dataclass
 class SweepPlan:
-    """A validated sweep: the children and their recipes, where they log, what is summarized."""
+    """A validated sweep: the search and its space, the children known up front (every child
+    of a static search such as grid or random; none for an adaptive one) and their recipes,
+    where they run and log, what is summarized."""
 
     recipe_path: str
     base_overrides: list[str]
-    grid: dict[str, list[Any]]
+    grid: dict[str, list[Any]]  # the choices of the space (grid search: the whole space)
     children: list[ChildSpec]
     recipes: list[Any]  # vqkit.recipe.Recipe, one per child
     jobs: int
     metrics: list[str]
     name: str
     base: Any  # the base recipe (sweep block included)
+    space: dict[str, Any] = dataclasses.field(default_factory=dict)  # key -> vqkit.interfaces.Dimension
+    search: Any = None  # ComponentEntry of the search
+    search_params: Any = None
+    launcher: Any = None  # ComponentEntry of the launcher
+    launcher_params: Any = None
+    objective: Any = None  # vqkit.interfaces.Objective
+    budget: int | None = None
+    seed: int = 0
+    static_id: str | None = None  # identity of an adaptive sweep (its children are not known yet)
 
     @property
     def sweep_id(self) -> str:
-        """Identifies the sweep in MLflow: the same recipe, grid and overrides give the same id."""
+        """Identifies the sweep in MLflow: the same recipe, space, search and overrides give the
+        same id (the launcher and --jobs do not count: a sweep may move between them)."""
+        if self.static_id is not None:
+            return self.static_id
         text = "\n".join(r.sha256() for r in self.recipes)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
+    @property
+    def adaptive(self) -> bool:
+        return bool(self.search is not None and self.search.cls.adaptive)
 
-def _grid_locations(recipe_path: str) -> dict[str, tuple[int, int]]:
-    """Line and column of each ``sweep.grid`` key in the recipe file (best effort)."""
+    def make_search(self, state_dir: Path | None = None):
+        """A fresh instance of the search (state kept in ``state_dir``)."""
+        return self.search.cls(self.search_params, space=self.space, objective=self.objective,
+                               budget=self.budget, seed=self.seed, state_dir=state_dir)
+
+    def make_launcher(self, out: TextIO | None = None):
+        return self.launcher.cls(self.launcher_params, jobs=self.jobs, out=out)
+
+    def child(self, index: int, values: Mapping[str, Any]) -> ChildSpec:
+        return child_spec(index, values, self.base_overrides, self.base.model.tracking.run_name)
+
+
+def _sweep_locations(recipe_path: str, block: str) -> dict[str, tuple[int, int]]:
+    """Line and column of each ``sweep.<block>`` key in the recipe file (best effort)."""
     try:
         node = yaml.compose(Path(recipe_path).read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
     except (OSError, yaml.YAMLError):
@@ -232,7 +284,7 @@ def _grid_locations(recipe_path: str) -> dict[str, tuple[int, int]]:
         return None, None
 
     _, sweep = child(node, "sweep")
-    _, grid = child(sweep, "grid")
+    _, grid = child(sweep, block)
     out = {}
     if isinstance(grid, yaml.MappingNode):
         for k, _ in grid.value:
@@ -240,47 +292,162 @@ def _grid_locations(recipe_path: str) -> dict[str, tuple[int, int]]:
     return out
 
 
-def plan_sweep(recipe_path: str, grid_texts: Sequence[str] = (), overrides: Sequence[str] = (),
-               jobs: int | None = None, metrics: Sequence[str] | None = None) -> SweepPlan:
-    """Read the recipe and the grid (the recipe's ``sweep`` block, then ``--grid``), expand
-    it and validate every child's recipe. Raises one :class:`VqkitError` with every problem
-    of every child, each saying which children it concerns and where it comes from."""
-    from vqkit.recipe import load_recipe
+def _grid_locations(recipe_path: str) -> dict[str, tuple[int, int]]:
+    return _sweep_locations(recipe_path, "grid")
 
-    base = load_recipe(recipe_path, list(overrides))
-    cfg = base.model.sweep
+
+def _flag_overrides(search: str | None, launcher: str | None, budget: int | None,
+                    objective: str | None) -> list[str]:
+    """``vqkit sweep`` flags as ``--set sweep.*`` overrides of the recipe's sweep block."""
+    out = []
+    if search:
+        out.append(f"sweep.search.name={json.dumps(search)}")
+    if launcher:
+        out.append(f"sweep.launcher.name={json.dumps(launcher)}")
+    if budget is not None:
+        out.append(f"sweep.budget={int(budget)}")
+    if objective:
+        metric, _, direction = objective.partition(":")
+        out.append(f"sweep.objective.metric={json.dumps(metric)}")
+        if direction:
+            out.append(f"sweep.objective.direction={json.dumps(direction)}")
+    return out
+
+
+def _dimension(spec: Any):
+    from vqkit.interfaces import Dimension
+
+    return Dimension(choices=tuple(spec.choices)) if spec.choices is not None else Dimension(
+        low=spec.low, high=spec.high, log=spec.log, integer=spec.integer)
+
+
+def plan_sweep(recipe_path: str, grid_texts: Sequence[str] = (), overrides: Sequence[str] = (),
+               jobs: int | None = None, metrics: Sequence[str] | None = None, *,
+               space_texts: Sequence[str] = (), search: str | None = None, launcher: str | None = None,
+               budget: int | None = None, objective: str | None = None) -> SweepPlan:
+    """Read the recipe and the space (the recipe's ``sweep`` block, then ``--grid`` and
+    ``--space``), check it against the search, and validate the children's recipes: every
+    child of a static search (grid, random), every choice and both ends of every range for an
+    adaptive one. Raises one :class:`VqkitError` with every problem of every child, each
+    saying which children it concerns and where it comes from."""
+    from pydantic import ValidationError
+
+    from vqkit.interfaces import Objective
+    from vqkit.plugins import get_registry
+    from vqkit.recipe import DimensionSpec, SweepConfig, load_recipe
+
+    flags = _flag_overrides(search, launcher, budget, objective)
+    base = load_recipe(recipe_path, [*overrides, *flags])
+    cfg = base.model.sweep or SweepConfig()
     cli_grid = parse_grid(grid_texts)
-    grid: dict[str, list[Any]] = dict(cfg.grid) if cfg is not None else {}
-    from_recipe = {k for k in grid if k not in cli_grid}
-    grid.update(cli_grid)
+    cli_space = parse_space(space_texts)
     locations = _grid_locations(recipe_path)
+    space_locations = _sweep_locations(recipe_path, "space")
     problems = []
-    for key, values in grid.items():
-        if not values:
-            where = _where(key, from_recipe, locations, recipe_path)
-            problems.append(dataclasses.replace(where, message="the grid needs at least one value"))
-    if not grid:
-        problems.append(Problem(f"nothing to sweep: give --grid KEY.PATH=V1,V2 or a `sweep: {{grid: ...}}` "
-                                f"block in {recipe_path}"))
+    specs: dict[str, Any] = {k: DimensionSpec(choices=v) if v else None for k, v in cfg.grid.items()}
+    specs.update(cfg.space)
+    from_recipe = {k for k in specs if k not in cli_grid and k not in cli_space}
+    for key, values in cli_grid.items():
+        specs[key] = DimensionSpec(choices=values) if values else None
+    for key, raw in cli_space.items():
+        try:
+            specs[key] = DimensionSpec.model_validate(raw)
+        except ValidationError as exc:
+            specs[key] = None
+            for err in exc.errors():
+                problems.append(Problem(f"--space {key}: {err['msg'].removeprefix('Value error, ')}"))
+
+    def where(key: str) -> Problem:
+        if key in from_recipe:
+            if key in cfg.space:
+                line, col = space_locations.get(key, (None, None))
+                return Problem("", path=f"sweep.space.{key}", file=recipe_path, line=line, col=col)
+            return _where(key, from_recipe, locations, recipe_path)
+        return Problem("", file=f"--{'space' if key in cli_space else 'grid'} {key}")
+
+    for key, spec in specs.items():
+        if spec is None and key in cli_grid or (spec is None and key in cfg.grid and key in from_recipe):
+            problems.append(dataclasses.replace(where(key), message="the grid needs at least one value"))
+    if not specs:
+        problems.append(Problem(f"nothing to sweep: give --grid KEY.PATH=V1,V2 (or --space KEY.PATH=SPEC) or a "
+                                f"`sweep: {{grid: ...}}` block in {recipe_path}"))
     if problems:
         raise VqkitError(problems)
-    jobs = jobs if jobs is not None else (cfg.jobs if cfg is not None else 1)
+    space = {k: _dimension(s) for k, s in specs.items()}
+    registry = get_registry()
+    search_entry = registry.get("searches", cfg.search.name)
+    launcher_entry = registry.get("launchers", cfg.launcher.name)
+    search_params = _params(base, ("sweep", "search"), search_entry)
+    launcher_params = _params(base, ("sweep", "launcher"), launcher_entry)
+    for key, text in search_entry.cls.space_problems(space).items():
+        problems.append(dataclasses.replace(where(key), message=f"{text} [search {search_entry.name!r}]"))
+    if problems:
+        raise VqkitError(problems)
+    jobs = jobs if jobs is not None else cfg.jobs
     if jobs < 1:
         raise VqkitError(Problem(f"--jobs must be >= 1, got {jobs}"))
-    metrics = list(metrics) if metrics else (list(cfg.metrics) if cfg is not None else ["eval/psnr"])
-    children = expand_grid(grid, list(overrides), base.model.tracking.run_name)
+    metrics = list(metrics) if metrics else list(cfg.metrics)
+    direction = cfg.objective.direction
+    if direction is None:
+        from vqkit.commands.compare import metric_direction
+
+        direction = metric_direction(cfg.objective.metric)
+    goal = Objective(cfg.objective.metric, direction)
+    if goal.metric not in metrics:
+        metrics = [goal.metric, *metrics]
+    grid = {k: list(d.choices) for k, d in space.items() if d.is_choice}
+    labels = grid_labels(list(space))
+    name = f"{base.model.name} sweep " + " x ".join(labels[k] for k in space)
+    if search_entry.name != "grid":
+        name += f" ({search_entry.name})"
+    plan = SweepPlan(recipe_path, list(overrides), grid, [], [], jobs, metrics, name, base, space=space,
+                     search=search_entry, search_params=search_params, launcher=launcher_entry,
+                     launcher_params=launcher_params, objective=goal, budget=cfg.budget, seed=base.model.seed)
+    if plan.adaptive:
+        # the children are chosen while the sweep runs: validate every choice and both ends of
+        # every range (the other keys at their first value) before anything runs
+        firsts = {k: d.edges()[0] for k, d in space.items()}
+        probes = [dict(firsts)]
+        for key, d in space.items():
+            probes += [{**firsts, key: v} for v in d.edges()[1:]]
+        _validate_children(plan, [plan.child(i, v) for i, v in enumerate(probes)], where)
+        plan.static_id = _adaptive_id(plan, recipe_path, overrides)
+        return plan
+    trials = plan.make_search().ask(None)
+    children = [plan.child(t.number, t.values) for t in trials]
+    if not children:
+        raise VqkitError(Problem(f"search {search_entry.name!r} chose no combination of the space"))
+    plan.children = children
+    plan.recipes = _validate_children(plan, children, where)
+    names = [c.name for c in children]
+    if len(set(names)) != len(names):
+        raise VqkitError(Problem("the grid gives two children the same values: " + ", ".join(
+            sorted({n for n in names if names.count(n) > 1}))))
+    return plan
+
+
+def _params(base: Any, path: tuple[str, str], entry: Any) -> Any:
+    try:
+        return base.params_of(*path)
+    except KeyError:  # the block was not written: the defaults
+        return entry.cls.Params()
+
+
+def _validate_children(plan: SweepPlan, children: Sequence[ChildSpec], where: Callable[[str], Problem]) -> list[Any]:
+    """Load every child's recipe; raise every problem at once, located and saying which
+    children it concerns."""
+    from vqkit.recipe import load_recipe
 
     recipes: list[Any] = []
     found: dict[str, tuple[Problem, list[str]]] = {}
     for child in children:
         try:
-            recipes.append(load_recipe(recipe_path, list(child.overrides)))
+            recipes.append(load_recipe(plan.recipe_path, list(child.overrides)))
         except VqkitError as exc:
             recipes.append(None)
             for p in exc.problems:
-                p = _relocate(p, grid, from_recipe, locations, recipe_path)
-                text = str(p)
-                found.setdefault(text, (p, []))[1].append(child.name)
+                p = _locate(p, plan.space, where)
+                found.setdefault(str(p), (p, []))[1].append(child.name)
     if found:
         out = []
         for p, names in found.values():
@@ -291,13 +458,29 @@ def plan_sweep(recipe_path: str, grid_texts: Sequence[str] = (), overrides: Sequ
     if len(targets) > 1:
         raise VqkitError(Problem("the children of a sweep must log to one MLflow experiment; the grid "
                                  "changes tracking.uri or tracking.experiment"))
-    names = [c.name for c in children]
-    if len(set(names)) != len(names):
-        raise VqkitError(Problem("the grid gives two children the same values: " + ", ".join(
-            sorted({n for n in names if names.count(n) > 1}))))
-    labels = grid_labels(list(grid))
-    name = f"{base.model.name} sweep " + " x ".join(labels[k] for k in grid)
-    return SweepPlan(recipe_path, list(overrides), grid, children, recipes, jobs, metrics, name, base)
+    return recipes
+
+
+def _locate(p: Problem, space: Mapping[str, Any], where: Callable[[str], Problem]) -> Problem:
+    """A problem caused by a value of the space points at the ``--grid``/``--space`` option
+    or the recipe's ``sweep.grid``/``sweep.space`` key instead of at ``--set``."""
+    if p.file != "--set":
+        return p
+    for key in space:
+        if p.path == key or p.path.startswith(key + "."):
+            w = where(key)
+            return dataclasses.replace(p, file=w.file, line=w.line, col=w.col)
+    return p
+
+
+def _adaptive_id(plan: SweepPlan, recipe_path: str, overrides: Sequence[str]) -> str:
+    from vqkit.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path, [*overrides, "sweep=null"])
+    ident = {"recipe": recipe.sha256(), "space": {k: d.to_json() for k, d in plan.space.items()},
+             "search": plan.search.name, "params": plan.search_params.model_dump(mode="json"),
+             "objective": dataclasses.asdict(plan.objective), "budget": plan.budget}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _where(key: str, from_recipe: set[str], locations: dict[str, tuple[int, int]], recipe_path: str) -> Problem:
@@ -305,19 +488,6 @@ def _where(key: str, from_recipe: set[str], locations: dict[str, tuple[int, int]
         line, col = locations.get(key, (None, None))
         return Problem("", path=f"sweep.grid.{key}", file=recipe_path, line=line, col=col)
     return Problem("", file=f"--grid {key}")
-
-
-def _relocate(p: Problem, grid: Mapping[str, Any], from_recipe: set[str],
-              locations: dict[str, tuple[int, int]], recipe_path: str) -> Problem:
-    """A problem caused by a grid value points at the ``--grid`` option or the recipe's
-    ``sweep.grid`` key instead of at ``--set``."""
-    if p.file != "--set":
-        return p
-    for key in grid:
-        if p.path == key or p.path.startswith(key + "."):
-            where = _where(key, from_recipe, locations, recipe_path)
-            return dataclasses.replace(p, file=where.file, line=where.line, col=where.col)
-    return p
 
 
 # =========================================================================== the launcher seam
@@ -343,85 +513,10 @@ def train_argv(recipe_path: str, overrides: Sequence[str], parent_run_id: str,
     return tuple(argv)
 
 
-class LocalLauncher:
-    """Runs child jobs as subprocesses on this machine, ``jobs`` at a time.
+def __getattr__(name: str):
+    # the local launcher is a component now (vqkit/components/launchers.py)
+    if name == "LocalLauncher":
+        from vqkit.components.launchers import LocalLauncher
 
-    With ``jobs > 1`` each child gets ``OMP_NUM_THREADS`` (and ``MKL_NUM_THREADS``) = the
-    threads available (``$OMP_NUM_THREADS``, else the CPU count) divided by ``jobs``. Each
-    output line is echoed as ``[name] line`` and kept in the job's log file. On Ctrl-C or
-    SIGTERM the running children get SIGTERM (they checkpoint and stop) and the
-    interruption is re-raised.
-    """
-
-    def __init__(self, jobs: int = 1, out: TextIO | None = None):
-        self.jobs = max(1, int(jobs))
-        self.out = out or sys.stdout
-        self._lock = threading.Lock()
-
-    def threads_per_job(self) -> int | None:
-        if self.jobs == 1:
-            return None
-        total = int(os.environ.get("OMP_NUM_THREADS") or 0) or (os.cpu_count() or 1)
-        return max(1, total // self.jobs)
-
-    def launch(self, jobs: Sequence[ChildJob], on_done: Callable[[ChildJob, int], None] | None = None) -> list[int]:
-        """Run every job; returns their exit codes (in the order given)."""
-        codes: list[int | None] = [None] * len(jobs)
-        running: dict[int, tuple[subprocess.Popen, threading.Thread]] = {}
-        pending = list(range(len(jobs)))
-        threads = self.threads_per_job()
-        try:
-            while pending or running:
-                while pending and len(running) < self.jobs:
-                    i = pending.pop(0)
-                    running[i] = self._start(jobs[i], threads)
-                for i, (proc, reader) in list(running.items()):
-                    if proc.poll() is not None:
-                        reader.join()
-                        codes[i] = proc.returncode
-                        del running[i]
-                        if on_done is not None:
-                            on_done(jobs[i], proc.returncode)
-                time.sleep(0.2)
-        except BaseException:
-            for proc, _ in running.values():
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGTERM)
-            for proc, reader in running.values():
-                try:
-                    proc.wait(timeout=120)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-                reader.join(timeout=5)
-            raise
-        return [int(c) for c in codes]  # type: ignore[arg-type]
-
-    def _start(self, job: ChildJob, threads: int | None) -> tuple[subprocess.Popen, threading.Thread]:
-        env = dict(os.environ)
-        env.update(job.env)
-        if threads is not None:
-            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
-        env["PYTHONUNBUFFERED"] = "1"
-        proc = subprocess.Popen(list(job.argv), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, text=True, bufsize=1)
-        reader = threading.Thread(target=self._echo, args=(job, proc), daemon=True)
-        reader.start()
-        return proc, reader
-
-    def _echo(self, job: ChildJob, proc: subprocess.Popen) -> None:
-        log = None
-        if job.log is not None:
-            job.log.parent.mkdir(parents=True, exist_ok=True)
-            log = open(job.log, "a", encoding="utf-8")
-        try:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                with self._lock:
-                    print(f"[{job.name}] {line.rstrip()}", file=self.out, flush=True)
-                if log is not None:
-                    log.write(line)
-                    log.flush()
-        finally:
-            if log is not None:
-                log.close()
+        return LocalLauncher
+    raise AttributeError(name)

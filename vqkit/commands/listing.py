@@ -7,7 +7,8 @@ from vqkit.commands._table import table
 from vqkit.errors import Problem, VqkitError, suggest
 
 ALIASES = {"loss": "perceptual_losses", "losses": "perceptual_losses", "resets": "reset_policies",
-           "reset": "reset_policies", "data": "datasets"}
+           "reset": "reset_policies", "data": "datasets",
+           "search": "searches"}
 
 
 def _kind(text: str) -> str:

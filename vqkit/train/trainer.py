@@ -46,6 +46,7 @@ from vqkit.train.data import StepBatches, read_batch
 from vqkit.train.distributed import DistContext, init_distributed
 from vqkit.train.objective import convert_range
 from vqkit.train.schedule import make_scheduler
+from vqkit.train.trial import PRUNED_TAG, StopTrial, channel_from_env
 
 __all__ = ["Trainer", "TrainResult", "NonFiniteLoss", "evaluate", "save_recon_grid", "train", "dataset_fingerprint"]
 
@@ -241,6 +242,10 @@ class Trainer:
     ):
         self.recipe = recipe
         self.extra_tags = dict(tags or {})
+        # a sweep's child: its trial's tags, and the search it reports evaluations to (pruning)
+        self.trial = channel_from_env()
+        if self.trial is not None:
+            self.extra_tags.update(self.trial.tags)
         self.entry_point = entry_point
         self.system_metrics: Any = None
         self.cfg = recipe.model
@@ -696,6 +701,11 @@ class Trainer:
             raise not_implemented_error(exc, self.built, self.recipe) from None
         except OSError as exc:  # full disk, read-only file system, permissions: FAILED below
             self._fail_os(exc)
+        except StopTrial as exc:  # the sweep's search pruned this child: resumable, KILLED, exit 0
+            status = "KILLED"
+            path = self._save(collective=False)
+            self.tracker.set_tags({PRUNED_TAG: str(exc.step)})
+            self._say(f"vqkit: stopped at step {exc.step}: pruned by the sweep's search; checkpoint {path}")
         except KeyboardInterrupt:
             status = "KILLED"
             if self.step > start and dist.is_main and _finite_params(self.model, self.disc):
@@ -816,6 +826,9 @@ class Trainer:
                 if dist.is_main and (self.step % tc.eval_every == 0 or (last and self.step == tc.steps)):
                     self.last_eval = self._evaluate()
                     self.tracker.log_metrics(self.last_eval, self.step)
+                    if (self.trial is not None and dist.world_size == 1 and self.step < tc.steps
+                            and self.trial.report(self.step, self.last_eval)):
+                        raise StopTrial(self.step)
                     if bar is not None:
                         bar.set_postfix(self._postfix({**self.last_metrics, **self.last_eval}), refresh=False)
                     if lines:
