@@ -13,6 +13,8 @@ from vqkit.errors import VqkitError
 from vqkit.plugins import PluginWarning, build_registry, get_registry
 from vqkit.testing import install_fake_distribution
 
+pytest_plugins = ("trainkit",)  # fixture: store (a migrated MLflow sqlite store)
+
 
 def _fake(tmp_path, dist, module, source, ep_name=None, version="1.2.3"):
     return install_fake_distribution(
@@ -243,3 +245,63 @@ def test_components_text_shows_full_types_descriptions_and_capabilities(tmp_path
     assert re.search(r"^threshold +float ≥ 0 +1\.0 +a code with fewer assignments", capsys.readouterr().out, re.M)
     assert main(["components", "perceptual_losses", "disc*"]) == 0
     assert "capabilities: needs_discriminator = True" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- at run time
+def _tiny_recipe(tmp_path, store, quantizer, reset):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(
+        "vqkit: 1\nname: tiny\nseed: 3\n"
+        "data: {name: fashion-mnist, params: {limit: 96}}\n"
+        "encoder: {name: conv, params: {channels: [8, 16], factor: 4, latent_dim: 8}}\n"
+        f"quantizer: {quantizer}\n"
+        "decoder: {name: conv, params: {channels: [16, 8]}}\n"
+        "losses: [{name: pixel-l1}]\n"
+        f"reset: {reset}\n"
+        "train: {steps: 6, batch_size: 8, log_every: 2, eval_every: 6, image_every: 6, checkpoint_every: 6, device: cpu}\n"
+        "eval: {num_samples: 16, batch_size: 16}\n"
+        f"tracking: {{experiment: tiny, uri: '{store}', output_dir: '{tmp_path / 'runs'}'}}\n"
+    )
+    return str(path)
+
+
+def test_multi_codebook_quantizer_trains_with_resets_per_code_book(tmp_path, store, capsys, use_registry):
+    from mlflow import MlflowClient
+
+    from vqkit.train.checkpoint import load_checkpoint
+
+    with _fake(tmp_path, "vqkit-two", "vqkit_two_mod", ex.MULTI_QUANTIZER, ep_name="two", version="0.1.0"):
+        use_registry(build_registry())
+        recipe = _tiny_recipe(tmp_path, store, "{name: two-stage, params: {stages: 2, codebook_size: 64}}",
+                              "{name: random, every: 2}")
+        assert main(["train", recipe]) == 0
+    client = MlflowClient(store)
+    (run,) = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    m = run.data.metrics
+    for s in (0, 1):  # each code-book has its monitor; the aggregate sums dead codes and resets
+        assert 0 < m[f"codebook/{s}/usage"] <= 1
+    assert m["codebook/dead"] == m["codebook/0/dead"] + m["codebook/1/dead"]
+    resets = {s: sum(x.value for x in client.get_metric_history(run.info.run_id, f"codebook/{s}/resets")) for s in (0, 1)}
+    assert resets[0] > 0 and resets[1] > 0, resets  # 64 codes, 8x4 latents a step: dead codes reset
+    assert m["quantizer/stages"] == 2.0
+    assert run.data.tags["vqkit.component.quantizer"] == "two-stage (vqkit-two 0.1.0)"
+    state = load_checkpoint(tmp_path / "runs" / run.info.run_id / "checkpoints" / "final.pt")
+    assert len(state["codebook"]["stages"]) == 2
+
+
+def test_not_implemented_at_run_time_is_a_user_error_naming_the_component(tmp_path, store, capsys, use_registry):
+    source = ex.MULTI_QUANTIZER.replace(
+        "    def stage_inputs(self, z, indices):\n",
+        "    def stage_inputs(self, z, indices):\n        raise NotImplementedError('residuals are not kept')\n",
+    )
+    with _fake(tmp_path, "vqkit-two", "vqkit_two_lazy", source, ep_name="two", version="0.1.0"):
+        use_registry(build_registry())
+        recipe = _tiny_recipe(tmp_path, store, "{name: two-stage}", "{name: random, every: 2}")
+        assert main(["train", recipe]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == (
+        "vqkit: error: quantizer: quantizer two-stage (vqkit-two 0.1.0) does not implement stage_inputs() "
+        "(residuals are not kept); it cannot be used this way (check its documented capabilities, or "
+        "report it to its distribution)"
+    )
+    assert "Traceback" not in err

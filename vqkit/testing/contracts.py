@@ -10,6 +10,16 @@ or parametrize pytest over ``vqkit.testing.registered_cases()`` as vqkit's own s
 Each check builds the component from its default ``Params`` (or its ``example_params``
 classmethod when it declares one, e.g. a dataset that needs a folder) with small shapes,
 and raises ``AssertionError`` with a precise message on violation.
+
+The checks read the component's capability flags (see :mod:`vqkit.interfaces`): a check
+that does not apply (``replace_codes`` of a quantizer declaring ``fixed_codebook = True``,
+the per-code-book checks of a single-code-book one) raises :class:`NotApplicable`, a
+``unittest.SkipTest``, so pytest reports it as skipped with the reason. Parametrize
+over the checks (one test each) rather than looping, so that a skip skips one check::
+
+    @pytest.mark.parametrize("check", contract_checks("quantizers"), ids=lambda c: c.__name__)
+    def test_contract(check):
+        check(MyQuantizer)
 Reset policies have their own suite in :mod:`vqkit.testing.reset_contracts`, also returned
 by ``contract_checks("reset_policies")``.
 """
@@ -19,6 +29,7 @@ import copy
 import dataclasses
 import io
 import tempfile
+import unittest
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,6 +45,11 @@ from vqkit.interfaces import (
 )
 
 Check = Callable[[type], None]
+
+
+class NotApplicable(unittest.SkipTest):
+    """A contract check that does not apply to a component, given what its class declares
+    (pytest and unittest report it as a skip with this reason)."""
 
 _WORKDIR: Path | None = None
 
@@ -144,6 +160,19 @@ def _latents(dim: int = 8) -> torch.Tensor:
     return _seeded(1, torch.randn, 3, dim, 4, 5)
 
 
+def _multi(cls: type) -> bool:
+    return bool(getattr(cls, "multi_codebook", False))
+
+
+def _stages(q: Quantizer) -> list[int | None]:
+    """The ``stage`` argument of each code-book: ``[None]`` for one code-book, else 0..S-1."""
+    return list(range(int(q.num_codebooks))) if _multi(type(q)) else [None]
+
+
+def _at(method: Callable[..., Any], stage: int | None, *args: Any) -> Any:
+    return method(*args) if stage is None else method(*args, stage)
+
+
 def check_quantizer_output(cls: type) -> None:
     q = _seeded(0, lambda: _quantizer(cls))
     z = _latents()
@@ -154,13 +183,40 @@ def check_quantizer_output(cls: type) -> None:
         assert dataclasses.is_dataclass(out)
         assert out.quantized.shape == z.shape, f"{cls.__name__}: quantized shape {tuple(out.quantized.shape)} != input {tuple(z.shape)}"
         assert out.indices.dtype == torch.int64, f"{cls.__name__}: indices dtype {out.indices.dtype}, expected int64"
-        assert out.indices.shape == (3, 4, 5), f"{cls.__name__}: indices shape {tuple(out.indices.shape)}, expected (B, h, w)"
+        expected = (3, int(q.num_codebooks), 4, 5) if _multi(cls) else (3, 4, 5)
+        assert out.indices.shape == expected, f"{cls.__name__}: indices shape {tuple(out.indices.shape)}, expected {'(B, S, h, w)' if _multi(cls) else '(B, h, w)'} = {expected}"
         assert int(out.indices.min()) >= 0 and int(out.indices.max()) < q.codebook_size
         for name, term in out.losses.items():
             assert term.dim() == 0 and torch.isfinite(term), f"{cls.__name__}: loss {name!r} must be a finite scalar"
         weights = q.loss_weights()
         assert set(weights) <= set(out.losses) or not training, f"{cls.__name__}: loss_weights names {set(weights) - set(out.losses)} not in losses"
-        assert q.codebook().shape == (q.codebook_size, q.dim)
+        assert all(isinstance(v, float) for v in out.stats.values()), f"{cls.__name__}: stats must be plain floats (they are logged as quantizer/<name>)"
+        if not _multi(cls):
+            assert q.codebook().shape == (q.codebook_size, q.dim)
+            continue
+        for s in _stages(q):
+            book = q.codebook(s)
+            assert book.dim() == 2 and book.shape[0] == q.codebook_size, f"{cls.__name__}: codebook({s}) shape {tuple(book.shape)}, expected (K, D_s) with K={q.codebook_size}"
+
+
+def check_quantizer_stage_inputs(cls: type) -> None:
+    """Multi-code-book quantizers: ``stage_inputs`` gives one ``(B, D_s, h, w)`` tensor per
+    code-book, ``D_s`` the width of ``codebook(s)``, without changing the quantizer."""
+    if not _multi(cls):
+        raise NotApplicable(f"{cls.__name__} has one code-book (multi_codebook = False)")
+    q = _seeded(0, lambda: _quantizer(cls)).eval()
+    z = _latents()
+    out = q(z)
+    before = {k: v.clone() for k, v in q.state_dict().items()}
+    with torch.no_grad():
+        inputs = list(q.stage_inputs(z, out.indices))
+    assert len(inputs) == q.num_codebooks, f"{cls.__name__}: stage_inputs returned {len(inputs)} tensors for {q.num_codebooks} code-books"
+    for s, x in enumerate(inputs):
+        d = q.codebook(s).shape[1]
+        assert x.shape == (3, d, 4, 5), f"{cls.__name__}: stage_inputs()[{s}] shape {tuple(x.shape)}, expected (B, D_s, h, w) = {(3, d, 4, 5)}"
+        assert torch.isfinite(x).all(), f"{cls.__name__}: stage_inputs()[{s}] is not finite"
+    after = q.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before), f"{cls.__name__}: stage_inputs changed the quantizer's state"
 
 
 def check_quantizer_decode_indices(cls: type) -> None:
@@ -200,20 +256,27 @@ def check_quantizer_state(cls: type) -> None:
 
 
 def check_quantizer_replace_codes(cls: type) -> None:
+    if getattr(cls, "fixed_codebook", False):
+        raise NotApplicable(f"{cls.__name__} declares fixed_codebook = True (its codes cannot be replaced)")
     q = _seeded(0, lambda: _quantizer(cls)).train()
     q(_latents())
-    before = q.codebook().clone()
-    idx = torch.tensor([0, q.codebook_size - 1])
-    vectors = torch.randn(2, q.dim)
-    q.replace_codes(idx, vectors)
-    after = q.codebook()
-    keep = torch.ones(q.codebook_size, dtype=torch.bool)
-    keep[idx] = False
-    assert torch.equal(after[keep], before[keep]), f"{cls.__name__}: replace_codes changed other codes"
-    assert not torch.equal(after[idx], before[idx]), f"{cls.__name__}: replace_codes did not change the codes"
-    # the replaced code must now be the nearest code of its own vector (in encoder space)
-    z = vectors[:1].reshape(1, q.dim, 1, 1)
-    assert int(q.eval()(z).indices.flatten()[0]) == int(idx[0]), f"{cls.__name__}: a replaced code does not quantize its own vector to itself"
+    for stage in _stages(q):
+        where = "" if stage is None else f" (code-book {stage})"
+        before = _at(q.codebook, stage).clone()
+        dim = before.shape[1]
+        idx = torch.tensor([0, q.codebook_size - 1])
+        vectors = torch.randn(2, dim)
+        _at(q.replace_codes, stage, idx, vectors)
+        after = _at(q.codebook, stage)
+        keep = torch.ones(q.codebook_size, dtype=torch.bool)
+        keep[idx] = False
+        assert torch.equal(after[keep], before[keep]), f"{cls.__name__}: replace_codes changed other codes{where}"
+        assert not torch.equal(after[idx], before[idx]), f"{cls.__name__}: replace_codes did not change the codes{where}"
+        if stage is None:
+            # the replaced code must now be the nearest code of its own vector (in encoder space)
+            z = vectors[:1].reshape(1, q.dim, 1, 1)
+            assert int(q.eval()(z).indices.flatten()[0]) == int(idx[0]), f"{cls.__name__}: a replaced code does not quantize its own vector to itself"
+            q.train()
 
 
 # ----------------------------------------------------------------------------- losses
@@ -315,6 +378,7 @@ CHECKS: dict[str, list[Check]] = {
         check_quantizer_gradients,
         check_quantizer_state,
         check_quantizer_replace_codes,
+        check_quantizer_stage_inputs,
     ],
     "perceptual_losses": [check_loss_values_and_gradients, check_loss_determinism],
     "discriminators": [check_discriminator],
