@@ -305,3 +305,20 @@ def test_not_implemented_at_run_time_is_a_user_error_naming_the_component(tmp_pa
         "report it to its distribution)"
     )
     assert "Traceback" not in err
+
+
+def test_not_implemented_while_building_is_a_located_user_error(tmp_path, capsys, use_registry):
+    source = ex.FIXED_QUANTIZER.replace(
+        "        super().__init__()\n        self.levels",
+        "        super().__init__()\n        raise NotImplementedError('only dim == len(levels)')\n        self.levels",
+    )
+    with _fake(tmp_path, "vqkit-grid", "vqkit_grid_build", source, ep_name="grid", version="0.1.0"):
+        use_registry(build_registry())
+        recipe = _swap_recipe(tmp_path)
+        assert main(["validate", recipe]) == 0
+        assert main(["validate", "--build", recipe, "--set", "data.params.limit=16"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == (
+        f"vqkit: error: {recipe}: quantizer: quantizer grid (vqkit-grid 0.1.0) cannot be built this way: "
+        "only dim == len(levels)"
+    )

@@ -25,7 +25,7 @@ from torch import nn
 from vqkit.errors import Problem, VqkitError
 from vqkit.interfaces import CodebookResetPolicy, Dataset, Discriminator, PerceptualLoss
 from vqkit.model import VQModel
-from vqkit.plugins import get_registry
+from vqkit.plugins import NOUNS, get_registry
 from vqkit.recipe import LossRef, Recipe
 
 __all__ = [
@@ -51,6 +51,13 @@ def _make(kind: str, name: str, params: Any, where: str, **context: Any) -> Any:
     except VqkitError as exc:
         raise VqkitError(
             [dataclasses.replace(p, path=p.path or where) for p in exc.problems]
+        ) from None
+    except NotImplementedError as exc:
+        raise VqkitError(
+            Problem(
+                f"{NOUNS[kind]} {_describe(entry)} cannot be built this way: {exc or 'NotImplementedError'}",
+                path=where,
+            )
         ) from None
 
 
