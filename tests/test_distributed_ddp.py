@@ -146,7 +146,7 @@ def test_discriminator_step_with_a_scaler_agrees_when_one_rank_overflows(results
     assert scale0 == scale1 == 512.0
     (w0, scale0), (w1, scale1) = r0["history"][1], r1["history"][1]
     assert scale0 == scale1 == 512.0
-    for a, b, start in zip(w0, w1, r0["start"]):  # the next step is taken, identically
+    for a, b in zip(w0, w1):  # the next step is taken, identically
         assert torch.equal(a, b)
     assert any(not torch.equal(a, s) for a, s in zip(w0, r0["start"]))
 

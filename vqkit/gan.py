@@ -86,21 +86,30 @@ def adaptive_weight(
     g_loss: torch.Tensor,
     last_layer_weight: torch.Tensor,
     max: float = 1e4,  # noqa: A002 - the name the trainer uses
+    scale: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
     """VQGAN's adaptive generator weight ``‖∇_w rec‖ / (‖∇_w g‖ + 1e-4)``, clamped to
     ``[0, max]`` and detached.
 
     ``w`` is ``last_layer_weight`` (the decoder's final weight); both losses must be 0-dim
     and depend on it. Gradients are taken with ``torch.autograd.grad`` (graphs retained,
-    nothing accumulated into ``.grad``), in float32. The caller multiplies the result by
-    the configured discriminator weight.
+    nothing accumulated into ``.grad``), their norms in float32. The caller multiplies the
+    result by the configured discriminator weight.
+
+    ``scale``: the gradient scaler's scale under mixed precision. The gradients are then
+    taken of ``scale * rec`` and ``scale * g`` (so fp16 backward passes do not underflow
+    to 0, as the trainer's own backward does not) and the weight is
+    ``‖∇(s·rec)‖ / (‖∇(s·g)‖ + s·1e-4)``, the same value. A non-finite ratio (the scaled
+    gradients overflowed: the scaler skips that step) gives 0.
     """
     if last_layer_weight is None:
         raise ValueError(
             "adaptive_weight needs the decoder's last layer weight; this decoder's "
             "last_layer_weight() returned None (disable the adaptive weight)"
         )
-    (rec_grad,) = torch.autograd.grad(rec_loss, last_layer_weight, retain_graph=True)
-    (g_grad,) = torch.autograd.grad(g_loss, last_layer_weight, retain_graph=True)
-    weight = rec_grad.float().norm() / (g_grad.float().norm() + 1e-4)
+    s = 1.0 if scale is None else scale
+    (rec_grad,) = torch.autograd.grad(rec_loss * s, last_layer_weight, retain_graph=True)
+    (g_grad,) = torch.autograd.grad(g_loss * s, last_layer_weight, retain_graph=True)
+    weight = rec_grad.float().norm() / (g_grad.float().norm() + 1e-4 * s)
+    weight = torch.nan_to_num(weight, nan=0.0, posinf=max)
     return weight.clamp(0.0, max).detach()

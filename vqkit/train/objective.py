@@ -125,7 +125,7 @@ def generator_objective(
         factor = torch.ones((), device=x.device)
         last = model.decoder.last_layer_weight()
         if gan_ref.adaptive_weight and last is not None and rec_total.requires_grad:
-            factor = gan.adaptive_weight(rec_total, g_loss, last).detach()
+            factor = gan.adaptive_weight(rec_total, g_loss, last, scale=grad_scale).detach()
             terms["gan/adaptive_weight"] = factor
         total = total + gan_ref.weight * factor * g_loss
     terms["loss/total"] = total

@@ -288,6 +288,7 @@ class Trainer:
         if not gen_params:
             raise VqkitError("the model has no trainable parameters")
         self.gen_params = gen_params
+        self.debug_state_dir = os.environ.get("VQKIT_DEBUG_STATE_DIR") or None  # see _dump_state
         self.loss_grad_params = _grad_params(self.losses)  # outside the DDP wrapper
         self.opt = _make_optimizer(gen_params, tc, tc.lr)
         self.sched = make_scheduler(self.opt, tc)
@@ -532,6 +533,7 @@ class Trainer:
                 g = objective.generator_objective(
                     self.model, x, step, list(zip(self.loss_names, self.loss_refs, self.losses)),
                     forward=self.model_ddp, discriminator=self.disc, gan_ref=self.disc_ref,
+                    grad_scale=self.scaler.scale(torch.ones((), device=self.device)) if self.scaler.is_enabled() else None,
                 )
         except FloatingPointError as exc:  # a quantizer refused non-finite latents (on every rank)
             raise NonFiniteLoss(f"step {step + 1}: {exc}") from None
@@ -558,11 +560,26 @@ class Trainer:
             # no DDP wrapper: its gradients are averaged here
             self._clip_and_step(self.disc_opt, self.disc_params, self.disc_scaler, average=self.disc_params)
             self.disc_sched.step()
+            if self.dist.enabled:  # its buffers (BatchNorm statistics) follow rank 0, as the model's do
+                with torch.no_grad():
+                    for t in self.disc.buffers():
+                        if t.is_floating_point():
+                            t.copy_(self.dist.broadcast(t))
 
-        self.codebook.after_step(step, g.latents.detach(), g.output.indices.detach(), [self.opt])
+        resets = self.codebook.after_step(step, g.latents.detach(), g.output.indices.detach(), [self.opt])
+        if resets and self.debug_state_dir:
+            self._dump_state(f"reset-step{step + 1}")
         if step == 0 and self.dist.enabled:
             self._sync_from_rank0()
         return {k: v.detach() for k, v in terms.items()}
+
+    def _dump_state(self, tag: str) -> None:
+        """Debug hook, on when ``VQKIT_DEBUG_STATE_DIR`` names a folder: every rank writes its
+        model (code-book included) and discriminator state to ``<tag>-rank<r>.pt`` there,
+        after every reset and at the end, so tests can check that ranks agree bit for bit."""
+        state = {"model": self.model.state_dict(),
+                 "discriminator": self.disc.state_dict() if self.disc is not None else {}}
+        torch.save(state, Path(self.debug_state_dir) / f"{tag}-rank{self.dist.rank}.pt")
 
     def _disc_trainable(self, flag: bool) -> None:
         for p in self.disc_params:  # only the parameters it optimizes (frozen parts stay frozen)
@@ -844,6 +861,8 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
+        if self.debug_state_dir:
+            self._dump_state("end")
         if self.step >= tc.steps:
             self._finish_artifacts()
 
