@@ -39,7 +39,11 @@ def run_validate(args) -> int:
                 from vqkit.train.build import build_all
 
                 try:
-                    build_all(recipe)
+                    built = build_all(recipe)
+                    for split in ("train_data", "test_data"):  # e.g. decode every image file
+                        check = getattr(getattr(built, split, None), "check", None)
+                        if callable(check):
+                            check()
                 except VqkitError as exc:  # locate build problems in the recipe file
                     raise VqkitError([dataclasses.replace(p, file=p.file or path) for p in exc.problems]) from None
             report.append({"recipe": path, "ok": True, "problems": []})

@@ -18,7 +18,8 @@ resizes to ``image_size`` ignoring the aspect ratio instead.
 
 Memory: the resized images are decoded once, at construction, and kept (uint8)
 when their estimated size is below ``preload_mb``; beyond that budget files are
-decoded on each access (in the DataLoader workers).
+decoded on each access (in the DataLoader workers). :meth:`ImageFolder.check`
+(``vqkit validate --build``) decodes every file that was not preloaded.
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ from vqkit.data import (
     rng,
     to_float,
 )
-from vqkit.errors import VqkitError
+from vqkit.errors import Problem, VqkitError
 from vqkit.interfaces import Dataset, Params
 
 Size = Annotated[int, Field(ge=1, le=8192)]
@@ -235,6 +236,25 @@ class ImageFolder(Dataset):
         if self._flip and bool(gen.integers(0, 2)):  # type: ignore[union-attr]
             out = out.flip(-1)
         return out
+
+    def check(self) -> None:
+        """Decode every file of this split (``vqkit validate --build``): files that are not
+        preloaded are otherwise decoded only when training reads them. Raises one
+        :class:`VqkitError` naming every file that cannot be decoded."""
+        def decode(i: int) -> str | None:
+            if self._stacked is not None or self._cache[i] is not None:
+                return None  # decoded at construction
+            try:
+                self._resized(i)
+            except VqkitError as exc:
+                return str(exc)
+            return None
+
+        with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
+            bad = [msg for msg in pool.map(decode, range(len(self.files))) if msg]
+        if bad:
+            shown = bad[:20] + ([f"... and {len(bad) - 20} more"] if len(bad) > 20 else [])
+            raise VqkitError([Problem(text) for text in shown])
 
     # -- Dataset --------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:

@@ -12,7 +12,9 @@ Two ways to read a batch:
 * in-process fast path (``train.num_workers: 0`` and the data set has ``get_batch``): one
   vectorized call per step, no worker processes;
 * a :class:`torch.utils.data.DataLoader` with ``num_workers`` processes fed by a batch
-  sampler over the same indices (for data sets that decode files).
+  sampler over the same indices (for data sets that decode files). A user error raised
+  in a worker (a corrupt image file: :class:`VqkitError`, or an ``OSError`` naming a
+  file) comes back as that error, not wrapped in the worker's traceback.
 
 Data sets with ``set_epoch(epoch)`` (random crops / flips per epoch) are told the epoch
 before its batches are read.
@@ -35,6 +37,46 @@ def read_batch(dataset: Dataset, indices: list[int] | torch.Tensor) -> torch.Ten
         return dataset.get_batch(indices)
     idx = indices.tolist() if torch.is_tensor(indices) else list(indices)
     return torch.stack([dataset[i] for i in idx])
+
+
+class _WorkerFailure:
+    """What a worker returns instead of a batch when reading it raised a user error."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+
+
+class _Guarded(torch.utils.data.Dataset):
+    """A data set whose user errors travel back from DataLoader workers intact (the
+    DataLoader rebuilds a worker's exception from its text, traceback included)."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices: list[int]):
+        try:
+            if hasattr(self.dataset, "__getitems__"):
+                return self.dataset.__getitems__(indices)
+            return [self.dataset[i] for i in indices]
+        except VqkitError as exc:
+            return [_WorkerFailure(exc.problems)]
+        except OSError as exc:
+            if exc.filename is None:
+                raise
+            return [_WorkerFailure([Problem(f"cannot read {exc.filename}: {exc.strerror or exc}")])]
+
+
+def _collate(items: list):
+    for item in items:
+        if isinstance(item, _WorkerFailure):
+            return item
+    return torch.utils.data.default_collate(items)
 
 
 class _EpochBatches(torch.utils.data.Sampler):
@@ -118,10 +160,14 @@ class StepBatches:
                     yield read_batch(self.dataset, self.indices(s))
             else:
                 loader = torch.utils.data.DataLoader(
-                    self.dataset,
+                    _Guarded(self.dataset),
                     batch_sampler=_EpochBatches(self, step, end),
                     num_workers=self.num_workers,
+                    collate_fn=_collate,
                     pin_memory=False,
                 )
-                yield from loader
+                for batch in loader:
+                    if isinstance(batch, _WorkerFailure):
+                        raise VqkitError(batch.problems)
+                    yield batch
             step = end
