@@ -396,6 +396,11 @@ def contract_checks(kind: str) -> list[Check]:
         from vqkit.testing.prior_contracts import prior_contract_checks
 
         return prior_contract_checks()
+    if kind in ("launchers", "searches"):
+        from vqkit.testing import sweep_contracts
+
+        return sweep_contracts.launcher_contract_checks() if kind == "launchers" else \
+            sweep_contracts.search_contract_checks()
     return list(CHECKS[kind])
 
 
