@@ -128,7 +128,6 @@ class FSQ(Quantizer):
         self.register_buffer("_shift", torch.atanh(offset / amplitude), persistent=False)
         self.project_in = nn.Linear(dim, d) if use_proj else None
         self.project_out = nn.Linear(d, dim) if use_proj else None
-        self.register_buffer("code_counts", torch.zeros(self.codebook_size))
 
     # ------------------------------------------------------------------ the grid
     def _bound(self, x: torch.Tensor) -> torch.Tensor:
@@ -171,9 +170,6 @@ class FSQ(Quantizer):
             indices = self._digits_to_indices(rounded.detach() + self._half_width)
             quantized = self._to_latent(grid)
         counts = torch.bincount(indices.reshape(-1), minlength=self.codebook_size).to(torch.float32)
-        if self.training:
-            with torch.no_grad():
-                self.code_counts += counts
         if quantized.dtype != z.dtype:
             quantized = quantized.to(z.dtype)
         return QuantizerOutput(quantized=quantized, indices=indices, losses={}, stats=_usage_stats(counts))

@@ -49,7 +49,7 @@ class ResidualVQ(Quantizer):
       ``stage<s>/rel_error``, ``||r_{s+1}||^2 / ||z||^2`` (the energy left after stage ``s``).
 
     A multi-code-book quantizer (``multi_codebook = True``, ``num_codebooks = S``):
-    ``code_counts`` is ``(S, K)``; ``codebook(stage)``, ``replace_codes(idx, vectors, stage)``
+    ``codebook(stage)``, ``replace_codes(idx, vectors, stage)``
     and ``code_parameters(stage)`` act on one stage; :meth:`stage_inputs` gives the
     residuals the stages quantized, which the trainer feeds to one reset policy per stage.
     """
@@ -67,7 +67,6 @@ class ResidualVQ(Quantizer):
         self.dim = dim
         self.codebook_size = p.codebook_size
         self.num_codebooks = p.stages
-        self.register_buffer("code_counts", torch.zeros(p.stages, p.codebook_size))
 
     # ------------------------------------------------------------------ code-books
     def _stage(self, stage: int) -> VectorQuantizer:
@@ -84,10 +83,9 @@ class ResidualVQ(Quantizer):
 
     def replace_codes(self, idx: torch.Tensor, vectors: torch.Tensor, stage: int = 0) -> None:
         """Set codes ``idx`` (int64 ``(n,)``) of ``stage`` to ``vectors`` ``(n, D)`` (in the
-        space of that stage's input, the residual) and zero their usage counts; with EMA
-        their statistics restart at cluster size 1 and sum = the vector."""
+        space of that stage's input, the residual); with EMA their statistics restart at
+        cluster size 1 and sum = the vector."""
         self._stage(stage).replace_codes(idx, vectors)
-        self.code_counts[int(stage)].index_fill_(0, idx.to(device=self.code_counts.device, dtype=torch.int64).reshape(-1), 0.0)
 
     def code_parameters(self, stage: int | None = None) -> list[torch.nn.Parameter]:
         """The learned code-book of ``stage`` (``[]`` with EMA); ``None``: of every stage."""
@@ -123,11 +121,6 @@ class ResidualVQ(Quantizer):
             # value: the sum of the codes exactly (x - sg[x] is +-0); gradient: identity to z
             quantized = total + (x - x.detach())
             idx = torch.stack(indices, dim=1)
-            if self.training:
-                with torch.no_grad():
-                    for s, stage in enumerate(self.stages):
-                        self.code_counts[s] += stage.code_counts
-                        stage.code_counts.zero_()
         stats["perplexity"] = sum(perplexities) / len(perplexities)
         if quantized.dtype != z.dtype:
             quantized = quantized.to(z.dtype)
