@@ -268,7 +268,9 @@ def _tiny_recipe(tmp_path, store, quantizer, reset):
 def test_multi_codebook_quantizer_trains_with_resets_per_code_book(tmp_path, store, capsys, use_registry):
     from mlflow import MlflowClient
 
-    from vqkit.train.checkpoint import load_checkpoint
+    from vqkit.recipe import load_recipe
+    from vqkit.train.checkpoint import latest_checkpoint, load_checkpoint
+    from vqkit.train.trainer import train
 
     with _fake(tmp_path, "vqkit-two", "vqkit_two_mod", ex.MULTI_QUANTIZER, ep_name="two", version="0.1.0"):
         use_registry(build_registry())
@@ -287,6 +289,31 @@ def test_multi_codebook_quantizer_trains_with_resets_per_code_book(tmp_path, sto
     assert run.data.tags["vqkit.component.quantizer"] == "two-stage (vqkit-two 0.1.0)"
     state = load_checkpoint(tmp_path / "runs" / run.info.run_id / "checkpoints" / "final.pt")
     assert len(state["codebook"]["stages"]) == 2
+
+    # stopped after 4 steps and resumed: the same code-books, policies and monitors as straight
+    with _fake(tmp_path, "vqkit-two", "vqkit_two_mod", ex.MULTI_QUANTIZER, ep_name="two", version="0.1.0"):
+        use_registry(build_registry())
+        first = train(load_recipe(recipe), quiet=True, stop_after=4)
+        assert main(["train", "--resume", str(first.run_dir), "--quiet"]) == 0
+    resumed = load_checkpoint(latest_checkpoint(first.run_dir / "checkpoints"))
+    assert resumed["step"] == 6
+    for key in ("model", "codebook"):
+        _assert_same(state[key], resumed[key], key)
+
+
+def _assert_same(a, b, where):
+    if isinstance(a, dict):
+        assert set(a) == set(b), where
+        for k in a:
+            _assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{where}.{i}")
+    elif hasattr(a, "shape"):
+        assert a.dtype == b.dtype and a.shape == b.shape and bool((a == b).all()), where
+    else:
+        assert a == b, where
 
 
 def test_not_implemented_at_run_time_is_a_user_error_naming_the_component(tmp_path, store, capsys, use_registry):
