@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import signal
 import struct
@@ -273,3 +274,42 @@ def test_a_full_file_system_fails_the_run_and_keeps_the_previous_checkpoints(wor
     assert main(["train", "--resume", run.info.run_id, "--quiet"]) == 0  # the disk has room again
     assert hashlib.sha256(step3.read_bytes()).hexdigest() == digest or not step3.exists()
     _assert_every_step_once(store)
+
+
+# =========================================================================== other runs' status
+def test_resuming_a_finished_run_from_a_file_logs_a_new_run(workdir, store, capsys):
+    assert main(["train", "tiny.yaml", "--quiet"]) == 0
+    client, first = _only_run(store)
+    final = workdir / "runs" / first.info.run_id / "checkpoints" / "final.pt"
+    assert main(["train", "--resume", str(final), "--quiet", "--set", "train.steps=10"]) == 0
+    assert "is logged as a new run" in capsys.readouterr().err
+    runs = {r.info.run_id: r for r in client.search_runs([first.info.experiment_id])}
+    assert len(runs) == 2 and runs[first.info.run_id].info.status == "FINISHED"
+    (new_id,) = set(runs) - {first.info.run_id}
+    new = runs[new_id]
+    assert new.info.status == "FINISHED"
+    assert json.loads(new.data.tags["vqkit.resumed_from"]) == {"run_id": first.info.run_id,
+                                                               "checkpoint": str(final), "step": STEPS}
+    assert sorted(m.step for m in client.get_metric_history(new_id, "loss/total")) == [9, 10]
+    assert (workdir / "runs" / new_id / "checkpoints" / "final.pt").is_file()
+    assert sorted(m.step for m in client.get_metric_history(first.info.run_id, "loss/total")) == list(range(1, 9))
+
+
+def test_a_resume_that_fails_before_training_leaves_a_finished_run_finished(workdir, store, capsys, monkeypatch):
+    from vqkit.tracking import Tracker
+
+    assert main(["train", "tiny.yaml", "--quiet"]) == 0
+    client, run = _only_run(store)
+
+    def read_only(self):
+        if self.run_dir is None:
+            return
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self.run_dir / "run.json.tmp"))
+
+    monkeypatch.setattr(Tracker, "_write_run_info", read_only)
+    capsys.readouterr()
+    assert main(["train", "--resume", run.info.run_id, "--quiet", "--set", "train.steps=12"]) == 2
+    err = capsys.readouterr().err
+    assert "Read-only file system (EROFS); the MLflow run keeps its status FINISHED" in err
+    after = client.get_run(run.info.run_id)
+    assert after.info.status == "FINISHED" and "vqkit.failure" not in after.data.tags

@@ -255,6 +255,8 @@ class Tracker:
         self._after_step: int | None = None  # resumed at this step (earlier leg's later steps dropped)
         self._existing: dict[str, set[int]] = {}  # metric key -> steps already in the store
         self._training = True  # wording of the warnings (False for `vqkit sync`)
+        #: status of a reopened run before this leg set it RUNNING (None: a new run)
+        self.reopened_from: str | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, resume_run_id: str | None = None, after_step: int | None = None) -> str | None:
@@ -479,8 +481,9 @@ class Tracker:
     def _buffer_failed(self, exc: OSError) -> None:
         if not getattr(self, "_warned_buffer", False):
             self._warned_buffer = True
-            print(f"vqkit: warning: cannot write the tracking buffer {self.buffer_path}: "
-                  f"{exc.strerror or exc}; unsent operations are kept in memory only", file=self.stderr)
+            path = exc.filename or self.buffer_path
+            print(f"vqkit: warning: cannot write {path}: {exc.strerror or exc}; unsent tracking "
+                  "operations are kept in memory only", file=self.stderr)
 
     def _rewrite_buffer(self) -> None:
         if self.buffer_path is None:
@@ -651,6 +654,7 @@ class Tracker:
                       "logging to a new run", file=self.stderr)
                 self.run_id, self._resumed = None, False
             else:
+                self.reopened_from = run.info.status  # restored if this leg fails before it trains
                 if run.info.status != "RUNNING":
                     client.update_run(self.run_id, status="RUNNING")
                 self._existing = self._logged_steps(client, run)
@@ -672,7 +676,10 @@ class Tracker:
             if run is None:
                 run = client.create_run(exp_id, run_name=self.run_name, tags={"vqkit.local_id": self.local_id})
             self.run_id = run.info.run_id
-        self._write_run_info()
+        try:
+            self._write_run_info()
+        except OSError as exc:  # a local file, not the store: reported where the run dir is used
+            self._buffer_failed(exc)
 
     def _do_image(self, client: Any, op: dict[str, Any]) -> None:
         path = Path(op["path"])
@@ -772,6 +779,20 @@ def _short(exc: BaseException) -> str:
 # =========================================================================== reading runs back
 def _client(uri: str) -> Any:
     return _open_client(uri)
+
+
+def run_status(uri: str, run_id: str) -> str | None:
+    """The status of MLflow run ``run_id`` (``RUNNING``, ``FINISHED``, ...), or ``None``
+    when the store cannot be reached or has no such run."""
+    from vqkit.errors import VqkitError
+
+    try:
+        with _request_timeout(REQUEST_TIMEOUT_S):
+            return _open_client(uri).get_run(run_id).info.status
+    except VqkitError:
+        raise
+    except Exception:
+        return None
 
 
 def download_checkpoint(uri: str, run_id: str, run_dir: str | os.PathLike) -> Path:

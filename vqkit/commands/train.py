@@ -129,6 +129,8 @@ def run_train(args) -> int:
     quiet = args.quiet or int(os.environ.get("RANK", "0")) != 0
     tags = {"mlflow.parentRunId": args.parent_run} if args.parent_run else None
     trainer = Trainer(recipe, resume=state, resume_path=path, quiet=quiet, tags=tags)
+    # a finished run resumed from a checkpoint file is continued in a new run
+    trainer.continue_finished_runs = not (args.resume and Path(args.resume).is_file())
     trainer.run()
     return 0
 

@@ -227,6 +227,10 @@ class Trainer:
         entry_point: the command recorded as the run's ``mlflow.project.entryPoint``.
     """
 
+    #: resuming a FINISHED run from a checkpoint *file* logs a new run instead, so the
+    #: finished run keeps its status (``vqkit train --resume FILE`` sets this False)
+    continue_finished_runs: bool = True
+
     def __init__(
         self,
         recipe: Recipe,
@@ -473,6 +477,17 @@ class Trainer:
                 f"logging to a new run at {uri}"
             )
             resume_id = None
+        forked_from = None
+        if resume_id and not self.continue_finished_runs and self.dist.is_main:
+            from vqkit.tracking import run_status
+
+            if run_status(uri, resume_id) == "FINISHED":
+                import uuid
+
+                self._say(f"vqkit: note: MLflow run {resume_id} is FINISHED; training resumed from "
+                          f"{self.resume_path} is logged as a new run (tag vqkit.resumed_from)")
+                forked_from, resume_id, run_dir = resume_id, None, None
+                tracker.local_id = uuid.uuid4().hex[:12]
         # a resumed leg supersedes what an earlier leg logged after the checkpoint's step
         run_id = tracker.start(resume_run_id=resume_id, after_step=self.step if self.resume is not None else None)
         if run_dir is None:
@@ -482,6 +497,9 @@ class Trainer:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
         tracker.attach(run_dir)
+        if forked_from is not None:
+            tracker.set_tags({"vqkit.resumed_from": json.dumps(
+                {"run_id": forked_from, "checkpoint": str(self.resume_path), "step": self.step})})
         self.ckpt_dir = run_dir / "checkpoints"
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         for folder in (self.ckpt_dir, run_dir / "images"):  # temp files of a killed process
@@ -762,17 +780,23 @@ class Trainer:
         cause = (exc.strerror or str(exc)) + (f" ({name})" if name else "")
         reason = f"{exc.filename}: {cause}" if exc.filename else cause
         tracker = self.tracker
+        # a resumed leg that fails before it trains leaves the run as it found it
+        before = getattr(tracker, "reopened_from", None) if end_run else None
+        keep_status = before in ("FINISHED", "FAILED", "KILLED")
         if tracker is not None and getattr(tracker, "enabled", False):
             try:
-                tracker.set_tags({"vqkit.failure": f"file system error: {reason}"[:5000]})
+                if not keep_status:
+                    tracker.set_tags({"vqkit.failure": f"file system error: {reason}"[:5000]})
                 if end_run:
-                    tracker.finish("FAILED")
+                    tracker.finish(before if keep_status else "FAILED")
             except OSError:  # pragma: no cover - the tracker keeps what it cannot write
                 pass
         ckpt_dir = getattr(self, "ckpt_dir", None)
         newest = ckpt.latest_checkpoint(ckpt_dir) if ckpt_dir is not None and ckpt_dir.is_dir() else None
         keep = f"; the newest checkpoint, {newest}, is intact" if newest is not None else ""
-        ended = "; the MLflow run is marked FAILED" if tracker is not None and getattr(tracker, "run_id", None) else ""
+        ended = ""
+        if tracker is not None and getattr(tracker, "run_id", None):
+            ended = f"; the MLflow run keeps its status {before}" if keep_status else "; the MLflow run is marked FAILED"
         raise VqkitError(f"{reason}{ended}{keep}") from None
 
     def _fail_nonfinite(self, exc: NonFiniteLoss) -> None:
