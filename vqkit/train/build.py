@@ -270,7 +270,9 @@ def not_implemented_error(exc: NotImplementedError, built: Built | None, recipe:
         return VqkitError(f"a component raised NotImplementedError: {detail}")
     entry = entries.get(block)
     who = _describe(entry) if entry is not None else block
-    kind = block.split(".")[0].replace("losses", "loss").replace("data", "dataset").replace("reset", "reset policy")
+    from vqkit.recipe import COMPONENT_BLOCKS
+
+    kind = NOUNS[COMPONENT_BLOCKS.get(block.split(".")[0], "perceptual_losses")]
     return VqkitError(
         Problem(
             f"{kind} {who} does not implement {method}() ({detail}); it cannot be used this way "
