@@ -349,3 +349,17 @@ def test_not_implemented_while_building_is_a_located_user_error(tmp_path, capsys
         f"vqkit: error: {recipe}: quantizer: quantizer grid (vqkit-grid 0.1.0) cannot be built this way: "
         "only dim == len(levels)"
     )
+
+
+def test_usage_of_several_code_books_is_counted_per_code_book():
+    import torch
+
+    from vqkit.telemetry import stage_counts, usage_and_perplexity
+
+    one = stage_counts(torch.tensor([[[0, 1], [1, 1]]]), 4)  # (B, h, w), one code-book
+    assert one.tolist() == [[1, 3, 0, 0]]
+    two = stage_counts(torch.tensor([[[[0, 1]], [[2, 2]]]]), 4, num_codebooks=2)  # (B, S, h, w)
+    assert two.tolist() == [[1, 1, 0, 0], [0, 0, 2, 0]]
+    usage, perplexity = usage_and_perplexity(two)
+    assert usage == pytest.approx((2 / 4 + 1 / 4) / 2) and perplexity == pytest.approx((2.0 + 1.0) / 2)
+    assert usage_and_perplexity(torch.zeros(2, 4)) is None

@@ -239,11 +239,11 @@ def usage_and_perplexity(counts: torch.Tensor) -> tuple[float, float] | None:
     if float(counts.sum()) == 0:
         return None
     usage, perplexity = [], []
-    for row in counts:
-        total = row.sum()
-        usage.append(float((row > 0).double().mean()))
-        p = row[row > 0] / total if total > 0 else row[:0]
-        perplexity.append(float(torch.exp(-(p * p.log()).sum())) if total > 0 else 0.0)
+    for row in counts.double():
+        used = row[row > 0]
+        usage.append(used.numel() / row.numel())
+        p = used / used.sum() if used.numel() else used
+        perplexity.append(float(torch.exp(-(p * p.log()).sum())) if used.numel() else 0.0)
     return sum(usage) / len(usage), sum(perplexity) / len(perplexity)
 
 
