@@ -96,6 +96,69 @@ def test_latest_and_prune(tmp_path):
     assert ckpt.latest_checkpoint(folder).name == "step_00000030.pt"
 
 
+def test_the_newest_complete_file_wins_over_a_stale_pointer_and_temp_files_go(tmp_path):
+    folder = tmp_path / "checkpoints"
+    path = ckpt.save_checkpoint(ckpt.step_file(folder, 3), _state(3))
+    ckpt.write_latest(folder, path, 3)
+    # killed after final.pt (step 6) was renamed, before latest.json was rewritten
+    ckpt.save_checkpoint(folder / "final.pt", _state(6))
+    assert ckpt.latest_checkpoint(folder).name == "final.pt"
+    # a finished run resumed with more steps: a later step file beats the old final.pt
+    ckpt.save_checkpoint(ckpt.step_file(folder, 9), _state(9))
+    assert [p.name for p in ckpt.checkpoint_candidates(folder)] == [
+        "step_00000009.pt", "final.pt", "step_00000003.pt"]
+    for name in (".step_00000012.pt.tmp-4242", ".final.pt.tmp-1", ".last.pt.tmp", ".latest.json.tmp-7"):
+        (folder / name).write_bytes(b"partial")
+    removed = ckpt.remove_temp_files(folder)
+    assert len(removed) == 4 and sorted(p.name for p in folder.iterdir()) == [
+        "final.pt", "latest.json", "step_00000003.pt", "step_00000009.pt"]
+
+
+def test_newest_intact_skips_damaged_files_and_says_so(tmp_path):
+    folder = tmp_path / "checkpoints"
+    ckpt.save_checkpoint(ckpt.step_file(folder, 3), _state(3))
+    ckpt.save_checkpoint(ckpt.step_file(folder, 6), _state(6))
+    ckpt.step_file(folder, 6).write_bytes(b"garbage")
+    said = []
+    path, state = ckpt.newest_intact(folder, warn=said.append)
+    assert path.name == "step_00000003.pt" and state["step"] == 3
+    assert len(said) == 1 and "step_00000006.pt is not a vqkit checkpoint" in said[0]
+    ckpt.step_file(folder, 3).write_bytes(b"")
+    with pytest.raises(VqkitError, match="no intact checkpoint"):
+        ckpt.newest_intact(folder)
+
+
+def test_a_failing_write_names_the_checkpoint_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    import errno
+
+    path = tmp_path / "step_00000001.pt"
+    real_open = open
+
+    class Full:  # a file on a disk that fills up after 100 bytes
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            if self.f.tell() + len(data) > 100:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(ckpt, "open", lambda *a, **k: Full(real_open(*a, **k)), raising=False)
+    with pytest.raises(OSError) as info:  # torch reports it as "unexpected pos": not here
+        ckpt.save_checkpoint(path, _state(1))
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(path)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_schedule_shapes():
     s = WarmupSchedule("cosine", warmup_steps=4, total_steps=14, min_lr_ratio=0.1)
     assert [s(i) for i in range(4)] == [0.25, 0.5, 0.75, 1.0]

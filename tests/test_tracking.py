@@ -96,6 +96,19 @@ def test_buffer_left_by_a_dead_process_is_sent_by_sync(tmp_path, store, capsys, 
     assert main(["sync", str(run_dir)]) == 0  # nothing left: still fine
 
 
+def test_sync_against_a_server_still_down_does_not_talk_of_training(tmp_path, capsys, closed_port):
+    t = Tracker(f"http://127.0.0.1:{closed_port}", "exp", "crashed", stderr=io.StringIO())
+    t.start()
+    run_dir = t.attach(tmp_path / "run")
+    t.log_metrics({"loss/total": 2.0}, step=10)
+    assert not t.finish()
+    capsys.readouterr()
+    assert main(["sync", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "unreachable" in err and "training" not in err
+    assert (run_dir / BUFFER).is_file()
+
+
 def test_resumed_run_keeps_params_and_tags_changes(tmp_path, store):
     t = Tracker(store, "exp", "r", stderr=io.StringIO())
     run_id = t.start()
