@@ -185,11 +185,13 @@ class VectorQuantizer(Quantizer):
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         with torch.autocast(z.device.type, enabled=False):
             x = self._prepare(z)
-            self._check_finite(x)
             self._apply_pending_ema()
             if self.training and not bool(self.kmeans_done):
+                self._check_finite(x, x.detach().sum())  # k-means must not see them
                 self._kmeans_init(x.detach().permute(0, 2, 3, 1).reshape(-1, self.dim))
             step = straight_through_vq(x, self._codes(), self.params.chunk_size)
+            # the squared error is non-finite iff a latent (or a code) is: a free test
+            self._check_finite(x, step.commitment_loss.detach())
             if self.training and self.params.ema:
                 with torch.no_grad():
                     self._ema_accumulate(code_sums(x.detach(), step.indices, self.codebook_size), step.counts)
@@ -207,19 +209,30 @@ class VectorQuantizer(Quantizer):
         )
 
     @torch.no_grad()
-    def _check_finite(self, x: torch.Tensor) -> None:
-        """Raise ``FloatingPointError`` if the latents hold NaN or inf (the search would
-        silently give them code 0). Collective in distributed training."""
-        bad = (~torch.isfinite(x)).sum()
+    def _check_finite(self, x: torch.Tensor, probe: torch.Tensor) -> None:
+        """Raise ``FloatingPointError`` if ``probe`` (a 0-dim sum over the latents ``x``,
+        non-finite when one of them is) is not finite: the search would silently give NaN
+        latents code 0. Collective in distributed training (every rank raises, none waits
+        in a collective). A full element-wise test only runs to word the error."""
+        bad = ~torch.isfinite(probe)
         if self.training and _distributed():
-            bad = bad.float()
-            torch.distributed.all_reduce(bad)  # every rank raises, none waits in a collective
-        bad = int(bad)
-        if bad:
-            raise FloatingPointError(
-                f"vq: {bad} of {x.numel()} latent values are NaN or infinite (over all processes "
-                "when distributed); the encoder output diverged or its input holds NaN/inf"
-            )
+            flag = bad.float().reshape(1)
+            torch.distributed.all_reduce(flag)
+            bad = flag[0] > 0
+        if not bool(bad):
+            return
+        n = int((~torch.isfinite(x)).sum())
+        if bool(torch.isfinite(probe)):
+            what = "another process's latents are NaN or infinite"
+        elif n:
+            what = f"{n} of {x.numel()} latent values are NaN or infinite"
+        elif not bool(torch.isfinite(self._codes()).all()):
+            what = "the code-book holds NaN or infinite values"
+        else:
+            what = f"the latents are too large for float32 (max |z| = {float(x.abs().max()):.3g})"
+        raise FloatingPointError(
+            f"vq: {what}; the encoder output diverged or its input holds NaN/inf"
+        )
 
     @torch.no_grad()
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
