@@ -38,6 +38,8 @@ def run_validate(args) -> int:
             if args.build:
                 from vqkit.train.build import build_all
 
+                if recipe.kind == "prior":  # the autoencoder it names, and the prior for its grid
+                    from vqkit.prior.family import check_prior_build as build_all  # noqa: F811
                 try:
                     built = build_all(recipe)
                     for split in ("train_data", "test_data"):  # e.g. decode every image file

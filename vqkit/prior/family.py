@@ -51,7 +51,11 @@ def resolve_autoencoder(ref: Any, tracking_uri: str, output_dir: str = "runs") -
     if target is None:
         from vqkit.tracking import fetch_runs
 
-        runs = [r for r in fetch_runs(tracking_uri, experiment=ref.experiment) if r["status"] == "FINISHED"]
+        try:
+            runs = [r for r in fetch_runs(tracking_uri, experiment=ref.experiment) if r["status"] == "FINISHED"]
+        except VqkitError as exc:
+            raise VqkitError([Problem(f"{p.message}; train the autoencoder first, or set autoencoder.run",
+                                      path="autoencoder.experiment") for p in exc.problems]) from None
         if not runs:
             raise VqkitError(Problem(
                 f"no finished run in MLflow experiment {ref.experiment!r} at {tracking_uri}; train the "
@@ -300,3 +304,29 @@ class PriorFamily(Family):
                 f"({type(exc).__name__}: {str(exc).splitlines()[0][:300]})"
             ) from None
         _retarget(self.sched, self.cfg.train.lr, self.cfg.train.steps)
+
+
+def check_prior_build(recipe: Any) -> None:
+    """What ``vqkit validate --build`` does for a prior recipe: find the autoencoder, load it,
+    read one test image of its data set, and build the prior for its code grid (class labels
+    checked when conditional). Raises :class:`VqkitError` on the first problem."""
+    from vqkit.model import VQModel
+    from vqkit.tracking import resolve_tracking_uri
+    from vqkit.train.build import build_datasets
+    from vqkit.train.data import read_batch
+
+    cfg = recipe.model
+    path = resolve_autoencoder(cfg.autoencoder, resolve_tracking_uri(cfg.tracking.uri), cfg.tracking.output_dir)
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        ae, ae_recipe = VQModel.from_checkpoint(path)
+        _, test = build_datasets(ae_recipe)
+        grid = tuple(ae.encode(read_batch(test, torch.arange(1))).indices.shape[1:])
+        classes = 0
+        if cfg.prior.class_conditional:
+            labels = getattr(test, "labels", None)
+            if labels is None:
+                raise VqkitError(Problem(
+                    "prior.class_conditional is true but the autoencoder's data set has no class labels "
+                    "(a data set exposes them as `labels`)", path="prior.class_conditional"))
+            classes = int(torch.as_tensor(labels).max()) + 1
+        build_prior(cfg.prior.name, recipe.params_of("prior"), ae.codebook_size, grid, classes)
