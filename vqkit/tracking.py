@@ -165,16 +165,20 @@ def _open_client(uri: str) -> Any:
     from vqkit.errors import VqkitError
 
     existed = path.is_file() and path.stat().st_size > 0
+    lock = FileLock(str(path) + ".lock", timeout=300)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(path) + ".lock", timeout=300):
-            client = MlflowClient(tracking_uri=uri)
-            client.search_experiments(max_results=1)  # opens the store: creates / migrates it
+        lock.acquire()
     except Timeout:
         raise VqkitError(f"MLflow tracking store {path}: another process holds {path}.lock for "
                          "more than 300 s (a store migration that hangs?)") from None
     except OSError as exc:
-        raise VqkitError(f"cannot create the MLflow tracking store {path}: {exc.strerror or exc}") from None
+        if not existed:
+            raise VqkitError(f"cannot create the MLflow tracking store {path}: {exc.strerror or exc}") from None
+        lock = None  # an existing store in a read-only folder: reading needs no migration
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        client.search_experiments(max_results=1)  # opens the store: creates / migrates it
     except Exception as exc:
         if "database is locked" in str(exc):  # busy, not broken: retried later
             raise
@@ -183,6 +187,9 @@ def _open_client(uri: str) -> Any:
                              f"{type(exc).__name__}: {_short(exc)}") from None
         raise VqkitError(f"cannot create the MLflow tracking store {path}: "
                          f"{type(exc).__name__}: {_short(exc)}") from None
+    finally:
+        if lock is not None:
+            lock.release()
     return client
 
 
