@@ -1,6 +1,7 @@
 """Recipe loading, inheritance, overrides, validation and normalization."""
 from __future__ import annotations
 
+import re
 import textwrap
 
 import pytest
@@ -66,7 +67,7 @@ def test_misspelt_component_gives_location_and_suggestion(tmp_path):
     path = write(tmp_path, GOOD.replace("name: t-vq", "name: t-vqq"))
     [msg] = problems(path)
     assert msg.startswith(f"{path}:6:19: quantizer.name: unknown quantizer 't-vqq'")
-    assert "did you mean 't-vq'?" in msg and "valid: t-vq" in msg
+    assert "did you mean 't-vq'?" in msg and re.search(r"valid: [^)]*\bt-vq\b", msg)  # other plugins may be installed
 
 
 def test_all_errors_are_collected(tmp_path):
