@@ -143,3 +143,24 @@ def test_adaptive_weight_of_overflowed_gradients_is_finite():
     rec, g = (w * 1e38).sum(), (w * 1e38).sum()
     weight = gan.adaptive_weight(rec, g, w, scale=torch.tensor(1e3))  # scaled gradients are inf
     assert bool(torch.isfinite(weight)) and float(weight) in (0.0, 1e4)
+
+
+def test_the_trainer_step_logs_this_objective(parts):
+    """The trainer's step computes its total with generator_objective: the logged
+    ``loss/total`` equals the hand computation on the weights before the step."""
+    import copy
+
+    from vqkit.train.trainer import Trainer
+
+    recipe = parts[0]
+    trainer = Trainer(recipe, quiet=True)
+    trainer._setup()
+    x = parts[4]
+    for step in (0, GAN_START, L2_START):
+        model, disc = copy.deepcopy(trainer.model), copy.deepcopy(trainer.disc)
+        for p in disc.parameters():
+            p.requires_grad_(False)
+        want, _ = _by_hand(model, disc, x, step)
+        terms = trainer._train_step(x, step)
+        torch.testing.assert_close(terms["loss/total"], want.detach(), rtol=1e-5, atol=1e-6)
+        assert ("loss/gan_d" in terms) == (step >= GAN_START)
