@@ -57,9 +57,12 @@ SENT = "tracking_buffer.sent"
 #: ``$MLFLOW_HTTP_REQUEST_TIMEOUT`` is set); artifact uploads get this plus 1 s per 20 MB
 REQUEST_TIMEOUT_S = 5.0
 
-#: Experiment tag read by MLflow 3's UI (``mlflow/server/js``: ``ExperimentKind``): an
-#: experiment marked ``custom_model_development`` opens on its training runs, not on the
-#: GenAI overview. Set when vqkit creates (or first logs to) an experiment.
+#: Experiment tag of MLflow 3's UI (``mlflow/server/js``: ``ExperimentKind``): an experiment
+#: marked ``custom_model_development`` is a model-training experiment, which the UI opens on
+#: its runs, not on the GenAI overview. Set when vqkit creates (or first logs to) an
+#: experiment. MLflow 3.17's UI lets its global "GenAI / Model training" switch (GenAI by
+#: default, kept per browser) override the tag; :func:`ui_url` adds the
+#: ``workflowType=machine_learning`` parameter that selects "Model training".
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 #: The run description shown by MLflow's UI.
@@ -1059,8 +1062,24 @@ def delete_run(uri: str, run_id: str) -> None:
         raise _store_error(uri, exc) from None
 
 
+def experiments(uri: str) -> list[tuple[str, str]]:
+    """``[(experiment id, name), ...]`` of the active experiments of a store."""
+    try:
+        return [(e.experiment_id, e.name) for e in _client(uri).search_experiments()]
+    except Exception as exc:
+        raise _store_error(uri, exc) from None
+
+
+def ui_url(base: str, experiment_id: str | None = None, run_id: str | None = None) -> str:
+    """The UI page of an experiment's runs (or of one run), in "Model training" mode."""
+    path = "/#/experiments"
+    if experiment_id is not None:
+        path += f"/{experiment_id}/runs" + (f"/{run_id}" if run_id else "")
+    return f"{base.rstrip('/')}{path}?workflowType=machine_learning"
+
+
 def ui_command(uri: str) -> str:
     """The command that shows the runs of tracking store ``uri`` in MLflow's UI."""
     if uri.startswith(("http://", "https://")):
-        return f"open {uri} in a browser"
+        return f"open {ui_url(uri)} in a browser"
     return f"vqkit ui --tracking-uri {uri}  (or: mlflow ui --backend-store-uri {uri})"
