@@ -24,7 +24,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("validate", "recipes", "validate recipes and report every problem"),
     ("explain", "recipes", "print the normalized recipe (defaults filled in)"),
     ("train", "train", "train a model from a recipe, logging to MLflow (--resume to continue)"),
-    ("eval", "train", "evaluate a checkpoint or run on its test split (PSNR, SSIM, LPIPS)"),
+    ("eval", "evaluate", "evaluate a checkpoint or run on its test split (PSNR, SSIM, LPIPS, FD) and log it into the run"),
     ("sweep", "sweep", "train every combination of a grid as nested MLflow runs (resumable)"),
     ("compare", "compare", "compare MLflow runs: params that differ, final metrics, plots, image grids"),
     ("ui", "ui", "open MLflow's UI on a tracking store (default: ./mlflow.db)"),

@@ -86,9 +86,19 @@ class TrainConfig(_Block):
 class EvalConfig(_Block):
     num_samples: int = Field(512, ge=1, description="test images used per evaluation")
     batch_size: int = Field(128, ge=1, description="batch size for evaluation")
-    metrics: list[Literal["psnr", "ssim", "lpips"]] = Field(
-        default_factory=lambda: ["psnr", "ssim"], description="metrics computed"
+    metrics: list[Literal["psnr", "ssim", "lpips", "fd_vgg16_relu5_3"]] = Field(
+        default_factory=lambda: ["psnr", "ssim"],
+        description="metrics computed, logged as eval/<name> (vqkit.metrics: lpips is LPIPS-AlexNet, "
+        "fd_vgg16_relu5_3 a Frechet distance on VGG16 features that needs num_samples >= 512)",
     )
+
+    @model_validator(mode="after")
+    def _enough_samples(self) -> "EvalConfig":
+        from vqkit.metrics import FD_METRIC, FD_MIN_SAMPLES
+
+        if FD_METRIC in self.metrics and self.num_samples < FD_MIN_SAMPLES:
+            raise ValueError(f"metric {FD_METRIC} needs num_samples >= {FD_MIN_SAMPLES}, got {self.num_samples}")
+        return self
 
 
 class TrackingConfig(_Block):

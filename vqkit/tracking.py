@@ -1083,3 +1083,25 @@ def ui_command(uri: str) -> str:
     if uri.startswith(("http://", "https://")):
         return f"open {ui_url(uri)} in a browser"
     return f"vqkit ui --tracking-uri {uri}  (or: mlflow ui --backend-store-uri {uri})"
+
+
+def log_to_run(uri: str, run_id: str, metrics: Mapping[str, float], step: int,
+               tags: Mapping[str, Any] | None = None) -> None:
+    """Log ``metrics`` at ``step`` and ``tags`` into an existing run (any status; the status
+    is left as it is): what ``vqkit eval`` writes back. A run that is missing or a store
+    that cannot be reached is a user error naming the store."""
+    from mlflow.entities import Metric, RunTag
+
+    ts = int(time.time() * 1000)
+    try:
+        client = _client(uri)
+        client.get_run(run_id)
+        client.log_batch(
+            run_id,
+            metrics=[Metric(k, _metric_value(v), ts, int(step)) for k, v in metrics.items()],
+            tags=[RunTag(k, str(v)[:MAX_TAG_VALUE]) for k, v in (tags or {}).items()],
+        )
+    except Exception as exc:
+        from vqkit.errors import VqkitError
+
+        raise VqkitError(f"cannot log to MLflow run {run_id} at {uri}: {_short(exc)}") from None

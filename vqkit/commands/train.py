@@ -1,13 +1,11 @@
-"""``vqkit train``, ``vqkit eval`` and ``vqkit sync`` (``vqkit compare``: :mod:`vqkit.commands.compare`)."""
+"""``vqkit train`` and ``vqkit sync`` (``vqkit eval``: :mod:`vqkit.commands.evaluate`; ``vqkit compare``: :mod:`vqkit.commands.compare`)."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-from vqkit.commands._table import table
 from vqkit.errors import Problem, VqkitError
 from vqkit.runtime import cpu_friendly_threads, keep_freed_memory
 
@@ -153,53 +151,6 @@ def _spawn(args) -> int:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
     return subprocess.call(cmd, env=env)
-
-
-# =========================================================================== eval
-def configure_eval(p) -> None:
-    p.add_argument("target", metavar="RUN_ID_OR_CHECKPOINT", help="MLflow run id, run dir or checkpoint file")
-    p.add_argument("--num-samples", type=int, default=None, help="test images (default: the recipe's eval.num_samples)")
-    p.add_argument("--metrics", default=None, help="comma-separated: psnr,ssim,lpips (default: the recipe's)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--json", action="store_true", help="print a JSON object")
-
-
-def run_eval(args) -> int:
-    cpu_friendly_threads()
-    from vqkit.model import VQModel
-    from vqkit.train.build import build_datasets
-    from vqkit.train.distributed import resolve_device
-    from vqkit.train.trainer import evaluate
-
-    path = resolve_checkpoint(args.target)
-    device = resolve_device(args.device)
-    model, recipe = VQModel.from_checkpoint(path, map_location=device)
-    ec = recipe.model.eval
-    metrics = [m.strip() for m in args.metrics.split(",")] if args.metrics else list(ec.metrics)
-    bad = [m for m in metrics if m not in ("psnr", "ssim", "lpips")]
-    if bad:
-        raise VqkitError(Problem(f"--metrics: unknown metric {bad[0]!r} (valid: psnr, ssim, lpips)"))
-    _, test = build_datasets(recipe)
-    lpips = None
-    if "lpips" in metrics:
-        from vqkit.plugins import get_registry
-
-        cls = get_registry().get("perceptual_losses", "lpips").cls
-        lpips = cls(cls.Params(), channels=int(test.channels)).to(device).eval()
-    n = args.num_samples or ec.num_samples
-    result = evaluate(model, test, n, ec.batch_size, metrics, device, lpips)
-    result = {"checkpoint": str(path), "num_samples": min(n, len(test)), **result}
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(table(["metric", "value"], [(k, _fmt(v)) for k, v in result.items()]))
-    return 0
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.6g}"
-    return str(v)
 
 
 # =========================================================================== sync

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from vqkit import __version__
-from vqkit.errors import Problem, VqkitError
+from vqkit.errors import VqkitError
 from vqkit.interfaces import Dataset
 from vqkit.model import VQModel
 from vqkit.recipe import Recipe
@@ -44,7 +44,6 @@ from vqkit.train import objective
 from vqkit.train.build import Built, build_all, component_tags, loss_keys, not_implemented_error
 from vqkit.train.data import StepBatches, read_batch
 from vqkit.train.distributed import DistContext, init_distributed
-from vqkit.train.objective import convert_range
 from vqkit.train.schedule import make_scheduler
 from vqkit.train.trial import PRUNED_TAG, StopTrial, channel_from_env
 
@@ -108,21 +107,23 @@ def evaluate(
     batch_size: int,
     metrics: list[str],
     device: torch.device,
-    lpips: nn.Module | None = None,
+    metric_set: Any = None,
 ) -> dict[str, float]:
     """Reconstruction quality on the first ``num_samples`` items of ``dataset``.
 
-    Returns ``eval/psnr`` (dB, images mapped to ``[0, 1]``, reconstructions clamped,
-    averaged per image), ``eval/ssim`` (torchmetrics, ``data_range=1``), ``eval/lpips``
-    (when ``lpips`` is given) and ``eval/usage`` / ``eval/perplexity`` of the test codes.
-    The model is put in eval mode and restored to its previous mode.
+    Returns ``eval/<name>`` for each of ``metrics`` (see :mod:`vqkit.metrics`: psnr, ssim,
+    the standard LPIPS, the VGG16 Fréchet distance), computed by ``metric_set`` (a
+    :class:`vqkit.metrics.MetricSet` of those names; built here when ``None``), and
+    ``eval/usage`` / ``eval/perplexity`` of the test codes. The model is put in eval mode
+    and restored to its previous mode.
     """
-    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+    from vqkit.metrics import MetricSet
 
+    if metric_set is None:
+        metric_set = MetricSet(metrics, device=device)
     was_training = model.training
     model.eval()
     n = min(int(num_samples), len(dataset))
-    sums: dict[str, float] = {}
     from vqkit.telemetry import stage_counts, usage_and_perplexity
 
     num_codebooks = int(getattr(model.quantizer, "num_codebooks", 1))
@@ -132,29 +133,11 @@ def evaluate(
             idx = torch.arange(start, min(n, start + batch_size))
             x = read_batch(dataset, idx).to(device)
             recon, out, _ = model(x)
-            recon = recon.float().clamp(-1.0, 1.0)
             counts += stage_counts(out.indices, model.codebook_size, num_codebooks)
-            a, b = (recon + 1.0) / 2.0, (x + 1.0) / 2.0
-            per: dict[str, torch.Tensor] = {}
-            if "psnr" in metrics:
-                per["eval/psnr"] = peak_signal_noise_ratio(
-                    a, b, data_range=1.0, reduction="none", dim=(1, 2, 3)
-                )
-            if "ssim" in metrics:
-                per["eval/ssim"] = structural_similarity_index_measure(
-                    a, b, data_range=1.0, reduction="none"
-                )
-            if "lpips" in metrics and lpips is not None:
-                rng = getattr(lpips, "input_range", (-1.0, 1.0))
-                value = lpips(convert_range(recon, rng), convert_range(x, rng))
-                per["eval/lpips"] = value.reshape(-1).expand(x.shape[0]) if value.numel() == 1 else value
-            for key, v in per.items():
-                v = v.double()
-                v = torch.where(torch.isinf(v), torch.full_like(v, 100.0), v)  # identical images
-                sums[key] = sums.get(key, 0.0) + float(v.sum())
+            metric_set.update(recon, x)
     finally:
         model.train(was_training)
-    result = {k: v / max(1, n) for k, v in sums.items()}
+    result = metric_set.compute()
     usage = usage_and_perplexity(counts)  # averaged over code-books
     if usage is not None:
         result["eval/usage"], result["eval/perplexity"] = usage
@@ -316,9 +299,11 @@ class Trainer:
         self.codebook = codebook_manager(self.model.quantizer, built.policies, cfg.reset, dist)
         self.monitor = self.codebook.monitor
 
-        self.lpips = None
-        if "lpips" in cfg.eval.metrics:
-            self.lpips = self._build_eval_lpips()
+        from vqkit.metrics import MetricSet
+
+        # the standard metrics, independent of the training losses' settings; the real test
+        # images' Fréchet statistics are computed once
+        self.metric_set = MetricSet(cfg.eval.metrics, device=device, cache_real=True)
 
         if self.resume is not None:
             self._load_state(self.resume)
@@ -354,24 +339,6 @@ class Trainer:
 
     def _disc_steps(self) -> int:
         return max(1, self.cfg.train.steps - self.disc_ref.start_step)
-
-    def _build_eval_lpips(self) -> nn.Module:
-        from vqkit.plugins import get_registry
-
-        registry = get_registry()
-        if "lpips" not in registry.names("perceptual_losses"):
-            raise VqkitError(
-                Problem(
-                    "eval.metrics asks for lpips but no perceptual loss named 'lpips' is registered "
-                    "(see `vqkit components perceptual_losses`)",
-                    path="eval.metrics",
-                )
-            )
-        cls = registry.get("perceptual_losses", "lpips").cls
-        for i, ref in enumerate(self.cfg.losses):  # reuse the recipe's lpips settings if any
-            if ref.name == "lpips":
-                return self.losses[i]
-        return cls(cls.Params(), channels=self.built.channels).to(self.device).eval()
 
     # ------------------------------------------------------------------ state
     def _state(self) -> dict[str, Any]:
@@ -684,7 +651,7 @@ class Trainer:
         try:
             return evaluate(
                 self.model, self.built.test_data, ec.num_samples, ec.batch_size, list(ec.metrics),
-                self.device, self.lpips,
+                self.device, self.metric_set,
             )
         except FloatingPointError as exc:  # non-finite latents (finite but exploded weights)
             self._main_only_failure(f"evaluation after step {self.step}: {exc}")
