@@ -310,13 +310,16 @@ def run_compare(args) -> int:
         metrics.insert(0, args.sort)
     comp = runs_table(uri, runs, metrics, sort=args.sort, reverse=args.reverse, all_params=args.all_params)
     print(render(comp, fmt))
-    if args.plot:
-        shown = [m for m in metrics if m not in COUNTERS] or metrics
-        if not shown:
-            raise VqkitError("--plot: the runs have no metrics to plot")
-        print(f"vqkit: wrote {plot_metrics(uri, comp.runs, shown, args.plot)}", file=_stderr())
-    if args.grid:
-        print(f"vqkit: wrote {recon_grid(uri, comp.runs, args.grid)}", file=_stderr())
+    try:
+        if args.plot:
+            shown = [m for m in metrics if m not in COUNTERS] or metrics
+            if not shown:
+                raise VqkitError("--plot: the runs have no metrics to plot")
+            print(f"vqkit: wrote {plot_metrics(uri, comp.runs, shown, args.plot)}", file=_stderr())
+        if args.grid:
+            print(f"vqkit: wrote {recon_grid(uri, comp.runs, args.grid)}", file=_stderr())
+    except OSError as exc:
+        raise VqkitError(f"cannot write {exc.filename or 'the image'}: {exc.strerror or exc}") from None
     return 0
 
 
