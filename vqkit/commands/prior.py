@@ -6,7 +6,6 @@ import os
 from vqkit.errors import Problem, VqkitError
 from vqkit.runtime import cpu_friendly_threads, keep_freed_memory
 
-
 SUBCOMMANDS = ["train"]
 
 

@@ -96,14 +96,14 @@ def check_prior_sample(cls: type) -> None:
         p = _peaky(_prior(cls, classes))
         labels = _labels(4) if classes else None
 
-        def draw(fn: Callable[..., torch.Tensor], seed: int, **kw) -> torch.Tensor:
+        def draw(fn: Callable[..., torch.Tensor], seed: int, labels=labels, **kw) -> torch.Tensor:
             return fn(4, labels, generator=torch.Generator().manual_seed(seed), **kw)
 
         a = draw(p.sample, 7)
         assert a.dtype == torch.int64 and a.shape == (4, *GRID), f"{cls.__name__}: samples {a.dtype} {tuple(a.shape)}, expected int64 (4, *{GRID})"
         assert int(a.min()) >= 0 and int(a.max()) < K, f"{cls.__name__}: sampled codes outside [0, {K})"
         assert torch.equal(a, draw(p.sample, 7)), f"{cls.__name__}: the same generator seed gave different samples"
-        reference = lambda n, lab, **kw: Prior.sample(p, n, lab, **kw)  # noqa: E731
+        reference = lambda n, lab, p=p, **kw: Prior.sample(p, n, lab, **kw)  # noqa: E731
         for kw in ({}, {"temperature": 0.7, "top_k": 5}, {"top_p": 0.8}):
             assert torch.equal(draw(p.sample, 3, **kw), draw(reference, 3, **kw)), f"{cls.__name__}: sample({kw}) differs from recomputing the whole prefix at every token"
         greedy = draw(p.sample, 0, top_k=1).reshape(4, -1)
