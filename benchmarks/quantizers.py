@@ -12,7 +12,8 @@ Needs both plugin distributions installed (``make setup`` does it). Runs one tra
 a time; prints one row per (data set, quantizer): code-book, bits per latent and per image,
 PSNR / SSIM / code usage / perplexity on the first ``--eval-samples`` test images, the
 median training step time and its ratio to vq's, and the wall time of the ``vqkit train``
-process. With ``--out DIR`` every finished row is kept in ``DIR/rows.json`` and an
+process. ``--quantizer-time ROUNDS`` trains nothing and times the quantizers alone (forward
+and backward on one batch of latents, interleaved), as ratios to vq's. With ``--out DIR`` every finished row is kept in ``DIR/rows.json`` and an
 invocation with the same settings reuses it instead of training again (so an interrupted
 comparison resumes, and configurations can be added later); ``--set KEY=VALUE`` adds an
 override to every configuration (part of the settings a row is kept under).
@@ -135,6 +136,50 @@ def row_key(dataset: str, config: str, steps: int, eval_samples: int, common: li
     return json.dumps([dataset, config, steps, eval_samples, common])
 
 
+def time_quantizers(dataset: str, configs: list[str], repeats: int, threads: int, batch: int) -> str:
+    """Forward + backward of each quantizer alone on the latents of one batch of ``dataset``'s
+    recipe (random ``(batch, D, h, w)``), interleaved round by round so that a change of
+    machine load hits every quantizer alike; minimum and median per quantizer and their
+    ratios to vq's."""
+    import torch
+
+    from vqkit.plugins import get_registry
+    from vqkit.recipe import load_recipe
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    quantizers = {}
+    for config in configs:
+        which, extra, _, _ = CONFIGS[config]
+        recipe = load_recipe(str(ROOT / DATASETS[dataset][which]), extra)
+        entry = get_registry().get("quantizers", recipe.model.quantizer.name)
+        dim = recipe.params_of("encoder").latent_dim
+        quantizers[config] = entry.cls(recipe.params_of("quantizer"), dim=dim).train()
+    side = latents_per_image(DATASETS[dataset][0]) ** 0.5
+    z = torch.randn(batch, dim, int(side), int(side))
+    times: dict[str, list[float]] = {c: [] for c in configs}
+    for rnd in range(repeats + 3):
+        for config, q in quantizers.items():
+            x = z.clone().requires_grad_(True)
+            t0 = time.perf_counter()
+            out = q(x)
+            weights = q.loss_weights()
+            total = out.quantized.square().mean() + sum(weights.get(k, 1.0) * v for k, v in out.losses.items())
+            total.backward()
+            if rnd >= 3:  # 3 warm-up rounds
+                times[config].append(time.perf_counter() - t0)
+    # the minimum is the cost with the least interference from other processes; the median
+    # is shown beside it
+    base_min, base_med = min(times[configs[0]]), statistics.median(times[configs[0]])
+    lines = [f"quantizer alone, forward + backward on {tuple(z.shape)} latents ({dataset} recipe), "
+             f"{repeats} interleaved rounds, {threads} thread(s)",
+             f"| quantizer | min ms | min / {configs[0]} | median ms | median / {configs[0]} |", "|---|---|---|---|---|"]
+    for config in configs:
+        lo, med = min(times[config]), statistics.median(times[config])
+        lines.append(f"| {config} | {1000 * lo:.2f} | {lo / base_min:.2f} | {1000 * med:.2f} | {med / base_med:.2f} |")
+    return "\n".join(lines)
+
+
 def fmt_table(rows: list[dict]) -> str:
     head = ["data set", "quantizer", "codes", "bits/latent", "bits/image", "PSNR dB", "SSIM", "usage",
             "perplexity", "step ms", "step / vq", "train wall s"]
@@ -165,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", dest="common", action="append", default=[], metavar="KEY=VALUE",
                     help="override for every configuration, e.g. train.batch_size=32 (repeatable)")
     ap.add_argument("--json", action="store_true", help="also print the rows as JSON")
+    ap.add_argument("--quantizer-time", type=int, default=0, metavar="ROUNDS",
+                    help="instead of training: time each quantizer alone (forward + backward), ROUNDS interleaved rounds")
+    ap.add_argument("--batch", type=int, default=64, help="batch of the --quantizer-time latents")
     args = ap.parse_args(argv)
     datasets = [d for d in args.datasets.split(",") if d]
     configs = [c for c in args.configs.split(",") if c]
@@ -172,6 +220,12 @@ def main(argv: list[str] | None = None) -> int:
         bad = [n for n in name if n not in valid]
         if bad:
             ap.error(f"unknown {bad[0]!r} (valid: {', '.join(valid)})")
+    if args.quantizer_time:
+        if "vq-256" in configs:  # the reference first
+            configs = ["vq-256"] + [c for c in configs if c != "vq-256"]
+        for dataset in datasets:
+            print(time_quantizers(dataset, configs, args.quantizer_time, args.threads, args.batch))
+        return 0
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="vqkit-quantizers-"))
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -187,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{dataset} {config}: kept from {kept_path} ({row['finished_utc']})", file=sys.stderr)
                 else:
                     row = run_one(dataset, config, args.steps, args.eval_samples, out, args.threads, args.common)
+                    if kept_path.is_file():  # rows another invocation kept meanwhile
+                        kept = {**json.loads(kept_path.read_text()), **kept}
                     kept[key] = row
                     kept_path.write_text(json.dumps(kept, indent=1))
                 print(f"{dataset} {config}: PSNR {row['psnr']:.2f} dB, {row['train_wall_s']:.0f} s", file=sys.stderr, flush=True)
