@@ -531,7 +531,7 @@ def _pydantic_problems(exc: ValidationError, base: Path_, loc: _Loc, model: type
     problems = []
     for err in exc.errors():
         path = base + tuple(err["loc"])
-        msg = err["msg"]
+        msg = err["msg"].removeprefix("Value error, ")  # a validator's own message
         if err["type"] == "extra_forbidden" and model is not None:
             fields = _fields_at(model, tuple(err["loc"])[:-1])
             if fields is not None:

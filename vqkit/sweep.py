@@ -337,7 +337,7 @@ def plan_sweep(recipe_path: str, grid_texts: Sequence[str] = (), overrides: Sequ
     from vqkit.recipe import DimensionSpec, SweepConfig, load_recipe
 
     flags = _flag_overrides(search, launcher, budget, objective)
-    base = load_recipe(recipe_path, [*overrides, *flags])
+    base = load_recipe(recipe_path, [*flags, *overrides])  # --set sweep.launcher.params.x=... after --launcher
     cfg = base.model.sweep or SweepConfig()
     cli_grid = parse_grid(grid_texts)
     cli_space = parse_space(space_texts)
@@ -403,13 +403,13 @@ def plan_sweep(recipe_path: str, grid_texts: Sequence[str] = (), overrides: Sequ
     plan = SweepPlan(recipe_path, list(overrides), grid, [], [], jobs, metrics, name, base, space=space,
                      search=search_entry, search_params=search_params, launcher=launcher_entry,
                      launcher_params=launcher_params, objective=goal, budget=cfg.budget, seed=base.model.seed)
-    if plan.adaptive:
-        # the children are chosen while the sweep runs: validate every choice and both ends of
-        # every range (the other keys at their first value) before anything runs
-        firsts = {k: d.edges()[0] for k, d in space.items()}
-        probes = [dict(firsts)]
-        for key, d in space.items():
-            probes += [{**firsts, key: v} for v in d.edges()[1:]]
+    # every choice and both ends of every range (the other keys at their first value): all an
+    # adaptive search can choose from, and the ends of the ranges a random search draws from
+    firsts = {k: d.edges()[0] for k, d in space.items()}
+    probes = [dict(firsts)]
+    for key, d in space.items():
+        probes += [{**firsts, key: v} for v in d.edges()[1:]]
+    if plan.adaptive:  # the children are chosen while the sweep runs
         _validate_children(plan, [plan.child(i, v) for i, v in enumerate(probes)], where)
         plan.static_id = _adaptive_id(plan, recipe_path, overrides)
         return plan
@@ -418,7 +418,9 @@ def plan_sweep(recipe_path: str, grid_texts: Sequence[str] = (), overrides: Sequ
     if not children:
         raise VqkitError(Problem(f"search {search_entry.name!r} chose no combination of the space"))
     plan.children = children
-    plan.recipes = _validate_children(plan, children, where)
+    ranged = any(not d.is_choice for d in space.values())
+    extra = [plan.child(len(children) + i, v) for i, v in enumerate(probes)] if ranged else []
+    plan.recipes = _validate_children(plan, [*children, *extra], where)[: len(children)]
     names = [c.name for c in children]
     if len(set(names)) != len(names):
         raise VqkitError(Problem("the grid gives two children the same values: " + ", ".join(
