@@ -337,7 +337,14 @@ def plan_sweep(recipe_path: str, grid_texts: Sequence[str] = (), overrides: Sequ
     from vqkit.recipe import DimensionSpec, SweepConfig, load_recipe
 
     flags = _flag_overrides(search, launcher, budget, objective)
-    base = load_recipe(recipe_path, [*flags, *overrides])  # --set sweep.launcher.params.x=... after --launcher
+    try:  # --set sweep.launcher.params.x=... applies after --launcher
+        base = load_recipe(recipe_path, [*flags, *overrides])
+    except VqkitError as exc:  # a problem with a flag's value names the flag
+        flag_of = {"sweep.search.name": "--search", "sweep.launcher.name": "--launcher", "sweep.budget": "--budget",
+                   "sweep.objective.metric": "--objective", "sweep.objective.direction": "--objective"}
+        given = {text.partition("=")[0] for text in overrides}
+        raise VqkitError([dataclasses.replace(p, file=flag_of[p.path]) if p.file == "--set" and p.path in flag_of
+                          and p.path not in given else p for p in exc.problems]) from None
     cfg = base.model.sweep or SweepConfig()
     cli_grid = parse_grid(grid_texts)
     cli_space = parse_space(space_texts)

@@ -1,0 +1,71 @@
+"""The built-in launcher `local`: CPU threads split between children in flight, a command that
+cannot start is a failed child (the others run), and an interruption reaches the running
+children as SIGTERM (they checkpoint) before it goes on. Unknown launchers are user errors."""
+from __future__ import annotations
+
+import io
+import sys
+
+import pytest
+
+from vqkit.cli import main
+from vqkit.components.launchers import LocalLauncher
+from vqkit.sweep import ChildJob
+from vqkit.testing.sweeps import write_recipe
+
+SHOW_THREADS = "import os; print('threads', os.environ.get('OMP_NUM_THREADS'))"
+
+
+def _job(name, code, log=None, env=None):
+    return ChildJob(name, (sys.executable, "-c", code), env or {}, log=log)
+
+
+def test_threads_are_split_between_children_in_flight(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    jobs = [_job(f"j{i}", SHOW_THREADS, log=tmp_path / f"{i}.log") for i in range(2)]
+    out = io.StringIO()
+    assert LocalLauncher(jobs=2, out=out).launch(jobs) == [0, 0]
+    assert all("threads 2" in (tmp_path / f"{i}.log").read_text() for i in range(2))
+    assert "[j0] threads 2" in out.getvalue()  # echoed with the child's name
+    one = LocalLauncher(LocalLauncher.Params(threads=3), jobs=2, out=io.StringIO())
+    assert one.threads_per_job() == 3
+    assert LocalLauncher(jobs=1).threads_per_job() is None  # one child: its own default
+
+
+def test_a_command_that_cannot_start_fails_alone(tmp_path):
+    jobs = [ChildJob("missing", (str(tmp_path / "no-such-python"), "-c", "pass")), _job("ok", "print(1)")]
+    done = []
+    codes = LocalLauncher(jobs=1, out=io.StringIO()).launch(jobs, lambda job, code: done.append((job.name, code)))
+    assert codes == [127, 0] and done == [("missing", 127), ("ok", 0)]
+
+
+def test_an_interruption_reaches_the_running_children_as_sigterm(tmp_path):
+    marker = tmp_path / "got-sigterm"
+    slow = ("import signal, sys, time, pathlib\n"
+            "def stop(*a):\n"
+            f"    pathlib.Path({str(marker)!r}).write_text('checkpointed'); sys.exit(130)\n"
+            "signal.signal(signal.SIGTERM, stop)\n"
+            "print('ready', flush=True)\n"
+            "time.sleep(120)\n")
+    log = tmp_path / "slow.log"
+    wait = (f"import pathlib, time\np = pathlib.Path({str(log)!r})\n"
+            "while not (p.exists() and 'ready' in p.read_text()):\n    time.sleep(0.05)\n")
+    jobs = [_job("slow", slow, log=log), _job("quick", wait)]  # quick ends once slow handles SIGTERM
+
+    def on_done(job, code):
+        if job.name == "quick":  # the sweep is interrupted (Ctrl-C) while `slow` runs
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        LocalLauncher(jobs=2, out=io.StringIO()).launch(jobs, on_done)
+    assert marker.read_text() == "checkpointed"
+
+
+def test_an_unknown_launcher_is_a_located_user_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    recipe = write_recipe(tmp_path)
+    assert main(["sweep", str(recipe), "--grid", "train.lr=0.1", "--launcher", "lokal"]) == 2
+    err = capsys.readouterr().err
+    assert "vqkit: error: --launcher: sweep.launcher.name: unknown launcher 'lokal' (did you mean 'local'?" in err, err
+    assert main(["components", "launcher"]) == 0
+    assert "local" in capsys.readouterr().out
