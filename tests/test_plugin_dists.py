@@ -5,6 +5,7 @@ recipes validated, trained for a few steps and read back."""
 from __future__ import annotations
 
 import importlib.metadata as md
+import importlib.util
 import json
 import os
 import subprocess
@@ -154,25 +155,32 @@ def test_residual_quickstart_trains_with_per_stage_resets(workdir, store, capsys
         assert torch.equal(model.quantizer.decode_indices(out.indices), out.quantized)
 
 
-def test_the_comparison_script_runs_and_resumes(tmp_path):
+def _load_script(path: Path):
+    spec = importlib.util.spec_from_file_location(f"bench_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_comparison_script_runs_and_resumes(tmp_path, capsys, monkeypatch):
     """benchmarks/quantizers.py (docs/quantizers.md) at a tiny size: a training through
-    `vqkit train` / `vqkit eval`, the row kept and reused, and the quantizer timing."""
-    script = [sys.executable, str(ROOT / "benchmarks" / "quantizers.py")]
+    `vqkit train` / `vqkit eval` subprocesses, the row kept and reused, and the quantizer
+    timing."""
+    bench = _load_script(ROOT / "benchmarks" / "quantizers.py")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     args = ["--datasets", "fashion-mnist", "--configs", "fsq-8.6.5", "--steps", "2", "--eval-samples", "16",
             "--threads", "1", "--set", "data.params.limit=64", "--set", "train.batch_size=8", "--out", str(tmp_path)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    first = subprocess.run(script + args, capture_output=True, text=True, env=env, timeout=600)
-    assert first.returncode == 0, first.stderr[-3000:]
-    rows = [line for line in first.stdout.splitlines() if line.startswith("| fashion-mnist")]
-    assert [r.split("|")[2].strip() for r in rows] == ["fsq-8.6.5"]
+    assert bench.main(args) == 0
+    first = capsys.readouterr()
+    rows = [line for line in first.out.splitlines() if line.startswith("| fashion-mnist")]
+    assert [r.split("|")[2].strip() for r in rows] == ["fsq-8.6.5"], first.out
     assert rows[0].split("|")[5].strip() == "506"  # bits per image: 64 latents x log2(240)
     assert 5.0 < float(rows[0].split("|")[6]) < 60.0  # PSNR from `vqkit eval`
     assert len(json.loads((tmp_path / "rows.json").read_text())) == 1
-    again = subprocess.run(script + args, capture_output=True, text=True, env=env, timeout=120)
-    assert again.returncode == 0 and again.stderr.count("kept from") == 1, again.stderr[-2000:]
-    assert [line for line in again.stdout.splitlines() if line.startswith("| fashion-mnist")] == rows
-    timing = subprocess.run(script + ["--quantizer-time", "2", "--threads", "1", "--batch", "4"],
-                            capture_output=True, text=True, env=env, timeout=300)
-    assert timing.returncode == 0, timing.stderr[-2000:]
+    assert bench.main(args) == 0  # kept: nothing trained again
+    again = capsys.readouterr()
+    assert again.err.count("kept from") == 1 and [line for line in again.out.splitlines() if line.startswith("| fashion-mnist")] == rows
+    assert bench.main(["--quantizer-time", "2", "--threads", "1", "--batch", "4"]) == 0
+    timing = capsys.readouterr().out
     for name in ("vq-256", "fsq-8.6.5", "fsq-4.4.4.4", "residual-2x16"):
-        assert timing.stdout.count(f"| {name} |") == 2, timing.stdout
+        assert timing.count(f"| {name} |") == 2, timing
