@@ -313,3 +313,28 @@ def test_a_resume_that_fails_before_training_leaves_a_finished_run_finished(work
     assert "Read-only file system (EROFS); the MLflow run keeps its status FINISHED" in err
     after = client.get_run(run.info.run_id)
     assert after.info.status == "FINISHED" and "vqkit.failure" not in after.data.tags
+
+
+def test_an_interrupt_on_a_full_disk_ends_killed_without_a_traceback(workdir, store, capsys, monkeypatch):
+    from vqkit.train.trainer import Trainer
+
+    original_step = Trainer._train_step
+
+    def step(self, x, step):
+        if step == 4:  # Ctrl-C / SIGTERM during step 5, with the disk now full
+            def full(path, *a, **k):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+            monkeypatch.setattr(ckpt, "open", full, raising=False)
+            raise KeyboardInterrupt
+        return original_step(self, x, step)
+
+    monkeypatch.setattr(Trainer, "_train_step", step)
+    assert main(["train", "tiny.yaml", "--quiet"]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "interrupted at step 4; no checkpoint written" in err
+    assert "No space left on device" in err
+    client, run = _only_run(store)
+    assert run.info.status == "KILLED"
+    folder = workdir / "runs" / run.info.run_id / "checkpoints"
+    assert ckpt.load_checkpoint(ckpt.latest_checkpoint(folder))["step"] == 3 and not _temp_files(folder)

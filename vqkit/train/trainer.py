@@ -711,9 +711,14 @@ class Trainer:
         except KeyboardInterrupt:
             status = "KILLED"
             if self.step > start and dist.is_main and _finite_params(self.model, self.disc):
-                path = self._save(collective=False)
-                self._say(f"vqkit: interrupted at step {self.step}; checkpoint {path}; continue with "
-                          f"`vqkit train --resume {self.run_dir}`")
+                try:
+                    path = self._save(collective=False)
+                except OSError as exc:  # e.g. the disk filled up: the newest checkpoint stays
+                    self._say(f"vqkit: warning: interrupted at step {self.step}; no checkpoint written "
+                              f"({exc.filename}: {exc.strerror or exc})")
+                else:
+                    self._say(f"vqkit: interrupted at step {self.step}; checkpoint {path}; continue with "
+                              f"`vqkit train --resume {self.run_dir}`")
             raise
         finally:
             if previous_term is not None:
