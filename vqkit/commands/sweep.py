@@ -391,7 +391,8 @@ class Sweep:
         ax.set_xlabel("trial")
         ax.set_ylabel(f"{metric} ({direction})")
         ax.set_title(self.plan.name)
-        ax.legend(loc="best", fontsize="small")
+        if ax.get_legend_handles_labels()[0]:  # no trial has a value yet: no legend
+            ax.legend(loc="best", fontsize="small")
         ax.grid(alpha=0.3)
         fig.tight_layout()
         plot = folder / "objective.png"
