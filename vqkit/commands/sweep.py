@@ -388,6 +388,9 @@ class Sweep:
                 best_y.append(best)
         if best_x:
             ax.step(best_x, best_y, where="post", color="tab:green", label="best so far")
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("trial")
         ax.set_ylabel(f"{metric} ({direction})")
         ax.set_title(self.plan.name)
