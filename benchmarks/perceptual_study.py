@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
                         e = evaluator(ckpt, test_name, args.num_samples)
                     e.update(run_id=run["run_id"], variant=v, model_sha256=digest)
                     f.write_text(json.dumps(e, indent=1, sort_keys=True))
-                    print(f"{v} step {step} {test_name}: " + " ".join(f"{k}={e[k]:.4g}" for k in sorted(e) if k != "run_id"),
+                    print(f"{v} step {step} {test_name}: " + " ".join(f"{k}={e[k]:.4g}" for k in sorted(e) if isinstance(e[k], (int, float))),
                           flush=True)
                 if f.is_file():
                     e = json.loads(f.read_text())
