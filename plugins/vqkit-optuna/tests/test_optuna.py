@@ -108,3 +108,25 @@ def test_eight_trials_with_pruning_resume_after_an_interruption(tmp_path, monkey
 
     artifacts = {a.path for a in MlflowClient(uri).list_artifacts(again.info.run_id)}
     assert {"objective.png", "trials.csv", "space.json", "summary.md"} <= artifacts
+
+
+def test_the_childs_reporter_prunes_with_the_sweeps_pruner(tmp_path):
+    """The pruner is not kept in the study's storage: a child must build the sweep's own (here
+    1 startup trial, not Optuna's default 5), and a step reported twice (a resumed child) counts once."""
+    from vqkit_optuna import OptunaReporter
+
+    from vqkit.interfaces import Dimension, Objective, TrialOutcome
+
+    search = OptunaSearch(OptunaSearch.Params(startup_trials=1), space={"a": Dimension(low=0.0, high=1.0)},
+                          objective=Objective("eval/psnr", "max"), budget=3, state_dir=tmp_path)
+    (first,) = search.ask(1)
+    assert OptunaReporter(first.state).report(10, {"eval/psnr": 20.0}) is False
+    search.tell(first, TrialOutcome("finished", 20.0))
+    (second,) = search.ask(1)
+    reporter = OptunaReporter(second.state)
+    assert reporter.report(10, {"eval/psnr": 30.0}) is False  # better than the median: goes on
+    assert reporter.report(10, {"eval/psnr": 5.0}) is False  # step 10 again (resumed): ignored
+    assert reporter.report(20, {"eval/psnr": 5.0}) is False  # no finished trial reported step 20
+    (third,) = search.ask(1)
+    assert OptunaReporter(third.state).report(10, {"eval/psnr": 5.0}) is True  # behind: pruned
+    assert reporter.study.pruner._n_startup_trials == 1

@@ -44,6 +44,22 @@ def _quiet() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
+def _pruner(p):
+    """The pruner the params name (built the same way by the sweep and inside each child)."""
+    import optuna
+
+    if p.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=p.startup_trials, n_warmup_steps=p.warmup_steps)
+    if p.pruner == "percentile":
+        return optuna.pruners.PercentilePruner(p.percentile, n_startup_trials=p.startup_trials,
+                                               n_warmup_steps=p.warmup_steps)
+    if p.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner()
+    if p.pruner == "successive-halving":
+        return optuna.pruners.SuccessiveHalvingPruner()
+    return optuna.pruners.NopPruner()
+
+
 class OptunaReporter(TrialReporter):
     """Inside a child: reports the objective metric to the trial, asks the pruner."""
 
@@ -52,7 +68,10 @@ class OptunaReporter(TrialReporter):
 
         _quiet()
         self.metric = state["metric"]
-        self.study = optuna.load_study(study_name=state["study"], storage=_storage(state["storage"]))
+        # the study's pruner is not kept in its storage: the child builds the sweep's own
+        params = OptunaSearch.Params.model_validate(state["params"])
+        self.study = optuna.load_study(study_name=state["study"], storage=_storage(state["storage"]),
+                                       pruner=_pruner(params))
         self.trial = optuna.trial.Trial(self.study, int(state["trial_id"]))
 
     def report(self, step: int, metrics: Mapping[str, float]) -> bool:
@@ -108,18 +127,9 @@ class OptunaSearch(Search):
             "qmc": lambda: optuna.samplers.QMCSampler(seed=s),
             "gp": lambda: optuna.samplers.GPSampler(seed=s, n_startup_trials=p.startup_trials),
         }
-        pruners = {
-            "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=p.startup_trials,
-                                                          n_warmup_steps=p.warmup_steps),
-            "percentile": lambda: optuna.pruners.PercentilePruner(p.percentile, n_startup_trials=p.startup_trials,
-                                                                  n_warmup_steps=p.warmup_steps),
-            "hyperband": lambda: optuna.pruners.HyperbandPruner(),
-            "successive-halving": lambda: optuna.pruners.SuccessiveHalvingPruner(),
-            "none": lambda: optuna.pruners.NopPruner(),
-        }
         self.study = optuna.create_study(
             study_name=p.study_name, storage=_storage(self.storage_path), sampler=samplers[p.sampler](),
-            pruner=pruners[p.pruner](), load_if_exists=True,
+            pruner=_pruner(p), load_if_exists=True,
             direction="maximize" if self.objective.direction == "max" else "minimize")
         self._encoded = {k: not all(isinstance(c, _PRIMITIVE) for c in d.choices)
                          for k, d in self.space.items() if d.is_choice}
@@ -141,7 +151,7 @@ class OptunaSearch(Search):
             v = frozen.params[key]
             values[key] = json.loads(v) if self._encoded.get(key) else v
         state = {"storage": self.storage_path, "study": self.params.study_name, "trial_id": frozen._trial_id,
-                 "metric": self.objective.metric}
+                 "metric": self.objective.metric, "params": self.params.model_dump(mode="json")}
         return Trial(frozen.number, values, state)
 
     def ask(self, n: int | None = None) -> list[Trial]:
