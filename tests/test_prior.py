@@ -279,6 +279,10 @@ def test_prior_recipe_errors_are_located(autoencoder, workdir, store, capsys):
     missing = write(workdir, "m.yaml", prior_recipe("runs/nope", store))
     assert main(["prior", "train", missing]) == 2
     assert "autoencoder" in capsys.readouterr().err
+    # validate --build: finds the autoencoder and builds the prior for its grid
+    assert main(["validate", "--build", good]) == 0
+    assert main(["validate", "--build", missing]) == 2
+    assert "autoencoder.run: autoencoder: checkpoint or run dir not found" in capsys.readouterr().err
 
 
 def test_nan_loss_stops_the_prior_with_one_error_line(autoencoder, workdir, store, capsys):
@@ -300,3 +304,18 @@ def test_nll_matches_cross_entropy_in_bits():
         nats = F.cross_entropy(p(codes).reshape(-1, 8), codes.reshape(-1))
     # an untrained prior is close to uniform over 8 codes: 3 bits per dimension
     assert abs(float(nats) / np.log(2) - 3.0) < 0.2
+
+
+def test_readme_prior_recipe_example_validates_like_the_shipped_recipe(tmp_path):
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    block = next(b for b in re.findall(r"```yaml\n(.*?)```", (root / "README.md").read_text(), re.S)
+                 if "kind: prior" in b)
+    path = tmp_path / "prior.yaml"
+    path.write_text(block)
+    example = load_recipe(path).to_dict()
+    shipped = load_recipe(root / "recipes" / "prior-fashion.yaml").to_dict()
+    assert example["prior"] == shipped["prior"] and example["autoencoder"] == shipped["autoencoder"]
+    assert example["train"]["steps"] == shipped["train"]["steps"]
