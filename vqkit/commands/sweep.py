@@ -197,11 +197,16 @@ class Sweep:
 
         plan = self.plan
         resume = None
+        run_dir = self.output_dir / run["run_id"] if run is not None else None
         if run is not None and run["tags"].get("vqkit.last_checkpoint"):
             resume = run["run_id"]
-            print(f"vqkit: sweep: {child.name}: resuming run {resume[:8]} from its checkpoint", file=self.err)
+        elif run_dir is not None and any((run_dir / "checkpoints").glob("*.pt")):
+            # lost before its tracker sent the checkpoint's tag (a killed worker): its run dir has it
+            resume = str(run_dir)
         elif run is not None:  # stopped before its first checkpoint: start it again
             delete_run(self.uri, run["run_id"])
+        if resume is not None:
+            print(f"vqkit: sweep: {child.name}: resuming run {run['run_id'][:8]} from its checkpoint", file=self.err)
         argv = train_argv(plan.recipe_path, child.overrides, parent_id, resume)
         env = channel_env({TRIAL_TAG: str(trial.number)}, plan.search.name if plan.search.cls.prunes else None,
                           trial.state)
