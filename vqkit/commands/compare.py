@@ -19,7 +19,7 @@ from typing import Any, Sequence
 from vqkit.commands._table import table
 from vqkit.errors import Problem, VqkitError, suggest
 
-DEFAULT_METRICS = "eval/psnr,eval/ssim,eval/lpips,loss/total,codebook/usage,codebook/perplexity,codebook/resets"
+DEFAULT_METRICS = "eval/psnr,eval/ssim,eval/lpips,eval/fd_vgg16_relu5_3,loss/total,codebook/usage,codebook/perplexity,codebook/resets"
 #: Metrics logged per interval whose sum over the run is what a reader wants.
 COUNTERS = ("codebook/resets",)
 #: Params that name or describe a run without changing it: never "differing".
