@@ -53,8 +53,9 @@ def test_four_children_as_ray_tasks_on_two_cpus(tmp_path, monkeypatch, capsys):
     assert len(logs) == 4 and all("MLflow run" in p.read_text() for p in logs)
 
 
-def _train_process() -> tuple[int, int] | None:
-    """(pid, parent pid) of the child's `vqkit train` process, if one runs."""
+def _train_process(recipe) -> tuple[int, int] | None:
+    """(pid, parent pid: its Ray worker) of this test's child (`vqkit train RECIPE`), if one runs;
+    never another test's process."""
     from pathlib import Path
 
     for proc in Path("/proc").iterdir():
@@ -63,7 +64,7 @@ def _train_process() -> tuple[int, int] | None:
             stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if b"vqkit.cli" in cmd and b"train" in cmd:
+        if b"vqkit.cli" in cmd and b"train" in cmd and str(recipe).encode() in cmd:
             return int(proc.name), int(stat[1])
     return None
 
@@ -86,7 +87,7 @@ def test_a_lost_worker_leaves_the_child_resumable_and_the_sweep_rerunnable(tmp_p
     def lose_the_worker():  # once the child has a checkpoint: its worker and the child die (kill -9)
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
-            found = _train_process()
+            found = _train_process(recipe)
             if found and list(tmp_path.glob("runs/*/checkpoints/step_*.pt")):
                 for pid in found:
                     os.kill(pid, signal.SIGKILL)
