@@ -29,6 +29,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         q = _make()
         q(_batch(rank))
         torch.save({k: v.clone() for k, v in q.state_dict().items()}, f"{out}/rank{rank}.pt")
+        torch_dist.barrier()  # no rank tears gloo down while the other is still in a collective (SIGABRT)
     finally:
         torch_dist.destroy_process_group()
 

@@ -61,6 +61,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist = DistContext(rank, WORLD, rank, torch.device("cpu"), True)
         for name in POLICIES:
             _train(rank, dist, name, out_dir)
+        torch_dist.barrier()  # no rank tears gloo down while the other is still in a collective (SIGABRT)
     finally:
         torch_dist.destroy_process_group()
 
