@@ -111,3 +111,23 @@ def test_set_values_are_read_with_the_same_limits(capsys):
     with pytest.raises(VqkitError) as info:
         parse_override("name=" + "[" * 1000 + "]" * 1000)
     assert "not valid YAML" in str(info.value)
+
+
+def test_a_long_extends_chain_is_a_located_error_not_a_recursion_error(tmp_path, capsys):
+    from pathlib import Path
+
+    from vqkit.cli import main
+    from vqkit.recipe import MAX_EXTENDS_DEPTH
+
+    quickstart = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
+    (tmp_path / "r0.yaml").write_text(quickstart.read_text())
+    for i in range(1, 1200):  # far past Python's recursion limit
+        (tmp_path / f"r{i}.yaml").write_text(f"extends: r{i - 1}.yaml\n")
+    ok = tmp_path / f"r{MAX_EXTENDS_DEPTH - 1}.yaml"  # a chain of exactly MAX_EXTENDS_DEPTH files
+    assert main(["validate", str(ok)]) == 0
+    capsys.readouterr()
+    assert main(["validate", str(tmp_path / "r1199.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "RecursionError" not in err
+    assert f"`extends` chain deeper than {MAX_EXTENDS_DEPTH} recipe files" in err
+    assert ":1:1: extends:" in err

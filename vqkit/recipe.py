@@ -358,6 +358,10 @@ def _merge(base: Any, over: Any, path: Path_ = ()) -> Any:
     return copy.deepcopy(over)
 
 
+#: The most recipe files one ``extends:`` chain may hold (bounded cost, no RecursionError).
+MAX_EXTENDS_DEPTH = 32
+
+
 def _read_with_extends(
     path: Path, loc: _Loc, problems: list[Problem], chain: tuple[Path, ...] = ()
 ) -> Any:
@@ -386,6 +390,11 @@ def _read_with_extends(
                 problems.append(
                     Problem(f"recipe file not found: {parent_path}", path="extends", **own.find(("extends",)))
                 )
+                parent = None
+            elif len(chain) + 1 >= MAX_EXTENDS_DEPTH:
+                problems.append(Problem(
+                    f"`extends` chain deeper than {MAX_EXTENDS_DEPTH} recipe files (starting at {chain[0] if chain else resolved})",
+                    path="extends", **own.find(("extends",))))
                 parent = None
             else:
                 parent = _read_with_extends(parent_path, loc, problems, chain + (resolved,))
