@@ -20,7 +20,7 @@ import yaml
 
 from vqkit.cli import main
 from vqkit.errors import VqkitError
-from vqkit.sweep import expand_grid, grid_labels, overrides_name, parse_grid, plan_sweep
+from vqkit.sweep import expand_grid, grid_labels, overrides_name, parse_grid
 
 pytest_plugins = ("trainkit",)  # fixtures: store, mlflow_template, closed_port
 
