@@ -18,19 +18,13 @@ import pytest
 import yaml
 
 from vqkit.cli import main
+from vqkit.testing.sweeps import TINY_RECIPE
 from vqkit.tracking import BUFFER, RUN_INFO, SENT, Tracker
 
 pytest_plugins = ("trainkit",)  # fixtures: store, mlflow_template, closed_port
 
 TINY = {
-    "vqkit": 1,
-    "name": "tiny",
-    "seed": 3,
-    "data": {"name": "fashion-mnist", "params": {"limit": 96}},
-    "encoder": {"name": "conv", "params": {"channels": [8, 8], "factor": 4, "latent_dim": 8}},
-    "quantizer": {"name": "vq", "params": {"codebook_size": 16}},
-    "decoder": {"name": "conv", "params": {"channels": [8, 8]}},
-    "losses": [{"name": "pixel-l1"}],
+    **TINY_RECIPE,
     "train": {"steps": 4, "batch_size": 16, "log_every": 1, "eval_every": 4, "image_every": 100,
               "checkpoint_every": 2, "device": "cpu"},
     "eval": {"num_samples": 16, "batch_size": 16, "metrics": ["psnr"]},

@@ -21,23 +21,11 @@ import yaml
 from vqkit.cli import main
 from vqkit.errors import VqkitError
 from vqkit.sweep import expand_grid, grid_labels, overrides_name, parse_grid
+from vqkit.testing.sweeps import TINY_RECIPE
 
 pytest_plugins = ("trainkit",)  # fixtures: store, mlflow_template, closed_port
 
-TINY = {
-    "vqkit": 1,
-    "name": "tiny",
-    "seed": 3,
-    "data": {"name": "fashion-mnist", "params": {"limit": 96}},
-    "encoder": {"name": "conv", "params": {"channels": [8, 8], "factor": 4, "latent_dim": 8}},
-    "quantizer": {"name": "vq", "params": {"codebook_size": 16}},
-    "decoder": {"name": "conv", "params": {"channels": [8, 8]}},
-    "losses": [{"name": "pixel-l1"}],
-    "train": {"steps": 4, "batch_size": 16, "log_every": 2, "eval_every": 4, "image_every": 4,
-              "checkpoint_every": 4, "device": "cpu"},
-    "eval": {"num_samples": 16, "batch_size": 16},
-    "tracking": {"experiment": "sw"},
-}
+TINY = TINY_RECIPE  # the tiny recipe vqkit.testing.sweeps gives plugin authors
 
 
 @pytest.fixture
