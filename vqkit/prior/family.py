@@ -100,8 +100,8 @@ class PriorFamily(Family):
         from vqkit.prior.codes import file_sha256, load_or_compute_codes
         from vqkit.tracking import resolve_tracking_uri
         from vqkit.train.data import StepBatches
+        from vqkit.train.loop import _make_optimizer
         from vqkit.train.schedule import make_scheduler
-        from vqkit.train.trainer import _make_optimizer
 
         self.loop = loop
         cfg = self.cfg = loop.cfg
@@ -290,7 +290,7 @@ class PriorFamily(Family):
         }
 
     def load_state_dict(self, state: dict[str, Any], where: str) -> None:
-        from vqkit.train.trainer import _retarget
+        from vqkit.train.loop import _retarget
 
         try:
             self.prior.load_state_dict(state["model"])

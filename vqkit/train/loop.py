@@ -21,19 +21,22 @@ the same way for every family:
   checkpoint; SIGTERM / Ctrl-C checkpoints and ends the run as KILLED.
 
 The autoencoder family still runs its own copy of this loop in
-:class:`vqkit.train.trainer.Trainer`; the helpers both use are imported from there.
+:class:`vqkit.train.trainer.Trainer`, with the helpers defined here.
 """
 from __future__ import annotations
 
 import abc
+import dataclasses
 import json
 import os
+import random
 import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator, TextIO
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -41,18 +44,89 @@ from vqkit import __version__
 from vqkit.errors import VqkitError
 from vqkit.recipe import Recipe
 from vqkit.train import checkpoint as ckpt
-from vqkit.train.trainer import (
-    NonFiniteLoss,
-    TrainResult,
-    _finite_params,
-    _link_or_copy,
-    _sigterm_as_interrupt,
-    seed_everything,
-)
 
-__all__ = ["Family", "TrainLoop", "NonFiniteLoss", "TrainResult"]
+__all__ = ["Family", "TrainLoop", "NonFiniteLoss", "TrainResult", "seed_everything"]
 
 
+# =========================================================================== helpers
+class NonFiniteLoss(Exception):
+    """The loss (or a gradient norm) became NaN or infinite."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a finished (or stopped) training call produced."""
+
+    run_id: str | None
+    run_dir: Path | None
+    step: int
+    metrics: dict[str, float]
+    checkpoint: Path | None
+    tracking_uri: str | None
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and CUDA) from the recipe seed."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def _make_optimizer(params: list[nn.Parameter], train_cfg, lr: float) -> torch.optim.Optimizer:
+    cls = torch.optim.AdamW if train_cfg.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=lr, betas=tuple(train_cfg.betas), weight_decay=train_cfg.weight_decay)
+
+
+def _finite_params(*modules: nn.Module | None) -> bool:
+    for m in modules:
+        if m is None:
+            continue
+        for t in list(m.parameters()) + list(m.buffers()):
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                return False
+    return True
+
+
+def _sigterm_as_interrupt():
+    """Turn SIGTERM (schedulers, ``kill``) into KeyboardInterrupt so the run checkpoints and
+    ends cleanly; returns the previous handler (``None`` outside the main thread)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def _retarget(sched: torch.optim.lr_scheduler.LambdaLR, lr: float, total_steps: int) -> None:
+    """Make a restored scheduler follow the recipe's peak LR and length (a resumed run may
+    change ``train.lr`` or ``train.steps``); a no-op when they are unchanged."""
+    for fn in sched.lr_lambdas:
+        fn.total_steps = total_steps
+    sched.base_lrs = [float(lr) for _ in sched.base_lrs]
+    for group, base, fn in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+        group["initial_lr"] = base
+        group["lr"] = base * fn(sched.last_epoch)
+    sched._last_lr = [group["lr"] for group in sched.optimizer.param_groups]
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Make ``dst`` hold ``src``'s bytes (hard link, else copy), atomically."""
+    import shutil
+
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    tmp.replace(dst)
+
+
+# =========================================================================== the loop
 class Family(abc.ABC):
     """One model family's part of training, called by :class:`TrainLoop`.
 

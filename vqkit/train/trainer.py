@@ -19,11 +19,9 @@ data order is a function of the step (:mod:`vqkit.train.data`).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import os
-import random
 import signal
 import sys
 import time
@@ -44,6 +42,16 @@ from vqkit.train import objective
 from vqkit.train.build import Built, build_all, component_tags, loss_keys, not_implemented_error
 from vqkit.train.data import StepBatches, read_batch
 from vqkit.train.distributed import DistContext, init_distributed
+from vqkit.train.loop import (
+    NonFiniteLoss,
+    TrainResult,
+    _finite_params,
+    _link_or_copy,
+    _make_optimizer,
+    _retarget,
+    _sigterm_as_interrupt,
+    seed_everything,
+)
 from vqkit.train.schedule import make_scheduler
 from vqkit.train.trial import PRUNED_TAG, StopTrial, channel_from_env
 
@@ -53,49 +61,11 @@ __all__ = ["Trainer", "TrainResult", "NonFiniteLoss", "evaluate", "save_recon_gr
 RECON_KEY = "reconstructions"
 
 
-class NonFiniteLoss(Exception):
-    """The loss (or a gradient norm) became NaN or infinite."""
-
-
-@dataclasses.dataclass
-class TrainResult:
-    """What a finished (or stopped) training call produced."""
-
-    run_id: str | None
-    run_dir: Path | None
-    step: int
-    metrics: dict[str, float]
-    checkpoint: Path | None
-    tracking_uri: str | None
-
-
 # =========================================================================== helpers
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (CPU and CUDA) from the recipe seed."""
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-
-
 def _grad_params(module: nn.Module | None) -> list[nn.Parameter]:
     if module is None:
         return []
     return [p for p in module.parameters() if p.requires_grad]
-
-
-def _make_optimizer(params: list[nn.Parameter], train_cfg, lr: float) -> torch.optim.Optimizer:
-    cls = torch.optim.AdamW if train_cfg.optimizer == "adamw" else torch.optim.Adam
-    return cls(params, lr=lr, betas=tuple(train_cfg.betas), weight_decay=train_cfg.weight_decay)
-
-
-def _finite_params(*modules: nn.Module | None) -> bool:
-    for m in modules:
-        if m is None:
-            continue
-        for t in list(m.parameters()) + list(m.buffers()):
-            if t.is_floating_point() and not torch.isfinite(t).all():
-                return False
-    return True
 
 
 # =========================================================================== evaluation
@@ -839,9 +809,11 @@ class Trainer:
                 if dist.is_main and (self.step % tc.eval_every == 0 or (last and self.step == tc.steps)):
                     self.last_eval = self._evaluate()
                     self.tracker.log_metrics(self.last_eval, self.step)
-                    if (self.trial is not None and dist.world_size == 1 and self.step < tc.steps
+                    if (self.trial is not None and self.step < tc.steps
                             and self.trial.report(self.step, self.last_eval)):
-                        raise StopTrial(self.step)
+                        self._pruned_at = self.step  # data-parallel: every rank stops below, together
+                        if dist.world_size == 1:
+                            raise StopTrial(self.step)
                     if bar is not None:
                         bar.set_postfix(self._postfix({**self.last_metrics, **self.last_eval}), refresh=False)
                     if lines:
@@ -850,6 +822,8 @@ class Trainer:
                     self._log_images()
                 if last or any(self.step % every == 0 for every in (tc.eval_every, tc.image_every)):
                     self._share_main_failure()
+                    if self.trial is not None and dist.any_flag(getattr(self, "_pruned_at", None) is not None):
+                        raise StopTrial(self.step)  # rank 0's search said stop: all ranks stop at this step
                 if self.step % tc.checkpoint_every == 0 and not (last and self.step == tc.steps):
                     self._save()
                 elif last and self.step < tc.steps:
@@ -905,46 +879,6 @@ class Trainer:
             from vqkit.tracking import ui_command
 
             print(f"vqkit: see it in MLflow's UI: {ui_command(result.tracking_uri)}", file=self.out, flush=True)
-
-
-def _sigterm_as_interrupt():
-    """Turn SIGTERM (schedulers, ``kill``) into KeyboardInterrupt so the run checkpoints and
-    ends cleanly; returns the previous handler (``None`` outside the main thread)."""
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return None
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    return signal.signal(signal.SIGTERM, handler)
-
-
-def _retarget(sched: torch.optim.lr_scheduler.LambdaLR, lr: float, total_steps: int) -> None:
-    """Make a restored scheduler follow the recipe's peak LR and length (a resumed run may
-    change ``train.lr`` or ``train.steps``); a no-op when they are unchanged."""
-    for fn in sched.lr_lambdas:
-        fn.total_steps = total_steps
-    sched.base_lrs = [float(lr) for _ in sched.base_lrs]
-    for group, base, fn in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
-        group["initial_lr"] = base
-        group["lr"] = base * fn(sched.last_epoch)
-    sched._last_lr = [group["lr"] for group in sched.optimizer.param_groups]
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    """Make ``dst`` hold ``src``'s bytes (hard link, else copy), atomically."""
-    import os
-    import shutil
-
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    tmp.replace(dst)
 
 
 def train(
