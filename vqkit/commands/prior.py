@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from vqkit.errors import Problem, VqkitError
 from vqkit.runtime import cpu_friendly_threads, keep_freed_memory
@@ -63,5 +64,9 @@ def run_prior_train(args, stop_after: int | None = None) -> int:
         raise VqkitError(Problem(f"{args.recipe} is an autoencoder recipe (no `kind: prior`); train it with "
                                  "`vqkit train`", file=args.recipe))
     quiet = args.quiet or int(os.environ.get("RANK", "0")) != 0
-    TrainLoop(recipe, PriorFamily(), resume=state, resume_path=path, quiet=quiet, stop_after=stop_after).run()
+    loop = TrainLoop(recipe, PriorFamily(), resume=state, resume_path=path, quiet=quiet, stop_after=stop_after,
+                     entry_point="vqkit prior train")
+    # a finished run resumed from a checkpoint file is continued in a new run (as `vqkit train`)
+    loop.continue_finished_runs = not (args.resume and Path(args.resume).is_file())
+    loop.run()
     return 0

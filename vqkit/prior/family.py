@@ -12,7 +12,6 @@ run differ only by training; they never touch the global RNG (resume stays exact
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from pathlib import Path
 from typing import Any, Iterator
@@ -142,9 +141,7 @@ class PriorFamily(Family):
         self.opt = _make_optimizer(params, tc, tc.lr)
         self.params = params
         self.sched = make_scheduler(self.opt, tc)
-        self.amp = bool(tc.amp)
-        self.amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and device.type == "cuda")
+        self.scaler = loop.grad_scaler()  # mixed precision: the loop's autocast and scaler
         labels = codes.train_labels if conditional else None
         self.data = StepBatches(CodeData(codes.train, labels), tc.batch_size, cfg.seed)  # type: ignore[arg-type]
         self.test = CodeData(codes.test, codes.test_labels if conditional else None)
@@ -155,7 +152,10 @@ class PriorFamily(Family):
         self.ae_run = {k: ae_state_run.get(k) for k in ("run_id", "tracking_uri", "experiment", "run_dir")}
 
     def tags(self) -> dict[str, Any]:
+        from vqkit.plugins import get_registry
+
         tags = {
+            "vqkit.plugins": ", ".join(get_registry().distributions()),
             "vqkit.autoencoder.checkpoint": str(self.ae_path),
             "vqkit.autoencoder.sha256": self.codes.sha256,
             "vqkit.prior.grid": "x".join(str(g) for g in self.codes.grid),
@@ -183,17 +183,12 @@ class PriorFamily(Family):
     def epoch_of(self, step: int) -> int:
         return self.data.epoch_of(step)
 
-    def _autocast(self):
-        if not self.amp:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
-
     def nll(self, codes: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         """Mean negative log-likelihood (nats per code) of grids ``(B, *grid)``."""
         flat = codes.reshape(codes.shape[0], -1).to(self.device)
         if labels is not None:
             labels = labels.to(self.device)
-        with self._autocast():
+        with self.loop.autocast():
             logits = self.prior(flat, labels)
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), flat.reshape(-1))
 

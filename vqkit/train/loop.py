@@ -1,31 +1,43 @@
 """The training loop shared by model families: one recipe in, one MLflow run and a folder
 of checkpoints out.
 
-A model family (the prior over codes today; see :mod:`vqkit.prior.family`) supplies a
-:class:`Family`: how to build its model and data, one optimizer step, an evaluation, the
-images it logs and its part of the checkpoint. :class:`TrainLoop` does everything else,
-the same way for every family:
+A model family (the autoencoder, :mod:`vqkit.train.autoencoder`; the prior over its codes,
+:mod:`vqkit.prior.family`) supplies a :class:`Family`: how to build its model and data, one
+optimizer step, an evaluation, the images it logs, its MLflow tags and inputs and its part
+of the checkpoint. :class:`TrainLoop` does everything else, the same way for every family:
 
-* device, seeding, the MLflow run and the local run dir (params: the flattened normalized
-  recipe; tags ``vqkit.version``, ``vqkit.plugins``, ``vqkit.recipe_sha256``,
-  ``vqkit.run_dir``, ``vqkit.family`` and the family's own; artifact ``recipe.yaml``);
+The autoencoder family still runs its own copy of this loop in
+:class:`vqkit.train.trainer.Trainer` until it moves here.
+
+* device and process group (torchrun / DDP, :mod:`vqkit.train.distributed`, for families
+  that declare ``distributed``; only rank 0 logs, evaluates and writes), seeding, mixed
+  precision (:meth:`TrainLoop.autocast`, :meth:`TrainLoop.grad_scaler`);
+* the MLflow run and the local run dir (params: the flattened normalized recipe; tags
+  ``vqkit.version``, ``vqkit.family``, ``vqkit.recipe_sha256``, ``vqkit.run_dir``,
+  ``vqkit.world_size``, the family's own, MLflow's source/entry-point tags, the recipe's
+  description, extra tags such as a sweep child's ``mlflow.parentRunId`` and its trial's;
+  artifact ``recipe.yaml``); the run is named ``tracking.run_name`` or the recipe's name;
+  a resumed leg reopens its run and supersedes what an earlier leg logged after the
+  checkpoint's step (the tracker's journal: nothing is logged twice after a kill -9);
 * the step loop with a progress bar (or progress lines when stdout is not a terminal),
-  metrics averaged over ``train.log_every`` steps plus ``train/lr``, ``time/step_s``,
-  ``time/data_s``, ``time/data_share`` and ``train/epoch``; evaluation every
-  ``train.eval_every`` steps, images every ``train.image_every`` steps;
+  metrics averaged over ``train.log_every`` steps plus the family's monitor metrics
+  (code-book telemetry), ``train/lr``, ``time/step_s``, ``time/data_s``,
+  ``time/data_share`` and ``train/epoch``; evaluation every ``train.eval_every`` steps
+  (reported to a sweep's search, which may prune the run), images every
+  ``train.image_every`` steps; the family's end-of-run work (plots, final metrics);
 * checkpoints (:mod:`vqkit.train.checkpoint`: atomic files, ``latest.json``, pruning,
   ``checkpoints/last.pt`` / ``final.pt`` artifacts, the ``vqkit.last_checkpoint`` tag)
   holding the family's state, the step, the RNG states, the normalized recipe and the run;
   ``resume`` continues bit for bit (the data order is a function of the step);
-* a NaN/inf loss stops the run with one ``vqkit: error:`` line naming the last good
-  checkpoint; SIGTERM / Ctrl-C checkpoints and ends the run as KILLED.
-
-The autoencoder family still runs its own copy of this loop in
-:class:`vqkit.train.trainer.Trainer`, with the helpers defined here.
+* a NaN/inf loss (or weights) stops the run, on every rank together, with one ``vqkit:
+  error:`` line naming the last good checkpoint; SIGTERM / Ctrl-C checkpoints and ends the
+  run as KILLED; a file-system error (full disk, read-only) is one ``vqkit: error:`` line
+  naming the file, with the run marked FAILED.
 """
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import json
 import os
@@ -44,6 +56,8 @@ from vqkit import __version__
 from vqkit.errors import VqkitError
 from vqkit.recipe import Recipe
 from vqkit.train import checkpoint as ckpt
+from vqkit.train.distributed import DistContext, init_distributed
+from vqkit.train.trial import PRUNED_TAG, StopTrial
 
 __all__ = ["Family", "TrainLoop", "NonFiniteLoss", "TrainResult", "seed_everything"]
 
@@ -131,39 +145,65 @@ class Family(abc.ABC):
     """One model family's part of training, called by :class:`TrainLoop`.
 
     Methods are called in this order: :meth:`setup` (once, after seeding), then
-    :meth:`load_state_dict` when resuming, then :meth:`batches` and :meth:`train_step` for
-    every step, with :meth:`evaluate` / :meth:`log_images` at their intervals and
-    :meth:`finish` after the last step of ``train.steps``.
+    :meth:`load_state_dict` when resuming (the RNG states are restored right after it),
+    :meth:`prepare`, :meth:`tags` and :meth:`log_inputs` (rank 0, with the run started),
+    :meth:`train_mode`, then :meth:`batches` and :meth:`train_step` for every step, with
+    :meth:`monitor_metrics` (rank 0) at each logged window and :meth:`evaluate` /
+    :meth:`log_images` (rank 0) at their intervals, :meth:`after_loop` (every rank) when the
+    steps of this call are done and :meth:`finish` (rank 0) after the last step of
+    ``train.steps``.
+
+    Work that rank 0 does alone (evaluation, images) reports non-finite values through
+    :meth:`TrainLoop.main_only_failure`, never by raising, so every rank stops together.
     """
 
     #: checkpoint key ``family`` and tag ``vqkit.family``
     name: str = ""
     #: metrics shown in the progress bar / lines and the summary: (key, label, format)
     shown: tuple[tuple[str, str, str], ...] = ()
+    #: runs under torchrun, one process per rank (``vqkit train --nproc``)
+    distributed: bool = False
 
     @abc.abstractmethod
     def setup(self, loop: "TrainLoop") -> None:
         """Build models, optimizers and data on ``loop.device`` (``loop.resume`` holds the
-        checkpoint being resumed, if any)."""
+        checkpoint being resumed, if any; ``loop.dist`` the process group)."""
+
+    def prepare(self) -> None:  # noqa: B027
+        """After the checkpoint's state and RNG states are restored: wrap models for DDP,
+        set up the data order, read fixed images."""
 
     @abc.abstractmethod
     def batches(self, start: int, stop: int) -> Iterator[Any]:
         """The batches of steps ``start .. stop-1`` (a pure function of the step)."""
+
+    def train_mode(self) -> None:  # noqa: B027
+        """Put the models in training mode (before the first step of a call)."""
 
     @abc.abstractmethod
     def train_step(self, batch: Any, step: int) -> dict[str, torch.Tensor]:
         """One optimizer update; detached 0-dim metric tensors. Raises
         :class:`NonFiniteLoss` when the loss is NaN/inf."""
 
+    def monitor_metrics(self, step: int, regular: bool) -> dict[str, float]:
+        """Metrics merged into each logged window on rank 0 (e.g. code-book telemetry).
+        ``regular`` is false for the window that ends an early stop (``stop_after``): a
+        monitor must not add to its history then, so a resumed run ends in the state of an
+        uninterrupted one."""
+        return {}
+
     @abc.abstractmethod
     def evaluate(self) -> dict[str, float]:
-        """Metrics on the test split."""
+        """Metrics on the test split (rank 0)."""
 
     def log_images(self, step: int, run_dir: Path, tracker: Any) -> None:  # noqa: B027
-        """Write and log the family's images at ``step``."""
+        """Write and log the family's images at ``step`` (rank 0)."""
+
+    def after_loop(self) -> None:  # noqa: B027
+        """Every rank, when the steps of this call are done."""
 
     def finish(self, run_dir: Path, tracker: Any) -> dict[str, float]:
-        """Work after the last step (e.g. final metrics); returns metrics to log."""
+        """Work after the last step (rank 0: e.g. final metrics, plots); returns metrics to log."""
         return {}
 
     @abc.abstractmethod
@@ -175,7 +215,7 @@ class Family(abc.ABC):
         """Restore :meth:`state_dict` output (``where`` names the file, for errors)."""
 
     @abc.abstractmethod
-    def modules(self) -> list[nn.Module]:
+    def modules(self) -> list[nn.Module | None]:
         """Modules whose weights must stay finite (never checkpointed otherwise)."""
 
     @abc.abstractmethod
@@ -186,8 +226,28 @@ class Family(abc.ABC):
         return 0
 
     def tags(self) -> dict[str, Any]:
-        """Extra MLflow tags of the run (e.g. links to other runs)."""
+        """Extra MLflow tags of the run (e.g. components, links to other runs)."""
         return {}
+
+    def log_inputs(self, tracker: Any) -> None:  # noqa: B027
+        """Log the run's inputs (e.g. MLflow datasets) when a new run starts."""
+
+    def not_implemented(self, exc: NotImplementedError) -> BaseException:
+        """The error to raise when a component does not implement what the recipe asks."""
+        return exc
+
+    # ---------------------------------------------------------------- what is printed
+    def postfix(self, m: dict[str, float]) -> dict[str, str]:
+        """The progress bar's postfix."""
+        return {label: fmt.format(m[key]) for key, label, fmt in self.shown if key in m}
+
+    def progress(self, m: dict[str, float]) -> list[str]:
+        """The parts of a progress line after ``step N/M``."""
+        return [f"{key}={fmt.format(m[key])}" for key, _, fmt in self.shown if key in m]
+
+    def summary(self, m: dict[str, float]) -> list[str]:
+        """The parts of the final ``vqkit: step N:`` line."""
+        return self.progress(m)
 
 
 class TrainLoop:
@@ -200,11 +260,23 @@ class TrainLoop:
         quiet: no progress bar or lines (the summary still prints).
         stop_after: stop (with a checkpoint) after this many total steps; the LR schedule
             still follows ``train.steps``.
+        stdout / stderr: where to print (default: the process's).
+        tags: extra MLflow tags of the run, e.g. ``{"mlflow.parentRunId": ID}`` for a child
+            of a sweep (a sweep's trial adds its own, from the environment).
+        entry_point: the command recorded as the run's ``mlflow.project.entryPoint`` and
+            shown in the resume hint.
     """
+
+    #: resuming a FINISHED run from a checkpoint *file* logs a new run instead, so the
+    #: finished run keeps its status (``vqkit train --resume FILE`` sets this False)
+    continue_finished_runs: bool = True
 
     def __init__(self, recipe: Recipe, family: Family, *, resume: dict[str, Any] | None = None,
                  resume_path: Path | None = None, quiet: bool = False, stop_after: int | None = None,
-                 stdout: TextIO | None = None, stderr: TextIO | None = None):
+                 stdout: TextIO | None = None, stderr: TextIO | None = None,
+                 tags: dict[str, str] | None = None, entry_point: str = "vqkit train"):
+        from vqkit.train.trial import channel_from_env
+
         self.recipe = recipe
         self.cfg = recipe.model
         self.family = family
@@ -214,46 +286,63 @@ class TrainLoop:
         self.stop_after = stop_after
         self.out = stdout or sys.stdout
         self.err = stderr or sys.stderr
+        self.extra_tags = dict(tags or {})
+        # a sweep's child: its trial's tags, and the search it reports evaluations to (pruning)
+        self.trial = channel_from_env()
+        if self.trial is not None:
+            self.extra_tags.update(self.trial.tags)
+        self.entry_point = entry_point
+        self.dist: DistContext | None = None
+        self.device = torch.device("cpu")
         self.tracker: Any = None
+        self.system_metrics: Any = None
         self.run_dir: Path | None = None
+        self.ckpt_dir: Path | None = None
         self.step = 0
         self.last_good: Path | None = None
         self.last_eval: dict[str, float] = {}
         self.last_metrics: dict[str, float] = {}
+        self._main_failure: str | None = None
 
     def say(self, text: str) -> None:
-        print(text, file=self.err, flush=True)
+        """A note on stderr (rank 0 only)."""
+        if self.dist is None or self.dist.is_main:
+            print(text, file=self.err, flush=True)
 
     # ------------------------------------------------------------------ setup
     def _setup(self) -> None:
-        from vqkit.train.distributed import resolve_device
-
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise VqkitError(f"{self.family.name} training runs in one process (no --nproc / torchrun)")
-        self.device = resolve_device(self.cfg.train.device)
+        fam = self.family
+        if not fam.distributed and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise VqkitError(f"{fam.name} training runs in one process (no --nproc / torchrun)")
+        self.dist = dist = init_distributed(self.cfg.train.device)
+        self.device = dist.device
         seed_everything(self.cfg.seed)
-        self.family.setup(self)
+        fam.setup(self)
         if self.resume is not None:
-            if self.resume.get("family") != self.family.name:
+            found = self.resume.get("family") or "autoencoder"  # autoencoder checkpoints before 0.x had none
+            if found != fam.name:
                 raise VqkitError(
-                    f"{self.resume_path} is a checkpoint of a {self.resume.get('family') or 'autoencoder'} "
-                    f"run, not of a {self.family.name}"
+                    f"{self.resume_path} is a checkpoint of a {found} run, not of a {fam.name}"
                 )
-            self.family.load_state_dict(self.resume, str(self.resume_path or "checkpoint"))
+            fam.load_state_dict(self.resume, str(self.resume_path or "checkpoint"))
             ckpt.restore_rng(self.resume["rng"])
-            self.step = int(self.resume["step"])
+        self.step = int(self.resume["step"]) if self.resume is not None else 0
+        fam.prepare()
 
     def _setup_tracking(self) -> None:
-        from vqkit.plugins import get_registry
-        from vqkit.tracking import Tracker, read_run_info, resolve_tracking_uri
+        from vqkit.tracking import DESCRIPTION_TAG, Tracker, context_tags, read_run_info, resolve_tracking_uri
 
         tcfg = self.cfg.tracking
+        dist = self.dist
         prev_run = (self.resume or {}).get("run") or {}
         uri = tcfg.uri or None
         if uri is None and not os.environ.get("MLFLOW_TRACKING_URI") and prev_run.get("tracking_uri"):
             uri = prev_run["tracking_uri"]  # continue the run in the store that holds it
         uri = resolve_tracking_uri(uri)
-        self.tracker = tracker = Tracker(uri, tcfg.experiment, tcfg.run_name or self.cfg.name, stderr=self.err)
+        run_name = tcfg.run_name or self.cfg.name
+        self.tracker = tracker = Tracker(uri, tcfg.experiment, run_name, enabled=dist.is_main, stderr=self.err)
+
+        # the run dir: the resumed checkpoint's run dir, else <output_dir>/<run id>
         run_dir: Path | None = None
         if self.resume_path is not None:
             parent = Path(self.resume_path).resolve().parent
@@ -261,37 +350,111 @@ class TrainLoop:
                 if read_run_info(cand):
                     run_dir = cand
                     break
+            if run_dir is None and prev_run.get("run_dir") and read_run_info(prev_run["run_dir"]):
+                run_dir = Path(prev_run["run_dir"])
         resume_id = prev_run.get("run_id")
         if run_dir is not None:
             info = read_run_info(run_dir)
             resume_id = info.get("run_id") or resume_id
             tracker.local_id = info.get("local_id") or tracker.local_id
         if resume_id and prev_run.get("tracking_uri") and prev_run["tracking_uri"] != uri:
-            self.say(f"vqkit: note: the resumed run was tracked at {prev_run['tracking_uri']}; "
-                     f"logging to a new run at {uri}")
+            self.say(
+                f"vqkit: note: the resumed run was tracked at {prev_run['tracking_uri']}; "
+                f"logging to a new run at {uri}"
+            )
             resume_id = None
-        run_id = tracker.start(resume_run_id=resume_id)
+        forked_from = None
+        if resume_id and not self.continue_finished_runs and dist.is_main:
+            from vqkit.tracking import run_status
+
+            if run_status(uri, resume_id) == "FINISHED":
+                import uuid
+
+                self.say(f"vqkit: note: MLflow run {resume_id} is FINISHED; training resumed from "
+                         f"{self.resume_path} is logged as a new run (tag vqkit.resumed_from)")
+                forked_from, resume_id, run_dir = resume_id, None, None
+                tracker.local_id = uuid.uuid4().hex[:12]
+        # a resumed leg supersedes what an earlier leg logged after the checkpoint's step
+        # (the tracker's journal: a leg killed with kill -9 logs nothing twice)
+        run_id = tracker.start(resume_run_id=resume_id, after_step=self.step if self.resume is not None else None)
         if run_dir is None:
             run_dir = Path(tcfg.output_dir).resolve() / (run_id or f"local-{tracker.local_id}")
         self.run_dir = run_dir
+        if not dist.is_main:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
         tracker.attach(run_dir)
+        if forked_from is not None:
+            tracker.set_tags({"vqkit.resumed_from": json.dumps(
+                {"run_id": forked_from, "checkpoint": str(self.resume_path), "step": self.step})})
         self.ckpt_dir = run_dir / "checkpoints"
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        for folder in (self.ckpt_dir, run_dir / "images"):  # temp files of a killed process
+            ckpt.remove_temp_files(folder)
+
         tracker.log_params(self.recipe.flat_params())
         tags = {
             "vqkit.version": __version__,
-            "vqkit.plugins": ", ".join(get_registry().distributions()),
+            "vqkit.family": self.family.name,
             "vqkit.recipe_sha256": self.recipe.sha256(),
             "vqkit.run_dir": str(run_dir),
-            "vqkit.family": self.family.name,
+            "vqkit.world_size": dist.world_size,
             **self.family.tags(),
         }
         if self.resume is not None:
             tags["vqkit.resumed_from_step"] = self.step
+        tags.update(context_tags(self.recipe.source, self.entry_point))
+        if tcfg.description:
+            tags[DESCRIPTION_TAG] = tcfg.description
+        tags.update(self.extra_tags)
         tracker.set_tags(tags)
         recipe_path = run_dir / "recipe.yaml"
         recipe_path.write_text(self.recipe.to_yaml(), encoding="utf-8")
         tracker.log_artifact(recipe_path)
+        if self.resume is None:
+            self.family.log_inputs(tracker)
+        if tcfg.system_metrics:
+            from vqkit.tracking import SystemMetrics
+
+            self.system_metrics = SystemMetrics(uri, tracker.run_id)
+
+    # ------------------------------------------------------------------ mixed precision
+    def autocast(self):
+        """The forward passes' autocast context when ``train.amp`` (bf16 on CPU, fp16 on
+        CUDA, with :meth:`grad_scaler`), else a no-op."""
+        if not self.cfg.train.amp:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type,
+                              dtype=torch.float16 if self.device.type == "cuda" else torch.bfloat16)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """A loss scaler for one optimizer: enabled for ``train.amp`` on CUDA (fp16)."""
+        return torch.amp.GradScaler("cuda", enabled=bool(self.cfg.train.amp) and self.device.type == "cuda")
+
+    # ------------------------------------------------------------------ non-finite values
+    def nonfinite(self, value: torch.Tensor) -> bool:
+        """Whether ``value`` holds NaN/inf on any rank (collective under DDP)."""
+        bad = not bool(torch.isfinite(value).all())
+        return self.dist.any_flag(bad) if self.dist.enabled else bad
+
+    def _check_weights(self) -> None:
+        """Stop (every rank together: the check is collective) if any rank's weights hold
+        NaN or inf; called on every rank before work that rank 0 does alone."""
+        if self.dist.any_flag(not _finite_params(*self.family.modules())):
+            raise NonFiniteLoss(f"model weights are NaN or infinite after step {self.step}")
+
+    def main_only_failure(self, message: str) -> None:
+        """Rank 0's own work (evaluation, images) met non-finite values: stop now when alone,
+        else at :meth:`_share_main_failure`, where every rank stops together."""
+        if not self.dist.enabled:
+            raise NonFiniteLoss(message)
+        self._main_failure = message
+
+    def _share_main_failure(self) -> None:
+        """Collective (every rank calls it after rank 0's evaluation/images)."""
+        failure = self._main_failure
+        if self.dist.enabled and self.dist.any_flag(failure is not None):
+            raise NonFiniteLoss(failure or "rank 0 met non-finite values in its evaluation or images")
 
     # ------------------------------------------------------------------ checkpoints
     def state(self) -> dict[str, Any]:
@@ -312,8 +475,14 @@ class TrainLoop:
             },
         }
 
-    def save(self, final: bool = False) -> Path:
-        """Write a checkpoint of the current state; never one with non-finite weights."""
+    def save(self, final: bool = False, collective: bool = True) -> Path | None:
+        """Write a checkpoint of the current state (rank 0); never one with non-finite
+        weights. Called on every rank (the weight check is collective) unless
+        ``collective`` is false (rank 0 alone, after an interrupt)."""
+        if collective:
+            self._check_weights()
+        if not self.dist.is_main:
+            return None
         if not _finite_params(*self.family.modules()):
             raise NonFiniteLoss(f"model weights are NaN or infinite after step {self.step}")
         path = self.ckpt_dir / "final.pt" if final else ckpt.step_file(self.ckpt_dir, self.step)
@@ -336,9 +505,19 @@ class TrainLoop:
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> TrainResult:
-        self._setup()
-        self._setup_tracking()
+        try:
+            self._setup()
+            self._setup_tracking()
+        except BaseException as exc:
+            if self.dist is not None:
+                self.dist.close()
+            if isinstance(exc, OSError):  # e.g. an unwritable run folder
+                self._fail_os(exc, end_run=True)
+            if isinstance(exc, NotImplementedError):
+                self._raise_not_implemented(exc)
+            raise
         tc = self.cfg.train
+        dist = self.dist
         stop = tc.steps if self.stop_after is None else min(tc.steps, self.stop_after)
         start = self.step
         if start >= stop:
@@ -352,30 +531,84 @@ class TrainLoop:
             status = "FINISHED" if self.step >= tc.steps else "RUNNING"
         except NonFiniteLoss as exc:
             self._fail_nonfinite(exc)
+        except NotImplementedError as exc:  # a component cannot do what the recipe asks
+            self._raise_not_implemented(exc)
+        except OSError as exc:  # full disk, read-only file system, permissions: FAILED below
+            self._fail_os(exc)
+        except StopTrial as exc:  # the sweep's search pruned this child: resumable, KILLED, exit 0
+            status = "KILLED"
+            path = self.save(collective=False)
+            self.tracker.set_tags({PRUNED_TAG: str(exc.step)})
+            self.say(f"vqkit: stopped at step {exc.step}: pruned by the sweep's search; checkpoint {path}")
         except KeyboardInterrupt:
             status = "KILLED"
-            if self.step > start and _finite_params(*self.family.modules()):
-                path = self.save()
-                self.say(f"vqkit: interrupted at step {self.step}; checkpoint {path}; continue with "
-                         f"`vqkit {self.family.name} train --resume {self.run_dir}`")
+            if self.step > start and dist.is_main and _finite_params(*self.family.modules()):
+                try:
+                    path = self.save(collective=False)
+                except OSError as exc:  # e.g. the disk filled up: the newest checkpoint stays
+                    self.say(f"vqkit: warning: interrupted at step {self.step}; no checkpoint written "
+                             f"({exc.filename}: {exc.strerror or exc})")
+                else:
+                    self.say(f"vqkit: interrupted at step {self.step}; checkpoint {path}; continue with "
+                             f"`{self.entry_point} --resume {self.run_dir}`")
             raise
         finally:
             if previous_term is not None:
                 signal.signal(signal.SIGTERM, previous_term)
-            if status != "RUNNING":
+            if self.system_metrics is not None:
+                self.system_metrics.finish()
+            if dist.is_main and status != "RUNNING":
                 self.tracker.finish(status)
-            else:
+            elif dist.is_main:
                 self.tracker.flush()
+            dist.close(barrier=status in ("FINISHED", "RUNNING"))
         result = TrainResult(
             run_id=self.tracker.run_id, run_dir=self.run_dir, step=self.step,
             metrics={**self.last_metrics, **self.last_eval}, checkpoint=self.last_good,
             tracking_uri=self.tracker.uri,
         )
-        self._summary(result)
+        if dist.is_main:
+            self._summary(result)
         return result
 
+    def _raise_not_implemented(self, exc: NotImplementedError) -> None:
+        error = self.family.not_implemented(exc)
+        if error is exc:
+            raise exc
+        raise error from None
+
+    def _fail_os(self, exc: OSError, end_run: bool = False) -> None:
+        """Raise the one-line user error for a file-system error (the path and the cause),
+        after tagging the MLflow run ``vqkit.failure`` (and ending it FAILED when
+        ``end_run``; the loop's ``finally`` does it otherwise)."""
+        import errno as errno_names
+
+        name = errno_names.errorcode.get(exc.errno or 0, "")
+        cause = (exc.strerror or str(exc)) + (f" ({name})" if name else "")
+        reason = f"{exc.filename}: {cause}" if exc.filename else cause
+        tracker = self.tracker
+        # a resumed leg that fails before it trains leaves the run as it found it
+        before = getattr(tracker, "reopened_from", None) if end_run else None
+        keep_status = before in ("FINISHED", "FAILED", "KILLED")
+        if tracker is not None and getattr(tracker, "enabled", False):
+            try:
+                if not keep_status:
+                    tracker.set_tags({"vqkit.failure": f"file system error: {reason}"[:5000]})
+                if end_run:
+                    tracker.finish(before if keep_status else "FAILED")
+            except OSError:  # pragma: no cover - the tracker keeps what it cannot write
+                pass
+        ckpt_dir = self.ckpt_dir
+        newest = ckpt.latest_checkpoint(ckpt_dir) if ckpt_dir is not None and ckpt_dir.is_dir() else None
+        keep = f"; the newest checkpoint, {newest}, is intact" if newest is not None else ""
+        ended = ""
+        if tracker is not None and getattr(tracker, "run_id", None):
+            ended = f"; the MLflow run keeps its status {before}" if keep_status else "; the MLflow run is marked FAILED"
+        raise VqkitError(f"{reason}{ended}{keep}") from None
+
     def _fail_nonfinite(self, exc: NonFiniteLoss) -> None:
-        self.tracker.set_tags({"vqkit.failure": f"non-finite loss: {exc}"[:5000]})
+        if self.dist.is_main:
+            self.tracker.set_tags({"vqkit.failure": f"non-finite loss: {exc}"[:5000]})
         good = self.last_good or (self.resume_path if self.resume is not None else None)
         keep = f"the last good checkpoint is {good}" if good else "no checkpoint was written before it"
         raise VqkitError(
@@ -385,15 +618,17 @@ class TrainLoop:
 
     def _loop(self, start: int, stop: int) -> None:
         tc = self.cfg.train
+        dist = self.dist
         fam = self.family
-        show_bar = not self.quiet and self.out.isatty()
-        lines = not self.quiet and not show_bar
+        show_bar = (not self.quiet) and dist.is_main and self.out.isatty()
+        lines = (not self.quiet) and dist.is_main and not show_bar
         bar = None
         if show_bar:
             from tqdm import tqdm
 
             bar = tqdm(total=tc.steps, initial=start, unit="step", dynamic_ncols=True, file=self.out,
                        desc=self.cfg.name)
+        fam.train_mode()
         sums: dict[str, torch.Tensor] = {}
         n_window = 0
         data_s = step_s = 0.0
@@ -414,10 +649,16 @@ class TrainLoop:
                 data_s += t1 - t0
                 step_s += t2 - t0
                 last = self.step == stop
+                periodic = last or any(self.step % every == 0 for every in (tc.eval_every, tc.image_every))
                 if bar is not None:
                     bar.update(1)
+                if periodic:
+                    self._check_weights()  # before rank 0 evaluates or draws alone
                 if self.step % tc.log_every == 0 or last:
                     metrics = {k: float(v) / n_window for k, v in sums.items()}
+                    if dist.is_main:
+                        regular = self.step % tc.log_every == 0 or self.step == tc.steps
+                        metrics.update(fam.monitor_metrics(self.step, regular))
                     metrics["train/lr"] = fam.lr()
                     metrics["time/data_s"] = data_s / n_window
                     metrics["time/step_s"] = step_s / n_window
@@ -427,16 +668,21 @@ class TrainLoop:
                     self.tracker.log_metrics(metrics, self.step)
                     sums, n_window, data_s, step_s = {}, 0, 0.0, 0.0
                     if bar is not None:
-                        bar.set_postfix(self._postfix(metrics), refresh=False)
-                if self.step % tc.eval_every == 0 or (last and self.step == tc.steps):
+                        bar.set_postfix(fam.postfix(metrics), refresh=False)
+                if dist.is_main and (self.step % tc.eval_every == 0 or (last and self.step == tc.steps)):
                     self.last_eval = fam.evaluate()
                     self.tracker.log_metrics(self.last_eval, self.step)
+                    if (self.trial is not None and dist.world_size == 1 and self.step < tc.steps
+                            and self.trial.report(self.step, self.last_eval)):
+                        raise StopTrial(self.step)
                     if bar is not None:
-                        bar.set_postfix(self._postfix({**self.last_metrics, **self.last_eval}), refresh=False)
+                        bar.set_postfix(fam.postfix({**self.last_metrics, **self.last_eval}), refresh=False)
                     if lines:
                         self._progress_line()
-                if self.step % tc.image_every == 0 or last:
+                if dist.is_main and (self.step % tc.image_every == 0 or last):
                     fam.log_images(self.step, self.run_dir, self.tracker)
+                if periodic:
+                    self._share_main_failure()
                 if self.step % tc.checkpoint_every == 0 and not (last and self.step == tc.steps):
                     self.save()
                 elif last and self.step < tc.steps:
@@ -444,28 +690,29 @@ class TrainLoop:
         finally:
             if bar is not None:
                 bar.close()
+        fam.after_loop()
         if self.step >= tc.steps:
-            final = fam.finish(self.run_dir, self.tracker)
-            if final:
-                self.tracker.log_metrics(final, self.step)
-                self.last_eval.update(final)
+            if dist.is_main:
+                final = fam.finish(self.run_dir, self.tracker)
+                if final:
+                    self.tracker.log_metrics(final, self.step)
+                    self.last_eval.update(final)
             self.save(final=True)
-
-    def _postfix(self, m: dict[str, float]) -> dict[str, str]:
-        return {label: fmt.format(m[key]) for key, label, fmt in self.family.shown if key in m}
 
     def _progress_line(self) -> None:
         m = {**self.last_metrics, **self.last_eval}
-        parts = [f"step {self.step}/{self.cfg.train.steps}"]
-        parts += [f"{key}={fmt.format(m[key])}" for key, _, fmt in self.family.shown if key in m]
+        parts = [f"step {self.step}/{self.cfg.train.steps}", *self.family.progress(m)]
         print("vqkit: " + " ".join(parts), file=self.out, flush=True)
 
     def _summary(self, result: TrainResult) -> None:
-        m = result.metrics
-        bits = [f"{key}={fmt.format(m[key])}" for key, _, fmt in self.family.shown if key in m]
+        bits = self.family.summary(result.metrics)
         print(f"vqkit: step {result.step}: " + (" ".join(bits) if bits else "done"), file=self.out)
         if result.run_id:
             print(f"vqkit: MLflow run {result.run_id} (experiment {self.cfg.tracking.experiment!r}) "
                   f"in {result.tracking_uri}", file=self.out)
         print(f"vqkit: run dir {result.run_dir}" + (f"; checkpoint {result.checkpoint}" if result.checkpoint else ""),
               file=self.out, flush=True)
+        if result.run_id and result.tracking_uri:
+            from vqkit.tracking import ui_command
+
+            print(f"vqkit: see it in MLflow's UI: {ui_command(result.tracking_uri)}", file=self.out, flush=True)
