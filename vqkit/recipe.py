@@ -164,6 +164,11 @@ class SweepConfig(_Block):
         description="recipe key path (as for --set) -> the values to try; the sweep runs every "
         "combination (same as --grid KEY=V1,V2)",
     )
+    link: list[list[str]] = Field(
+        default_factory=list,
+        description="groups of grid keys whose values vary together: the i-th values of a group's keys "
+        "make one choice (zipped, not crossed; same as --link KEY,KEY)",
+    )
     jobs: int = Field(1, ge=1, description="children trained side by side (CPU threads split)")
     metrics: list[str] = Field(
         default_factory=lambda: ["eval/psnr"],

@@ -23,13 +23,16 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import os
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence, TextIO
 
 import yaml
 
 from vqkit.errors import Problem, VqkitError
+from vqkit.interfaces import Launcher
 
 __all__ = [
     "ChildSpec",
@@ -43,6 +46,10 @@ __all__ = [
     "format_value",
     "overrides_name",
     "plan_sweep",
+    "train_argv",
+    "child_environment",
+    "run_child",
+    "SchedulerLauncher",
 ]
 
 #: Short labels for the last part of common recipe keys, used in run names.
@@ -98,11 +105,52 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
-def values_name(values: Mapping[str, Any]) -> str:
+_ABSENT = object()
+
+
+def _leaves(value: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    """A mapping as ``{path: leaf}`` (lists are leaves)."""
+    if isinstance(value, dict) and value:
+        out: dict[tuple[str, ...], Any] = {}
+        for k, v in value.items():
+            out.update(_leaves(v, (*prefix, str(k))))
+        return out
+    return {prefix: value}
+
+
+def block_label(value: Any, choices: Sequence[Any] = ()) -> str:
+    """How one of a key's ``choices`` appears in a run name. Scalars and lists as
+    :func:`format_value`; a mapping (a whole block) by what tells it apart from the other
+    choices: a component block by its ``name``, followed by the leaves that differ among the
+    choices of the same name (``fsq(levels=[8,6,5])``), any other mapping by its differing
+    leaves (``{lr=0.001,steps=10}``); never the whole mapping dumped."""
+    if not isinstance(value, dict):
+        return format_value(value)
+    named = isinstance(value.get("name"), str)
+    peers = [c for c in choices if isinstance(c, dict) and c != value]
+    if named:
+        peers = [c for c in peers if c.get("name") == value["name"]]
+    mine = _leaves(value)
+    theirs = [_leaves(c) for c in peers]
+    paths = list(dict.fromkeys([*mine, *(p for t in theirs for p in t)]))
+    differ = [p for p in paths if p != ("name",) and any(t.get(p, _ABSENT) != mine.get(p, _ABSENT) for t in theirs)]
+    parts = []
+    for path in differ:
+        label = ".".join(_label_parts(".".join(path))) or "-"
+        leaf = mine.get(path, _ABSENT)
+        parts.append(f"{label}={'default' if leaf is _ABSENT else format_value(leaf)}")
+    if named:
+        return value["name"] + (f"({','.join(parts)})" if parts else "")
+    return "{" + ",".join(parts) + "}" if parts else format_value(value)
+
+
+def values_name(values: Mapping[str, Any], choices: Mapping[str, Sequence[Any]] | None = None) -> str:
     """``{'reset.name': 'jukebox', 'quantizer.params.codebook_size': 1024}`` ->
-    ``reset=jukebox K=1024``."""
+    ``reset=jukebox K=1024``; a whole block by its name (``quantizer=fsq``, see
+    :func:`block_label`; ``choices``: each key's values in the sweep)."""
     labels = grid_labels(list(values))
-    return " ".join(f"{labels[k]}={format_value(v)}" for k, v in values.items())
+    choices = choices or {}
+    return " ".join(f"{labels[k]}={block_label(v, choices.get(k, ()))}" for k, v in values.items())
 
 
 def overrides_name(recipe_name: str, overrides: Iterable[str]) -> str:
@@ -177,11 +225,17 @@ def parse_grid(texts: Iterable[str]) -> dict[str, list[Any]]:
     return grid
 
 
+def parse_links(texts: Iterable[str]) -> list[tuple[str, ...]]:
+    """``['quantizer,reset']`` -> ``[('quantizer', 'reset')]``: grid keys whose values vary
+    together (``--link``; a recipe's ``sweep.link``)."""
+    return [tuple(k.strip() for k in text.split(",") if k.strip()) for text in texts]
+
+
 def child_spec(index: int, values: Mapping[str, Any], base_overrides: Sequence[str] = (),
-               base_run_name: str | None = None) -> ChildSpec:
+               base_run_name: str | None = None, choices: Mapping[str, Sequence[Any]] | None = None) -> ChildSpec:
     """The child of one combination: named for its values, its recipe = the sweep's
     overrides, then the values, then its run name (and no sweep block)."""
-    name = values_name(values)
+    name = values_name(values, choices)
     if base_run_name:
         name = f"{base_run_name} {name}"
     sets = [f"{k}={json.dumps(v)}" for k, v in values.items()]
@@ -193,7 +247,7 @@ def expand_grid(grid: Mapping[str, Sequence[Any]], base_overrides: Sequence[str]
                 base_run_name: str | None = None) -> list[ChildSpec]:
     """Every combination of ``grid`` (last key fastest), each named for its values."""
     keys = list(grid)
-    return [child_spec(i, dict(zip(keys, combo)), base_overrides, base_run_name)
+    return [child_spec(i, dict(zip(keys, combo)), base_overrides, base_run_name, grid)
             for i, combo in enumerate(itertools.product(*(grid[k] for k in keys)))]
 
 
@@ -242,7 +296,11 @@ class SweepPlan:
     objective: Any = None  # vqkit.interfaces.Objective
     budget: int | None = None
     seed: int = 0
+    nproc: int = 1  # processes of each child (vqkit train --nproc: data-parallel children)
     static_id: str | None = None  # identity of an adaptive sweep (its children are not known yet)
+    #: linked keys: a key of ``space`` ("quantizer+reset") -> the grid keys it stands for; its
+    #: choices are mappings {grid key: value} (the keys' values zipped)
+    links: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
     @property
     def sweep_id(self) -> str:
@@ -266,7 +324,25 @@ class SweepPlan:
         return self.launcher.cls(self.launcher_params, jobs=self.jobs, out=out)
 
     def child(self, index: int, values: Mapping[str, Any]) -> ChildSpec:
-        return child_spec(index, values, self.base_overrides, self.base.model.tracking.run_name)
+        """The child of a search's values (a linked key's choice spread over its keys)."""
+        return child_spec(index, unlink(values, self.links), self.base_overrides,
+                          self.base.model.tracking.run_name, self.grid)
+
+
+def unlink(values: Mapping[str, Any], links: Mapping[str, Sequence[str]]) -> dict[str, Any]:
+    """A search's values with each linked key replaced by the grid keys it stands for."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in links:
+            out.update({k: value[k] for k in links[key]})
+        else:
+            out[key] = value
+    return out
+
+
+def link_key(keys: Sequence[str]) -> str:
+    """The key of a linked group in the search's space: ``quantizer+reset``."""
+    return "+".join(keys)
 
 
 def _sweep_locations(recipe_path: str, block: str) -> dict[str, tuple[int, int]]:
@@ -324,7 +400,8 @@ def _dimension(spec: Any):
 def plan_sweep(recipe_path: str, grid_texts: Sequence[str] = (), overrides: Sequence[str] = (),
                jobs: int | None = None, metrics: Sequence[str] | None = None, *,
                space_texts: Sequence[str] = (), search: str | None = None, launcher: str | None = None,
-               budget: int | None = None, objective: str | None = None) -> SweepPlan:
+               budget: int | None = None, objective: str | None = None,
+               link_texts: Sequence[str] = ()) -> SweepPlan:
     """Read the recipe and the space (the recipe's ``sweep`` block, then ``--grid`` and
     ``--space``), check it against the search, and validate the children's recipes: every
     child of a static search (grid, random), every choice and both ends of every range for an
@@ -381,13 +458,20 @@ def plan_sweep(recipe_path: str, grid_texts: Sequence[str] = (), overrides: Sequ
     if problems:
         raise VqkitError(problems)
     space = {k: _dimension(s) for k, s in specs.items()}
+    grid = {k: list(d.choices) for k, d in space.items() if d.is_choice}  # per recipe key, before linking
+    keys = list(space)
+    space, links = _link_space(space, cfg.link, parse_links(link_texts), link_texts, recipe_path)
+
+    def where_space(key: str) -> Problem:  # a linked key is located at its first grid key
+        return where(links[key][0] if key in links else key)
+
     registry = get_registry()
     search_entry = registry.get("searches", cfg.search.name)
     launcher_entry = registry.get("launchers", cfg.launcher.name)
     search_params = _params(base, ("sweep", "search"), search_entry)
     launcher_params = _params(base, ("sweep", "launcher"), launcher_entry)
     for key, text in search_entry.cls.space_problems(space).items():
-        problems.append(dataclasses.replace(where(key), message=f"{text} [search {search_entry.name!r}]"))
+        problems.append(dataclasses.replace(where_space(key), message=f"{text} [search {search_entry.name!r}]"))
     if problems:
         raise VqkitError(problems)
     jobs = jobs if jobs is not None else cfg.jobs
@@ -402,14 +486,15 @@ def plan_sweep(recipe_path: str, grid_texts: Sequence[str] = (), overrides: Sequ
     goal = Objective(cfg.objective.metric, direction)
     if goal.metric not in metrics:
         metrics = [goal.metric, *metrics]
-    grid = {k: list(d.choices) for k, d in space.items() if d.is_choice}
-    labels = grid_labels(list(space))
-    name = f"{base.model.name} sweep " + " x ".join(labels[k] for k in space)
+    labels = grid_labels(keys)
+    name = f"{base.model.name} sweep " + " x ".join("+".join(labels[k] for k in links.get(key, (key,)))
+                                                    for key in space)
     if search_entry.name != "grid":
         name += f" ({search_entry.name})"
     plan = SweepPlan(recipe_path, list(overrides), grid, [], [], jobs, metrics, name, base, space=space,
                      search=search_entry, search_params=search_params, launcher=launcher_entry,
-                     launcher_params=launcher_params, objective=goal, budget=cfg.budget, seed=base.model.seed)
+                     launcher_params=launcher_params, objective=goal, budget=cfg.budget, seed=base.model.seed,
+                     links=links)
     # every choice and both ends of every range (the other keys at their first value): all an
     # adaptive search can choose from, and the ends of the ranges a random search draws from
     firsts = {k: d.edges()[0] for k, d in space.items()}
@@ -417,7 +502,7 @@ def plan_sweep(recipe_path: str, grid_texts: Sequence[str] = (), overrides: Sequ
     for key, d in space.items():
         probes += [{**firsts, key: v} for v in d.edges()[1:]]
     if plan.adaptive:  # the children are chosen while the sweep runs
-        _validate_children(plan, [plan.child(i, v) for i, v in enumerate(probes)], where)
+        _validate_children(plan, [plan.child(i, v) for i, v in enumerate(probes)], where, keys)
         plan.static_id = _adaptive_id(plan, recipe_path, overrides)
         return plan
     trials = plan.make_search().ask(None)
@@ -427,7 +512,7 @@ def plan_sweep(recipe_path: str, grid_texts: Sequence[str] = (), overrides: Sequ
     plan.children = children
     ranged = any(not d.is_choice for d in space.values())
     extra = [plan.child(len(children) + i, v) for i, v in enumerate(probes)] if ranged else []
-    plan.recipes = _validate_children(plan, [*children, *extra], where)[: len(children)]
+    plan.recipes = _validate_children(plan, [*children, *extra], where, keys)[: len(children)]
     names = [c.name for c in children]
     if len(set(names)) != len(names):
         raise VqkitError(Problem("the grid gives two children the same values: " + ", ".join(
@@ -442,7 +527,8 @@ def _params(base: Any, path: tuple[str, str], entry: Any) -> Any:
         return entry.cls.Params()
 
 
-def _validate_children(plan: SweepPlan, children: Sequence[ChildSpec], where: Callable[[str], Problem]) -> list[Any]:
+def _validate_children(plan: SweepPlan, children: Sequence[ChildSpec], where: Callable[[str], Problem],
+                       keys: Sequence[str]) -> list[Any]:
     """Load every child's recipe; raise every problem at once, located and saying which
     children it concerns."""
     from vqkit.recipe import load_recipe
@@ -455,7 +541,7 @@ def _validate_children(plan: SweepPlan, children: Sequence[ChildSpec], where: Ca
         except VqkitError as exc:
             recipes.append(None)
             for p in exc.problems:
-                p = _locate(p, plan.space, where)
+                p = _locate(p, keys, where)
                 found.setdefault(str(p), (p, []))[1].append(child.name)
     if found:
         out = []
@@ -470,7 +556,7 @@ def _validate_children(plan: SweepPlan, children: Sequence[ChildSpec], where: Ca
     return recipes
 
 
-def _locate(p: Problem, space: Mapping[str, Any], where: Callable[[str], Problem]) -> Problem:
+def _locate(p: Problem, space: Sequence[str], where: Callable[[str], Problem]) -> Problem:
     """A problem caused by a value of the space points at the ``--grid``/``--space`` option
     or the recipe's ``sweep.grid``/``sweep.space`` key instead of at ``--set``."""
     if p.file != "--set":
@@ -480,6 +566,74 @@ def _locate(p: Problem, space: Mapping[str, Any], where: Callable[[str], Problem
             w = where(key)
             return dataclasses.replace(p, file=w.file, line=w.line, col=w.col)
     return p
+
+
+def _link_locations(recipe_path: str) -> list[tuple[int, int]]:
+    """Line and column of each group of the recipe's ``sweep.link`` (best effort)."""
+    try:
+        node = yaml.compose(Path(recipe_path).read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+    except (OSError, yaml.YAMLError):
+        return []
+    for block in ("sweep", "link"):
+        if not isinstance(node, yaml.MappingNode):
+            return []
+        node = next((v for k, v in node.value if k.value == block), None)
+    if not isinstance(node, yaml.SequenceNode):
+        return []
+    return [(item.start_mark.line + 1, item.start_mark.column + 1) for item in node.value]
+
+
+def _link_space(space: dict[str, Any], recipe_links: Sequence[Sequence[str]], flag_links: Sequence[tuple[str, ...]],
+                flag_texts: Sequence[str], recipe_path: str) -> tuple[dict[str, Any], dict[str, tuple[str, ...]]]:
+    """The space with each linked group of grid keys made one key (``quantizer+reset``) whose
+    choices are the keys' values zipped: ``{quantizer: v_i, reset: r_i}``. Every problem of
+    every group at once, located at its ``sweep.link`` entry or ``--link`` flag."""
+    import difflib
+
+    from vqkit.interfaces import Dimension
+
+    lines = _link_locations(recipe_path)
+    groups: list[tuple[tuple[str, ...], Problem]] = []
+    for i, group in enumerate(recipe_links):
+        line, col = lines[i] if i < len(lines) else (None, None)
+        groups.append((tuple(group), Problem("", path=f"sweep.link.{i}", file=recipe_path, line=line, col=col)))
+    for group, text in zip(flag_links, flag_texts):
+        groups.append((group, Problem("", file=f"--link {text}")))
+    problems, seen, links = [], {}, {}
+    for group, at in groups:
+        bad = []
+        if len(group) < 2:
+            bad.append(f"a link needs two or more grid keys (KEY,KEY[,...]), got {list(group)}")
+        for key in group:
+            if key not in space:
+                close = difflib.get_close_matches(key, list(space), n=1)
+                bad.append(f"{key!r} is not a key of the sweep's grid (give its values in sweep.grid or with "
+                           f"--grid {key}=V1,V2)" + (f"; did you mean {close[0]!r}?" if close else ""))
+            elif not space[key].is_choice:
+                bad.append(f"{key!r} is a range; only lists of values can be linked")
+            elif key in seen:
+                bad.append(f"{key!r} is linked twice (also with {', '.join(repr(k) for k in seen[key] if k != key)})")
+        if not bad:
+            sizes = {k: len(space[k].choices) for k in group}
+            if len(set(sizes.values())) > 1:
+                bad.append("linked keys vary together, so each needs as many values: "
+                           + ", ".join(f"{k} has {n}" for k, n in sizes.items()))
+        for key in group:
+            seen.setdefault(key, group)
+        problems += [dataclasses.replace(at, message=m) for m in bad]
+        if not bad:
+            links[link_key(group)] = group
+    if problems:
+        raise VqkitError(problems)
+    out: dict[str, Any] = {}
+    for key, dim in space.items():
+        group = next((g for g in links.values() if key in g), None)
+        if group is None:
+            out[key] = dim
+        elif key == group[0]:  # the group takes its first key's place
+            zipped = zip(*(space[k].choices for k in group))
+            out[link_key(group)] = Dimension(choices=tuple(dict(zip(group, vals)) for vals in zipped))
+    return out, links
 
 
 def _adaptive_id(plan: SweepPlan, recipe_path: str, overrides: Sequence[str]) -> str:
@@ -511,15 +665,179 @@ class ChildJob:
 
 
 def train_argv(recipe_path: str, overrides: Sequence[str], parent_run_id: str,
-               resume: str | None = None) -> tuple[str, ...]:
-    """The ``vqkit train`` command of one child (run with this Python)."""
+               resume: str | None = None, nproc: int = 1) -> tuple[str, ...]:
+    """The ``vqkit train`` command of one child (run with this Python; ``nproc > 1``: a
+    data-parallel child of ``nproc`` processes, ``vqkit train --nproc``)."""
     argv = [sys.executable, "-m", "vqkit.cli", "train", recipe_path]
     for text in overrides:
         argv += ["--set", text]
     argv += ["--parent-run", parent_run_id]
     if resume:
         argv += ["--resume", resume]
+    if nproc > 1:
+        argv += ["--nproc", str(int(nproc))]
     return tuple(argv)
+
+
+#: prefixes of the driver's environment variables every child gets wherever it runs (where
+#: it logs: ``MLFLOW_TRACKING_URI``; how vqkit behaves: ``VQKIT_*``)
+FORWARDED_PREFIXES = ("MLFLOW_", "VQKIT_")
+
+
+def child_environment(job: ChildJob, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """What a child needs from the driver's environment, wherever it runs: the forwarded
+    variables (:data:`FORWARDED_PREFIXES`), then the job's own (its trial)."""
+    environ = os.environ if environ is None else environ
+    return {**{k: v for k, v in environ.items() if k.startswith(FORWARDED_PREFIXES)}, **job.env}
+
+
+def run_child(argv: Sequence[str], env: Mapping[str, str], cwd: str | None, threads: int | None,
+              log: str | None = None) -> tuple[int, str]:
+    """Run one child's command where a launcher placed it (a Ray worker, a Slurm job, ...) and
+    return ``(exit code, output)``.
+
+    The command's Python is the driver's when that path exists here, else this process's own;
+    ``env`` is laid over this machine's environment; ``threads`` sets ``OMP_NUM_THREADS``;
+    the working directory is ``cwd`` when it exists here. With ``log`` the output goes to
+    that file (on a file system the driver shares) and ``""`` is returned; without, it is
+    returned. When this call is interrupted (``KeyboardInterrupt``: a cancelled Ray task or
+    local submitit job) the child gets SIGTERM, so it checkpoints and stops, and the
+    interruption goes on (Slurm's ``scancel`` and time limit signal every process of the job,
+    the child included)."""
+    import subprocess
+
+    argv = list(argv)
+    if argv and not os.path.exists(argv[0]):
+        argv[0] = sys.executable
+    full = dict(os.environ)
+    full.update(env)
+    if threads is not None:
+        full["OMP_NUM_THREADS"] = full["MKL_NUM_THREADS"] = str(max(1, int(threads)))
+    full["PYTHONUNBUFFERED"] = "1"
+    if log:
+        Path(log).parent.mkdir(parents=True, exist_ok=True)
+    out = open(log, "a", encoding="utf-8") if log else subprocess.PIPE
+    try:
+        proc = subprocess.Popen(argv, env=full, cwd=cwd if cwd and os.path.isdir(cwd) else None, stdout=out,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True)
+        try:
+            text, _ = proc.communicate()
+        except BaseException:
+            proc.terminate()
+            try:
+                proc.communicate(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+            raise
+        return proc.returncode, text or ""
+    finally:
+        if log:
+            out.close()
+
+
+class SchedulerLauncher(Launcher):
+    """Base of a launcher that hands each child to a scheduler (Ray, Slurm, a job queue) and
+    waits for it: the job bookkeeping every such launcher needs, written once.
+
+    :meth:`launch` keeps up to ``jobs`` children in flight; gives each the driver's forwarded
+    environment (:func:`child_environment`) and working directory; calls ``on_done(job,
+    code)`` as each ends, in the calling thread; turns a child whose task or job was lost
+    (:meth:`exit_code` raised) into exit code ``-1`` with a line saying why; and on
+    ``KeyboardInterrupt`` (or any error) cancels the running children (they get SIGTERM and
+    checkpoint), waits up to :attr:`cancel_grace_s` for them and re-raises. A subclass says
+    only how to talk to its scheduler:
+
+    * :meth:`submit` ``(job, env, cwd)``: start one child (usually a call of :func:`run_child`
+      with ``job.argv``, ``env``, ``cwd``) and return a handle;
+    * :meth:`wait` ``(handles, timeout)``: the handles whose children ended (wait at most
+      ``timeout`` seconds);
+    * :meth:`exit_code` ``(handle, job)``: the ended child's exit code (raise when its task
+      or job was lost); keep or echo its output here (:meth:`keep_output`, :meth:`echo`);
+    * :meth:`cancel` ``(handle)``: ask a running child to stop.
+
+    ``__init__(params, jobs=, out=)`` is the :class:`~vqkit.interfaces.Launcher`'s.
+    """
+
+    #: seconds a cancelled child gets to checkpoint before :meth:`launch` re-raises
+    cancel_grace_s: float = 120.0
+
+    def __init__(self, params: Any = None, *, jobs: int = 1, out: TextIO | None = None):
+        self.params = params if params is not None else self.Params()
+        self.jobs = max(1, int(jobs))
+        self.out = out or sys.stdout
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ what a subclass says
+    def submit(self, job: ChildJob, env: dict[str, str], cwd: str) -> Any:
+        raise NotImplementedError
+
+    def wait(self, handles: list[Any], timeout: float) -> list[Any]:
+        raise NotImplementedError
+
+    def exit_code(self, handle: Any, job: ChildJob) -> int:
+        raise NotImplementedError
+
+    def cancel(self, handle: Any) -> None:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ helpers
+    def echo(self, name: str, text: str) -> None:
+        """Print ``text`` as ``[name] line`` lines (thread-safe)."""
+        with self._lock:
+            for line in text.splitlines():
+                print(f"[{name}] {line}", file=self.out, flush=True)
+
+    @staticmethod
+    def keep_output(job: ChildJob, text: str) -> None:
+        """Append a child's output to its log file (when it has one)."""
+        if job.log is not None and text:
+            job.log.parent.mkdir(parents=True, exist_ok=True)
+            with open(job.log, "a", encoding="utf-8") as f:
+                f.write(text)
+
+    # ------------------------------------------------------------------ the bookkeeping
+    def launch(self, jobs: Sequence[ChildJob], on_done: Callable | None = None) -> list[int]:
+        import time
+
+        cwd = os.getcwd()
+        codes: list[int | None] = [None] * len(jobs)
+        pending = list(range(len(jobs)))
+        running: dict[int, Any] = {}  # job index -> handle
+        try:
+            while pending or running:
+                while pending and len(running) < self.jobs:
+                    i = pending.pop(0)
+                    running[i] = self.submit(jobs[i], child_environment(jobs[i]), cwd)
+                ended = {id(h) for h in self.wait(list(running.values()), 1.0)}
+                for i, handle in list(running.items()):
+                    if id(handle) not in ended:
+                        continue
+                    del running[i]
+                    job = jobs[i]
+                    try:
+                        code = int(self.exit_code(handle, job))
+                    except Exception as exc:  # the task or job was lost, cancelled, or its node died
+                        code = -1
+                        first = str(exc).splitlines()[0] if str(exc) else ""
+                        self.echo(job.name, f"{type(self).__name__}: the child did not complete: "
+                                            f"{type(exc).__name__}: {first}")
+                    codes[i] = code
+                    if on_done is not None:
+                        on_done(job, code)
+        except BaseException:
+            for handle in running.values():
+                try:
+                    self.cancel(handle)
+                except Exception as exc:  # already gone
+                    print(f"vqkit: cannot cancel a child: {exc}", file=self.out, flush=True)
+            left = list(running.values())
+            deadline = time.monotonic() + self.cancel_grace_s
+            while left and time.monotonic() < deadline:
+                ended = {id(h) for h in self.wait(left, 1.0)}
+                left = [h for h in left if id(h) not in ended]
+            raise
+        return [int(c) for c in codes]  # type: ignore[arg-type]
 
 
 def __getattr__(name: str):

@@ -33,7 +33,11 @@ def configure_sweep(p) -> None:
     p.add_argument("recipe", metavar="RECIPE", help="recipe YAML (its `sweep:` block, if any, is the default)")
     p.add_argument("--grid", dest="grid", action="append", default=[], metavar="KEY.PATH=V1,V2",
                    help="values to try for a recipe key (YAML, comma-separated); repeatable: every "
-                        "combination is trained (by the grid search)")
+                        "combination is trained (by the grid search); a value may be a whole block, "
+                        "e.g. 'quantizer={name: fsq, params: {levels: [8,6,5]}},{name: vq}'")
+    p.add_argument("--link", dest="link", action="append", default=[], metavar="KEY,KEY[,...]",
+                   help="grid keys whose values vary together (the i-th value of each, zipped, not "
+                        "crossed), e.g. --link quantizer,reset; repeatable")
     p.add_argument("--space", dest="space", action="append", default=[], metavar="KEY.PATH=SPEC",
                    help="a key of the search space, SPEC in YAML: [V1, V2] (choices) or "
                         "{low: L, high: H, log: true, integer: false} (a range); repeatable")
@@ -53,6 +57,9 @@ def configure_sweep(p) -> None:
     p.add_argument("--jobs", type=int, default=None, metavar="N",
                    help="children in flight at once; local: trained side by side, CPU threads split "
                         "(default: the recipe's sweep.jobs, else 1)")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="train each child with N processes (data-parallel, `vqkit train --nproc`); a search "
+                        "that prunes stops all of a child's processes together")
     p.add_argument("--metric", dest="metrics", action="append", default=None, metavar="METRIC",
                    help="metric of the summary's best child (repeatable; default: the recipe's "
                         "sweep.metrics, else eval/psnr)")
@@ -65,7 +72,10 @@ def run_sweep(args) -> int:
     plan = plan_sweep(args.recipe, args.grid, args.overrides, args.jobs, args.metrics,
                       space_texts=getattr(args, "space", ()), search=getattr(args, "search", None),
                       launcher=getattr(args, "launcher", None), budget=getattr(args, "budget", None),
-                      objective=getattr(args, "objective", None))
+                      objective=getattr(args, "objective", None), link_texts=getattr(args, "link", ()))
+    plan.nproc = getattr(args, "nproc", 1)
+    if plan.nproc < 1:
+        raise VqkitError(Problem(f"--nproc must be >= 1, got {plan.nproc}"))
     if args.dry_run:
         if plan.adaptive:
             dims = ", ".join(f"{k} {d.to_json()}" for k, d in plan.space.items())
@@ -135,6 +145,8 @@ class Sweep:
             "sweep.search": plan.search.name,
             "sweep.objective": f"{plan.objective.metric}:{plan.objective.direction}",
         }
+        if plan.links:
+            params["sweep.link"] = [list(keys) for keys in plan.links.values()]
         if plan.children:
             params["sweep.children"] = len(plan.children)
         if plan.budget is not None:
@@ -207,7 +219,7 @@ class Sweep:
             delete_run(self.uri, run["run_id"])
         if resume is not None:
             print(f"vqkit: sweep: {child.name}: resuming run {run['run_id'][:8]} from its checkpoint", file=self.err)
-        argv = train_argv(plan.recipe_path, child.overrides, parent_id, resume)
+        argv = train_argv(plan.recipe_path, child.overrides, parent_id, resume, nproc=plan.nproc)
         env = channel_env({TRIAL_TAG: str(trial.number)}, plan.search.name if plan.search.cls.prunes else None,
                           trial.state)
         log = self.output_dir / parent_id / "children" / f"{trial.number:03d}.log"
@@ -280,6 +292,7 @@ class Sweep:
                         if outcome.status == "failed":
                             failed.append((job.name, f"exit code {code}"))
                         search.tell(trial, outcome)
+                    self._log_search_state(tracker, search)
                 if not plan.adaptive:
                     break
             if done:
@@ -294,6 +307,7 @@ class Sweep:
                 signal.signal(signal.SIGTERM, previous)
             if launcher is not None and self.launcher is None:
                 launcher.close()
+            self._log_search_state(tracker, search)  # also when interrupted: the study so far
             if status != "KILLED":
                 self._summarize(tracker, parent_id)
             tracker.finish(status)
@@ -307,6 +321,17 @@ class Sweep:
         print(f"vqkit: compare them with: vqkit compare {parent_id[:8]} --sort {plan.metrics[0]}", file=self.out)
         print(f"vqkit: see them in MLflow's UI: {ui_command(self.uri)}", file=self.out, flush=True)
         return 0
+
+    def _log_search_state(self, tracker, search) -> None:
+        """The search's state files (e.g. the Optuna study) as artifacts ``search/...`` of the
+        parent run, replaced by the newest copy each time."""
+        try:
+            for path in search.artifacts():
+                tracker.log_artifact(path, "search")
+        except OSError as exc:  # e.g. a full disk: the study itself is intact, only its copy is missing
+            print(f"vqkit: warning: the search's state was not copied to the parent run: {exc}", file=self.err)
+            return
+        tracker.flush()
 
     # ------------------------------------------------------------------ summary
     def _summarize(self, tracker, parent_id: str) -> None:
