@@ -212,13 +212,20 @@ class Quantizer(Component, nn.Module, abc.ABC):
         one reset policy (built from the recipe's ``reset`` block, seed ``seed + s``) per
         code-book; ``codebook/*`` metrics are aggregated over code-books (usage and
         perplexity averaged, dead codes and resets summed) and also logged per
-        code-book as ``codebook/<s>/<metric>``.
+        code-book as ``codebook/<s>/<metric>``. A multi-code-book quantizer whose instance
+        sets ``shared_reset = True`` gets one reset policy for all its code-books instead
+        (built with ``codebook_size = S * K``, seed ``seed``): it observes every stage's
+        :meth:`stage_inputs` with code ``k`` of stage ``s`` numbered ``s * K + k``, plans
+        over the stacked code-books ``(S * K, D)``, and its plan is applied stage by stage.
     """
 
     codebook_size: int
     dim: int
     #: number of code-books ``S`` (instance attribute of multi-code-book quantizers)
     num_codebooks: int = 1
+    #: multi-code-book quantizers: one reset policy over all code-books (``True``) or one
+    #: per code-book (``False``, the default); an instance attribute, e.g. set from params
+    shared_reset: bool = False
 
     CAPABILITIES: ClassVar[tuple[str, ...]] = ("fixed_codebook", "multi_codebook")
     fixed_codebook: ClassVar[bool] = False

@@ -146,11 +146,18 @@ def build_policy(recipe: Recipe, model: VQModel) -> CodebookResetPolicy:
 
 
 def build_policies(recipe: Recipe, model: VQModel) -> list[CodebookResetPolicy]:
-    """One reset policy per code-book of the quantizer (a single one for most quantizers)."""
+    """One reset policy per code-book of the quantizer (a single one for most quantizers, and
+    for a multi-code-book quantizer with ``shared_reset``)."""
     quantizer = model.quantizer
     if not getattr(type(quantizer), "multi_codebook", False):
         return [build_policy(recipe, model)]
     ref = recipe.model.reset
+    if getattr(quantizer, "shared_reset", False):  # one policy over the S x K codes of all stages
+        return [_make(
+            "reset_policies", ref.name, recipe.params_of("reset"), "reset",
+            codebook_size=model.codebook_size * int(quantizer.num_codebooks),
+            dim=int(quantizer.codebook(0).shape[1]), seed=recipe.model.seed,
+        )]
     return [
         _make(
             "reset_policies", ref.name, recipe.params_of("reset"), "reset",

@@ -276,9 +276,67 @@ class _StageView:
         return z  # stage_inputs are in the stage's code space by contract
 
 
+class _JointView:
+    """All code-books of a multi-code-book quantizer seen as one code-book of ``S * K``
+    codes (code ``k`` of stage ``s`` is ``s * K + k``), for one shared reset policy."""
+
+    def __init__(self, quantizer: Quantizer):
+        self.quantizer = quantizer
+        self.k = int(quantizer.codebook_size)
+        self.n = int(quantizer.num_codebooks)
+        self.codebook_size = self.k * self.n
+
+    def codebook(self) -> torch.Tensor:
+        return torch.cat([self.quantizer.codebook(s) for s in range(self.n)])
+
+    def split(self, idx: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+        """``(stage, mask of idx)`` for each stage some of ``idx`` fall in."""
+        return [(s, idx // self.k == s) for s in range(self.n) if bool((idx // self.k == s).any())]
+
+    def replace_codes(self, idx: torch.Tensor, vectors: torch.Tensor) -> None:
+        for s, mask in self.split(idx):
+            self.quantizer.replace_codes(idx[mask] % self.k, vectors[mask], s)
+
+    def to_code_space(self, z: torch.Tensor) -> torch.Tensor:
+        return z
+
+
+class _SplitMonitor:
+    """Feeds the assignments of the joint code-book to each stage's monitor."""
+
+    def __init__(self, monitors: list[CodebookMonitor], k: int):
+        self.monitors, self.k = monitors, k
+
+    def update(self, indices: torch.Tensor) -> None:
+        for s, m in enumerate(self.monitors):
+            m.update(indices[indices // self.k == s] - s * self.k)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"stages": [m.state_dict() for m in self.monitors]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for m, sub in zip(self.monitors, state["stages"]):
+            m.load_state_dict(sub)
+
+
+class _JointManager(CodebookManager):
+    """A :class:`CodebookManager` over a :class:`_JointView`: one policy, its plan applied
+    stage by stage (codes, optimizer rows and the stage's monitor)."""
+
+    def apply(self, plan: ResetPlan, step: int, optimizers: Iterable[torch.optim.Optimizer]) -> None:
+        view: _JointView = self.quantizer
+        monitors = self.monitor.monitors
+        with torch.no_grad():
+            view.replace_codes(plan.indices, plan.vectors)
+        for s, mask in view.split(plan.indices):
+            reset_optimizer_rows(view.quantizer.code_parameters(s), optimizers, plan.indices[mask] % view.k)
+            monitors[s].record_reset(step, int(mask.sum()))
+
+
 class StagedCodebookManager:
     """One :class:`CodebookManager` per code-book of a multi-code-book quantizer
-    (``multi_codebook = True``, see :class:`~vqkit.interfaces.Quantizer`).
+    (``multi_codebook = True``, see :class:`~vqkit.interfaces.Quantizer`), or, when the
+    quantizer sets ``shared_reset``, one manager and policy over all its code-books.
 
     After each step the indices ``(B, S, h, w)`` are split by code-book; code-book ``s``
     is observed with the vectors its stage quantized (``quantizer.stage_inputs``, only
@@ -297,27 +355,40 @@ class StagedCodebookManager:
         from vqkit.telemetry import StagedMonitor
 
         n = int(quantizer.num_codebooks)
-        if len(policies) != n:
-            raise ValueError(f"{n} code-books need {n} reset policies, got {len(policies)}")
+        self.shared = bool(getattr(quantizer, "shared_reset", False))
+        want = 1 if self.shared else n
+        if len(policies) != want:
+            raise ValueError(f"{n} code-books need {want} reset polic{'y' if want == 1 else 'ies'}"
+                             f"{' (shared_reset)' if self.shared else ''}, got {len(policies)}")
         self.quantizer = quantizer
-        self.managers = [
-            CodebookManager(_StageView(quantizer, s), policies[s], reset_cfg,
-                            CodebookMonitor(quantizer.codebook_size), dist)
-            for s in range(n)
-        ]
-        self.monitor = StagedMonitor([m.monitor for m in self.managers])
+        self.num_codebooks = n
+        if self.shared:
+            monitors = [CodebookMonitor(quantizer.codebook_size) for _ in range(n)]
+            self.joint = _JointManager(_JointView(quantizer), policies[0], reset_cfg,
+                                       _SplitMonitor(monitors, int(quantizer.codebook_size)), dist)
+            self.managers = []
+        else:
+            monitors = None
+            self.managers = [
+                CodebookManager(_StageView(quantizer, s), policies[s], reset_cfg,
+                                CodebookMonitor(quantizer.codebook_size), dist)
+                for s in range(n)
+            ]
+            monitors = [m.monitor for m in self.managers]
+        self.monitor = StagedMonitor(monitors)
         self._observe = any(not getattr(p, "never_resets", False) for p in policies)
 
     @property
-    def last_plan(self) -> list[ResetPlan | None]:
-        return [m.last_plan for m in self.managers]
+    def last_plan(self) -> list[ResetPlan | None] | ResetPlan | None:
+        """Per code-book plans; with ``shared_reset`` the one plan over all code-books."""
+        return self.joint.last_plan if self.shared else [m.last_plan for m in self.managers]
 
     def after_step(
         self, step: int, z: torch.Tensor, indices: torch.Tensor, optimizers: list[torch.optim.Optimizer]
     ) -> int:
         """As :meth:`CodebookManager.after_step`, for indices ``(B, S, h, w)``; returns the
         number of codes reset over all code-books."""
-        n = len(self.managers)
+        n = self.num_codebooks
         if indices.dim() != 4 or indices.shape[1] != n:
             raise ValueError(
                 f"a quantizer with {n} code-books must return indices (B, {n}, h, w), got {tuple(indices.shape)}"
@@ -329,12 +400,27 @@ class StagedCodebookManager:
                 raise ValueError(f"stage_inputs returned {len(inputs)} tensors for {n} code-books")
         else:  # policies that never reset ignore the vectors: skip computing them
             inputs = [z] * n
+        if self.shared:  # the stages stacked along the batch: code k of stage s is s * K + k
+            k = int(self.quantizer.codebook_size)
+            joint_z = torch.cat([inputs[s] for s in range(n)])
+            joint_i = torch.cat([indices[:, s].long() + s * k for s in range(n)])
+            return self.joint.after_step(step, joint_z, joint_i, optimizers)
         return sum(m.after_step(step, inputs[s], indices[:, s], optimizers) for s, m in enumerate(self.managers))
 
     def state_dict(self) -> dict[str, Any]:
+        if self.shared:
+            return {"shared": self.joint.state_dict()}
         return {"stages": [m.state_dict() for m in self.managers]}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if self.shared or "shared" in state:
+            if not (self.shared and "shared" in state):
+                have, want = ("one reset policy per code-book", "one shared") if self.shared else (
+                    "one shared reset policy", "one per code-book")
+                raise ValueError(f"the checkpoint's code-book state has {have}, the quantizer wants {want} "
+                                 "(its shared_reset differs)")
+            self.joint.load_state_dict(state["shared"])
+            return
         stages = state.get("stages")
         if stages is None or len(stages) != len(self.managers):
             have = "one code-book" if stages is None else f"{len(stages)} code-books"

@@ -7,6 +7,7 @@ from pydantic import ValidationError
 from vqkit_residual import ResidualVQ
 
 from vqkit.components.vq import VectorQuantizer
+from vqkit.interfaces import CodebookResetPolicy, ResetPlan
 from vqkit.testing import contract_checks
 
 CHECKS = contract_checks("quantizers")
@@ -123,3 +124,96 @@ def test_bad_params_and_shapes():
         q.decode_indices(torch.zeros(1, 3, 3, dtype=torch.int64))
     with pytest.raises(IndexError, match="stage 2 out of range"):
         q.codebook(2)
+
+
+class _Recording(CodebookResetPolicy):
+    """A reset policy that records what it observes and resets the codes it is told to."""
+
+    def __init__(self, params=None, *, codebook_size, dim, seed=0, reset=()):
+        self.codebook_size, self.dim, self.seen, self.reset = codebook_size, dim, [], list(reset)
+
+    def observe(self, z, indices):
+        self.seen.append((z.clone(), indices.clone()))
+
+    def plan(self, codebook, step):
+        self.planned_on = codebook.clone()
+        idx = torch.tensor(self.reset, dtype=torch.int64)
+        return ResetPlan(idx, torch.arange(len(self.reset) * self.dim, dtype=torch.float32).reshape(-1, self.dim) + 7)
+
+
+def test_shared_reset_is_one_policy_over_every_stage():
+    """shared_reset: one policy sees both stages as one code-book of S*K codes (stage s's
+    code k numbered s*K + k, observed with the residuals that stage quantized); its plan is
+    applied stage by stage (codes, Adam rows, that stage's reset count). Per stage (the
+    default): one policy per stage, each seeing only its stage."""
+    from vqkit.recipe import ResetRef
+    from vqkit.train.codebook import codebook_manager
+
+    q = _rvq(codebook_size=4, stages=2, dim=3, shared_reset=True).train()
+    assert q.shared_reset and not _rvq(codebook_size=4, stages=2, dim=3).shared_reset
+    opt = torch.optim.Adam(q.parameters())
+    z = torch.randn(2, 3, 2, 2)
+    out = q(z)
+    (out.quantized.square().mean() + sum(out.losses.values())).backward()
+    opt.step()
+    policy = _Recording(codebook_size=8, dim=3, reset=[1, 6])
+    manager = codebook_manager(q, [policy], ResetRef(name="random", every=1))
+    before = q.codebook().clone()
+    assert manager.after_step(0, z, out.indices, [opt]) == 2
+    seen_z, seen_i = policy.seen[0]
+    inputs = q.stage_inputs(z, out.indices)
+    assert seen_z.shape == (16, 3) and torch.equal(seen_z[:8], inputs[0].movedim(1, -1).reshape(-1, 3))
+    assert torch.equal(seen_z[8:], inputs[1].movedim(1, -1).reshape(-1, 3))
+    assert torch.equal(seen_i, torch.cat([out.indices[:, 0].reshape(-1), out.indices[:, 1].reshape(-1) + 4]))
+    assert torch.equal(policy.planned_on, before.reshape(8, 3))
+    after = q.codebook()
+    assert torch.equal(after[0, 1], torch.tensor([7.0, 8.0, 9.0])) and torch.equal(after[1, 2], torch.tensor([10.0, 11.0, 12.0]))
+    assert torch.equal(after[0, [0, 2, 3]], before[0, [0, 2, 3]]) and torch.equal(after[1, [0, 1, 3]], before[1, [0, 1, 3]])
+    for s, row in ((0, 1), (1, 2)):
+        state = opt.state[q.code_parameters(s)[0]]
+        assert not state["exp_avg"][row].any() and state["exp_avg"].abs().sum() > 0
+    metrics = manager.monitor.metrics(0)
+    assert metrics["codebook/0/resets"] == 1 and metrics["codebook/1/resets"] == 1 and metrics["codebook/resets"] == 2
+    # the checkpoint state round-trips, and does not load into per-stage resets
+    again = codebook_manager(q, [_Recording(codebook_size=8, dim=3)], ResetRef(name="random", every=1))
+    again.load_state_dict(manager.state_dict())
+    per_stage = _rvq(codebook_size=4, stages=2, dim=3)
+    staged = codebook_manager(per_stage, [_Recording(codebook_size=4, dim=3), _Recording(codebook_size=4, dim=3)],
+                              ResetRef(name="random", every=1))
+    with pytest.raises(ValueError, match="shared_reset differs"):
+        staged.load_state_dict(manager.state_dict())
+    out = per_stage(z)
+    staged.after_step(0, z, out.indices, [])
+    assert [p.seen[0][1].max() < 4 for p in (staged.managers[0].policy, staged.managers[1].policy)] == [True, True]
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_resets_train_shared_or_per_stage(shared, tmp_path, monkeypatch):
+    """A short training with the built-in random resets: the recipe's shared_reset decides how
+    many policies are built; both replace dead codes of every stage."""
+    import yaml
+    from mlflow import MlflowClient
+
+    from vqkit.cli import main
+    from vqkit.model import VQModel
+    from vqkit.recipe import load_recipe
+    from vqkit.testing.sweeps import TINY_RECIPE, sqlite_store
+    from vqkit.train.build import build_policies
+
+    monkeypatch.chdir(tmp_path)
+    uri = sqlite_store(tmp_path)
+    recipe = tmp_path / "rvq.yaml"
+    recipe.write_text(yaml.safe_dump({
+        **TINY_RECIPE, "quantizer": {"name": "residual", "params": {"stages": 2, "codebook_size": 64,
+                                                                     "shared_reset": shared}},
+        "reset": {"name": "random", "every": 2}, "train": {**TINY_RECIPE["train"], "steps": 4}}))
+    loaded = load_recipe(str(recipe), [])
+    policies = build_policies(loaded, VQModel.from_recipe(loaded, channels=1))
+    assert [p.codebook_size for p in policies] == ([128] if shared else [64, 64])
+    assert main(["train", str(recipe), "--quiet", "--set", f"tracking.uri={uri}"]) == 0
+    client = MlflowClient(tracking_uri=uri)
+    [run] = client.search_runs([client.get_experiment_by_name("sw").experiment_id])
+    assert run.data.params["quantizer.params.shared_reset"] == str(shared)
+    for s in (0, 1):  # 64 codes per stage, 64 latents per step: both stages have dead codes
+        resets = client.get_metric_history(run.info.run_id, f"codebook/{s}/resets")
+        assert sum(m.value for m in resets) > 0, f"stage {s}: no code was reset"

@@ -21,6 +21,10 @@ __all__ = ["ResidualVQ", "ResidualVQParams", "__version__"]
 
 class ResidualVQParams(VectorQuantizer.Params):
     stages: int = Field(2, ge=1, le=64, description="Number of vq stages S, each with its own code-book of codebook_size codes.")
+    shared_reset: bool = Field(
+        False, description="Code-book resets: false, one reset policy per stage (its own statistics, dead codes "
+        "judged within the stage, replacements drawn from the stage's residuals); true, one policy for all "
+        "stages (the S x K codes judged together, replacements drawn from every stage's residuals).")
 
     @model_validator(mode="after")
     def _no_cosine(self) -> "ResidualVQParams":
@@ -51,7 +55,9 @@ class ResidualVQ(Quantizer):
     A multi-code-book quantizer (``multi_codebook = True``, ``num_codebooks = S``):
     ``codebook(stage)``, ``replace_codes(idx, vectors, stage)``
     and ``code_parameters(stage)`` act on one stage; :meth:`stage_inputs` gives the
-    residuals the stages quantized, which the trainer feeds to one reset policy per stage.
+    residuals the stages quantized, which the trainer feeds to one reset policy per stage
+    or, with ``shared_reset``, to one policy over all stages (``shared_reset = True``: the
+    trainer numbers code ``k`` of stage ``s`` as ``s * K + k``).
     """
 
     Params = ResidualVQParams
@@ -62,11 +68,12 @@ class ResidualVQ(Quantizer):
         self.params = p = params if params is not None else self.Params()
         if dim < 1:
             raise ValueError(f"dim must be >= 1, got {dim}")
-        stage_params = VectorQuantizer.Params(**p.model_dump(exclude={"stages"}))
+        stage_params = VectorQuantizer.Params(**p.model_dump(exclude={"stages", "shared_reset"}))
         self.stages = torch.nn.ModuleList(VectorQuantizer(stage_params, dim=dim) for _ in range(p.stages))
         self.dim = dim
         self.codebook_size = p.codebook_size
         self.num_codebooks = p.stages
+        self.shared_reset = p.shared_reset
 
     # ------------------------------------------------------------------ code-books
     def _stage(self, stage: int) -> VectorQuantizer:
