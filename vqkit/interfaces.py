@@ -45,6 +45,7 @@ from torch import nn
 __all__ = [
     "Params",
     "Component",
+    "ReportsStats",
     "Encoder",
     "Decoder",
     "Quantizer",
@@ -109,6 +110,24 @@ class Component:
             if not isinstance(value, bool):
                 problems.append(f"capability {name!r} must be a bool, got {value!r}")
         return problems
+
+
+class ReportsStats:
+    """Mixin of the kinds that produce training-time numbers besides their output
+    (perceptual losses, discriminators, reset policies; quantizers return theirs in
+    :attr:`QuantizerOutput.stats`).
+
+    :meth:`stats` returns the component's declared stats: ``{name: plain float}`` about its
+    most recent call (when the trainer reads it is stated on each interface). The trainer
+    logs them as metrics under the component's recipe block: ``losses/<name>/<stat>`` (the
+    loss's metric key without ``loss/``, e.g. ``losses/lpips/<stat>``),
+    ``discriminator/<stat>``, ``reset/<stat>`` (``reset/<s>/<stat>`` for the per-code-book
+    policies of a multi-code-book quantizer), like ``quantizer/<stat>``. Names are
+    ``/``-separated words (``[A-Za-z0-9_.-]``), values finite floats. Default: none.
+    """
+
+    def stats(self) -> Mapping[str, float]:
+        return {}
 
 
 # --------------------------------------------------------------------------- encoders / decoders
@@ -299,7 +318,7 @@ class ResetPlan:
         return int(self.indices.numel())
 
 
-class CodebookResetPolicy(Component, abc.ABC):
+class CodebookResetPolicy(ReportsStats, Component, abc.ABC):
     """Decides which codes are dead and what replaces them.
 
     Constructed as ``cls(params, codebook_size=K, dim=D, seed=s)``.
@@ -317,6 +336,10 @@ class CodebookResetPolicy(Component, abc.ABC):
     Capability flag: ``never_resets`` (default ``False``): the policy never returns a
     plan (like ``none``); only such policies may be combined with a quantizer that
     declares ``fixed_codebook = True``.
+
+    Stats (:meth:`stats`, :class:`ReportsStats`): read after every step's ``observe`` (and
+    ``plan`` when one was due), the values at the end of each logging window logged as
+    ``reset/<stat>``.
     """
 
     CAPABILITIES: ClassVar[tuple[str, ...]] = ("never_resets",)
@@ -337,7 +360,7 @@ class CodebookResetPolicy(Component, abc.ABC):
 
 
 # --------------------------------------------------------------------------- losses
-class PerceptualLoss(Component, nn.Module, abc.ABC):
+class PerceptualLoss(ReportsStats, Component, nn.Module, abc.ABC):
     """A reconstruction / perceptual distance between images.
 
     Constructed as ``cls(params, channels=C)``.
@@ -351,6 +374,10 @@ class PerceptualLoss(Component, nn.Module, abc.ABC):
     Capability flag: ``needs_discriminator`` (default ``False``): the loss reads the
     recipe's discriminator; ``vqkit validate`` rejects a recipe using it without a
     ``discriminator`` block.
+
+    Stats (:meth:`stats`, :class:`ReportsStats`): read after each training-step ``forward``
+    (e.g. the loss's parts before they are summed), averaged over the logging window and
+    logged as ``losses/<name>/<stat>``.
     """
 
     input_range: ClassVar[tuple[float, float]] = (-1.0, 1.0)
@@ -367,7 +394,7 @@ class PerceptualLoss(Component, nn.Module, abc.ABC):
         ...
 
 
-class Discriminator(Component, nn.Module, abc.ABC):
+class Discriminator(ReportsStats, Component, nn.Module, abc.ABC):
     """Tells real images from reconstructions.
 
     Constructed as ``cls(params, channels=C)``.
@@ -375,6 +402,11 @@ class Discriminator(Component, nn.Module, abc.ABC):
     ``forward(x)``: float32 ``(B, C, H, W)`` in ``[-1, 1]``; returns logits
     ``(B, 1, h, w)`` (patch logits allowed). ``features(x)`` returns the list of
     intermediate feature maps used by feature-matching perceptual losses.
+
+    Stats (:meth:`stats`, :class:`ReportsStats`): read once per training step after the
+    generator's adversarial term (its forward on the reconstructions, with the weights of
+    the previous discriminator update), averaged over the logging window and logged as
+    ``discriminator/<stat>``; steps before the adversarial term starts report none.
     """
 
     @abc.abstractmethod

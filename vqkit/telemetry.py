@@ -63,6 +63,8 @@ class CodebookMonitor:
         self.history: dict[str, list[float]] = {k: [] for k in _HISTORY_KEYS}
         #: (step, number of codes) of every reset, in order
         self.reset_events: list[tuple[int, int]] = []
+        #: the reset policy's declared stats, as last recorded (logged as ``reset/<stat>``)
+        self.policy_stats: dict[str, float] = {}
 
     # ------------------------------------------------------------------ updates
     def update(self, indices: torch.Tensor) -> None:
@@ -95,6 +97,10 @@ class CodebookMonitor:
         self._pos = (self._pos + n) % self.window
         self._filled = min(self.window, self._filled + n)
 
+    def record_stats(self, stats: Mapping[str, float]) -> None:
+        """Keep the reset policy's declared stats (``policy.stats()``), the latest values."""
+        self.policy_stats = {str(k): float(v) for k, v in stats.items()}
+
     def record_reset(self, step: int, n: int) -> None:
         """Note that ``n`` codes were reset at ``step``."""
         if n <= 0:
@@ -120,6 +126,7 @@ class CodebookMonitor:
             "codebook/usage": used / self.codebook_size,
             "codebook/perplexity": perplexity,
             "codebook/dead": float(self.codebook_size - used),
+            **{f"reset/{k}": v for k, v in self.policy_stats.items()},
         }
 
     def metrics(self, step: int) -> dict[str, float]:
@@ -253,8 +260,10 @@ class StagedMonitor:
     :meth:`metrics` and :meth:`snapshot` return the ``codebook/*`` keys of
     :class:`CodebookMonitor` aggregated over code-books (``usage`` and ``perplexity``
     averaged, ``dead`` and ``resets`` summed) and each code-book's own values as
-    ``codebook/<s>/<metric>``. :meth:`save_plots` writes each code-book's two plots with a
-    ``_<s>`` suffix. The monitors' state is kept by their managers.
+    ``codebook/<s>/<metric>``; each code-book's reset policy's stats as ``reset/<s>/<stat>``,
+    or, with one policy shared by all code-books, as ``reset/<stat>`` (:meth:`record_stats`).
+    :meth:`save_plots` writes each code-book's two plots with a ``_<s>`` suffix. The
+    monitors' state is kept by their managers.
     """
 
     _SUMMED = ("codebook/dead", "codebook/resets")
@@ -264,15 +273,24 @@ class StagedMonitor:
             raise ValueError("StagedMonitor needs at least one monitor")
         self.monitors = list(monitors)
         self.codebook_size = self.monitors[0].codebook_size
+        #: the stats of one reset policy shared by all code-books (``reset/<stat>``)
+        self.policy_stats: dict[str, float] = {}
+
+    def record_stats(self, stats: Mapping[str, float]) -> None:
+        """Keep the shared reset policy's declared stats, the latest values."""
+        self.policy_stats = {str(k): float(v) for k, v in stats.items()}
 
     def _combine(self, per: list[dict[str, float]]) -> dict[str, float]:
         out: dict[str, float] = {}
         for key in per[0]:
-            values = [m[key] for m in per]
-            out[key] = float(sum(values)) if key in self._SUMMED else float(sum(values) / len(values))
+            if key.startswith("codebook/"):
+                values = [m[key] for m in per]
+                out[key] = float(sum(values)) if key in self._SUMMED else float(sum(values) / len(values))
         for s, m in enumerate(per):
             for key, value in m.items():
-                out[key.replace("codebook/", f"codebook/{s}/", 1)] = value
+                block, _, rest = key.partition("/")
+                out[f"{block}/{s}/{rest}"] = value
+        out.update({f"reset/{k}": v for k, v in self.policy_stats.items()})
         return out
 
     def snapshot(self) -> dict[str, float]:

@@ -28,10 +28,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import io
+import math
+import re
 import tempfile
 import unittest
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -42,6 +44,7 @@ from vqkit.interfaces import (
     PerceptualLoss,
     Quantizer,
     QuantizerOutput,
+    ReportsStats,
 )
 
 Check = Callable[[type], None]
@@ -52,6 +55,24 @@ class NotApplicable(unittest.SkipTest):
     (pytest and unittest report it as a skip with this reason)."""
 
 _WORKDIR: Path | None = None
+
+#: a stat's name: ``/``-separated words (it becomes part of a metric key)
+STAT_NAME = re.compile(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*")
+
+
+def assert_stats(name: str, stats: Any, logged_as: str) -> None:
+    """``stats`` is a mapping of valid stat names to finite plain floats."""
+    assert isinstance(stats, Mapping), f"{name}: stats must be a mapping, got {type(stats).__name__}"
+    for key, value in stats.items():
+        assert isinstance(key, str) and STAT_NAME.fullmatch(key), f"{name}: stat name {key!r} must be /-separated words of [A-Za-z0-9_.-] (it is logged as {logged_as}/<name>)"
+        assert isinstance(value, float) and not isinstance(value, bool), f"{name}: stat {key!r} must be a plain float, got {type(value).__name__} (it is logged as {logged_as}/{key})"
+        assert math.isfinite(value), f"{name}: stat {key!r} is {value}"
+
+
+def declares_stats(cls: type) -> None:
+    """Raise :class:`NotApplicable` unless ``cls`` overrides :meth:`ReportsStats.stats`."""
+    if getattr(cls, "stats", None) is ReportsStats.stats:
+        raise NotApplicable(f"{getattr(cls, '__name__', cls)} declares no stats (ReportsStats.stats not overridden)")
 
 
 def example_params(cls: type) -> Any:
@@ -190,7 +211,7 @@ def check_quantizer_output(cls: type) -> None:
             assert term.dim() == 0 and torch.isfinite(term), f"{cls.__name__}: loss {name!r} must be a finite scalar"
         weights = q.loss_weights()
         assert set(weights) <= set(out.losses) or not training, f"{cls.__name__}: loss_weights names {set(weights) - set(out.losses)} not in losses"
-        assert all(isinstance(v, float) for v in out.stats.values()), f"{cls.__name__}: stats must be plain floats (they are logged as quantizer/<name>)"
+        assert_stats(cls.__name__, out.stats, "quantizer")
         if not _multi(cls):
             assert q.codebook().shape == (q.codebook_size, q.dim)
             continue
@@ -322,6 +343,22 @@ def check_loss_values_and_gradients(cls: type) -> None:
         assert all(p.grad is None for p in loss.parameters() if not p.requires_grad)
 
 
+def check_loss_stats(cls: type) -> None:
+    """The declared stats after each forward: valid names, finite plain floats, the same
+    names every call (they are logged as ``losses/<name>/<stat>``)."""
+    declares_stats(cls)
+    loss = _seeded(0, _loss, cls, 3)
+    disc = _discriminator_for(cls, 3)
+    target = _to_range(_images(3), cls.input_range)
+    names = []
+    for seed in (3, 4):
+        loss(_to_range(_images(3, seed=seed), cls.input_range).requires_grad_(True), target, discriminator=disc)
+        stats = loss.stats()
+        assert_stats(cls.__name__, stats, "losses/<loss>")
+        names.append(sorted(stats))
+    assert names[0] == names[1], f"{cls.__name__}: stats names changed between two forwards: {names[0]} then {names[1]}"
+
+
 def check_loss_determinism(cls: type) -> None:
     a = _seeded(0, lambda: _loss(cls))
     b = _seeded(0, lambda: _loss(cls))
@@ -349,6 +386,20 @@ def check_discriminator(cls: type) -> None:
     x = _images(3, size=64)
     with torch.no_grad():
         assert torch.equal(d(x), other(x)), f"{cls.__name__}: state_dict round trip changed the output"
+
+
+def check_discriminator_stats(cls: type) -> None:
+    """The declared stats after a forward: valid names, finite plain floats (they are logged
+    as ``discriminator/<stat>``)."""
+    declares_stats(cls)
+    d = _seeded(0, cls, example_params(cls), channels=3)
+    names = []
+    for seed in (2, 5):
+        d(_images(3, size=64, seed=seed) * 2 - 1)
+        stats = d.stats()
+        assert_stats(cls.__name__, stats, "discriminator")
+        names.append(sorted(stats))
+    assert names[0] == names[1], f"{cls.__name__}: stats names changed between two forwards: {names[0]} then {names[1]}"
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -380,8 +431,8 @@ CHECKS: dict[str, list[Check]] = {
         check_quantizer_replace_codes,
         check_quantizer_stage_inputs,
     ],
-    "perceptual_losses": [check_loss_values_and_gradients, check_loss_determinism],
-    "discriminators": [check_discriminator],
+    "perceptual_losses": [check_loss_values_and_gradients, check_loss_determinism, check_loss_stats],
+    "discriminators": [check_discriminator, check_discriminator_stats],
     "datasets": [check_dataset],
 }
 

@@ -296,6 +296,19 @@ def check_checkpoint_roundtrip(cls: type, params: Params | None = None) -> None:
         _assert_equal_plans(pa, pb, f"{_name(cls)}: after a checkpoint round trip, round {r}")
 
 
+def check_stats(cls: type, params: Params | None = None) -> None:
+    """The declared stats (``policy.stats()``) after observing and after planning: valid
+    names, finite plain floats (they are logged as ``reset/<stat>``)."""
+    from vqkit.testing.contracts import assert_stats, declares_stats
+
+    declares_stats(cls)
+    policy = _make(cls, params)
+    _feed(policy, 0, WARMUP)
+    assert_stats(_name(cls), policy.stats(), "reset")
+    policy.plan(scenario_codebook(), WARMUP - 1)
+    assert_stats(_name(cls), policy.stats(), "reset")
+
+
 CHECKS: list[Check] = [
     check_replaces_only_dead,
     check_distinct_vectors,
@@ -303,6 +316,7 @@ CHECKS: list[Check] = [
     check_shapes_dtypes_device,
     check_deterministic,
     check_checkpoint_roundtrip,
+    check_stats,
 ]
 
 

@@ -184,6 +184,7 @@ class CodebookManager:
         flat_z, flat_i = self._gather(z, indices)
         self.policy.observe(flat_z, flat_i)
         self.monitor.update(flat_i)
+        self.monitor.record_stats(self.policy.stats())
         if not self.due(step):
             return 0
         codebook = self.quantizer.codebook().detach()
@@ -198,6 +199,7 @@ class CodebookManager:
                     plan.vectors.to(device=codebook.device, dtype=codebook.dtype),
                 )
                 check_plan(plan, codebook, who=f"reset policy {type(self.policy).__name__}")
+            self.monitor.record_stats(self.policy.stats())
         plan = self._share_plan(plan, codebook)
         self.last_plan = plan
         if plan is None:
@@ -306,6 +308,11 @@ class _SplitMonitor:
 
     def __init__(self, monitors: list[CodebookMonitor], k: int):
         self.monitors, self.k = monitors, k
+        self.sink: Any = None  # the StagedMonitor that logs the shared policy's stats
+
+    def record_stats(self, stats: Mapping[str, float]) -> None:
+        if self.sink is not None:
+            self.sink.record_stats(stats)
 
     def update(self, indices: torch.Tensor) -> None:
         for s, m in enumerate(self.monitors):
@@ -376,6 +383,8 @@ class StagedCodebookManager:
             ]
             monitors = [m.monitor for m in self.managers]
         self.monitor = StagedMonitor(monitors)
+        if self.shared:
+            self.joint.monitor.sink = self.monitor
         self._observe = any(not getattr(p, "never_resets", False) for p in policies)
 
     @property

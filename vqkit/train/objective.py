@@ -32,6 +32,7 @@ from vqkit.train.distributed import DistContext
 __all__ = [
     "GeneratorObjective",
     "average_gradients",
+    "component_stats",
     "convert_range",
     "discriminator_objective",
     "generator_objective",
@@ -47,6 +48,15 @@ def convert_range(x: torch.Tensor, input_range: tuple[float, float]) -> torch.Te
     return (x + 1.0) * ((hi - lo) / 2.0) + lo
 
 
+def component_stats(component: Any, prefix: str) -> dict[str, torch.Tensor]:
+    """A component's declared stats (:meth:`vqkit.interfaces.ReportsStats.stats`) as 0-dim
+    float32 terms ``<prefix>/<stat>`` (logged like the loss terms)."""
+    stats = getattr(component, "stats", None)
+    if stats is None:
+        return {}
+    return {f"{prefix}/{name}": torch.as_tensor(float(value), dtype=torch.float32) for name, value in stats().items()}
+
+
 @dataclasses.dataclass
 class GeneratorObjective:
     """What :func:`generator_objective` computed.
@@ -54,7 +64,10 @@ class GeneratorObjective:
     total: 0-dim float32, differentiable (backward it).
     terms: named 0-dim float32 terms, unweighted: ``<loss key>`` per active recipe loss,
         ``loss/<name>`` per quantizer term, ``loss/gan_g`` and ``gan/adaptive_weight`` (the
-        detached ``lambda``) when the adversarial term is on, and ``loss/total``.
+        detached ``lambda``) when the adversarial term is on, and ``loss/total``; and the
+        declared stats of the losses (``losses/<name>/<stat>``, ``<name>`` the loss key
+        without ``loss/``) and, with the adversarial term, of the discriminator
+        (``discriminator/<stat>``), read right after their forward.
     reconstruction: float32 ``(B, C, H, W)``, attached to the graph.
     output: the quantizer's output; latents: the encoder output ``z_e``.
     """
@@ -111,6 +124,7 @@ def generator_objective(
             discriminator=discriminator if getattr(loss_fn, "needs_discriminator", False) else None,
         ).float()
         terms[key] = value
+        terms.update(component_stats(loss_fn, "losses/" + key.removeprefix("loss/")))
         rec_total = rec_total + ref.weight * value
     total = rec_total
     weights = model.quantizer.loss_weights()
@@ -122,6 +136,7 @@ def generator_objective(
         logits_fake = discriminator(recon32)
         g_loss = gan.generator_loss(gan_ref.loss, logits_fake.float())
         terms["loss/gan_g"] = g_loss
+        terms.update(component_stats(discriminator, "discriminator"))
         factor = torch.ones((), device=x.device)
         last = model.decoder.last_layer_weight()
         if gan_ref.adaptive_weight and last is not None and rec_total.requires_grad:
