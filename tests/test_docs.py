@@ -147,6 +147,7 @@ def test_the_doc_plugin_installs_passes_its_contract_tests_and_trains(doc_plugin
     assert tags["vqkit.component.losses.0"] == "huber (vqkit-example 0.1.0)"
     assert tags["vqkit.plugins"] == "vqkit-example==0.1.0, vqkit==0.1.0"
     assert 0.0 <= metrics["quantizer/ones"] <= 1.0 and "loss/commitment" in metrics
+    assert 0.0 <= metrics["losses/huber/quadratic_share"] <= 1.0  # the loss's declared stat
 
 
 def test_readme_recipe_examples_validate(tmp_path):
