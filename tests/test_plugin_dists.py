@@ -162,25 +162,21 @@ def _load_script(path: Path):
     return module
 
 
-def test_the_comparison_script_runs_and_resumes(tmp_path, capsys, monkeypatch):
-    """benchmarks/quantizers.py (docs/quantizers.md) at a tiny size: a training through
-    `vqkit train` / `vqkit eval` subprocesses, the row kept and reused, and the quantizer
-    timing."""
+def test_the_comparison_is_one_sweep_per_data_set_and_the_timing_script_reads_it(capsys):
+    """docs/quantizers.md: `vqkit sweep recipes/quantizers/<data set>.yaml` plans the linked
+    quantizer / reset children (fsq with `reset: none`), each named for its blocks; and
+    benchmarks/quantizers.py times exactly those children's quantizers."""
+    for recipe, names in (("fashion-mnist", ["quantizer=vq reset=random", "quantizer=fsq(levels=[8,6,5]) reset=none",
+                                             "quantizer=fsq(levels=[4,4,4,4]) reset=none",
+                                             "quantizer=residual reset=random"]),
+                          ("natural-patches", ["quantizer=vq reset=random", "quantizer=fsq reset=none",
+                                               "quantizer=residual reset=random"])):
+        path = str(ROOT / "recipes" / "quantizers" / f"{recipe}.yaml")
+        assert main(["sweep", path, "--dry-run"]) == 0
+        out = capsys.readouterr().out
+        assert [line.split("  ", 1)[1] for line in out.splitlines() if "/" in line.split("  ")[0]] == names, out
     bench = _load_script(ROOT / "benchmarks" / "quantizers.py")
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    args = ["--datasets", "fashion-mnist", "--configs", "fsq-8.6.5", "--steps", "2", "--eval-samples", "16",
-            "--threads", "1", "--set", "data.params.limit=64", "--set", "train.batch_size=8", "--out", str(tmp_path)]
-    assert bench.main(args) == 0
-    first = capsys.readouterr()
-    rows = [line for line in first.out.splitlines() if line.startswith("| fashion-mnist")]
-    assert [r.split("|")[2].strip() for r in rows] == ["fsq-8.6.5"], first.out
-    assert rows[0].split("|")[5].strip() == "506"  # bits per image: 64 latents x log2(240)
-    assert 5.0 < float(rows[0].split("|")[6]) < 60.0  # PSNR from `vqkit eval`
-    assert len(json.loads((tmp_path / "rows.json").read_text())) == 1
-    assert bench.main(args) == 0  # kept: nothing trained again
-    again = capsys.readouterr()
-    assert again.err.count("kept from") == 1 and [line for line in again.out.splitlines() if line.startswith("| fashion-mnist")] == rows
-    assert bench.main(["--quantizer-time", "2", "--threads", "1", "--batch", "4"]) == 0
+    assert bench.main(["--rounds", "2", "--threads", "1", "--batch", "4"]) == 0
     timing = capsys.readouterr().out
-    for name in ("vq-256", "fsq-8.6.5", "fsq-4.4.4.4", "residual-2x16"):
-        assert timing.count(f"| {name} |") == 2, timing
+    assert "| quantizer=fsq(levels=[8,6,5]) reset=none |" in timing and timing.count("| quantizer=vq reset=random | ") == 2
+    assert timing.count("| quantizer=residual reset=random |") == 2, timing
