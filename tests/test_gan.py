@@ -255,6 +255,30 @@ def test_disc_features_value_matches_manual_computation():
     assert loss(target, target, d).item() == 0.0
 
 
+def test_disc_features_normalize_compares_unit_feature_vectors():
+    d = _small_d()
+    recon, target = _images()
+    with torch.no_grad():
+        fr, ft = d.features(recon), d.features(target)
+    unit = lambda t: t / torch.sqrt((t * t).sum(dim=1, keepdim=True) + 1e-10)  # noqa: E731
+    expected = sum(F.l1_loss(unit(a), unit(b)) for a, b in zip(fr, ft))
+    loss = DiscriminatorFeatures(DiscriminatorFeatures.Params(normalize=True), channels=3)
+    assert loss(recon, target, d).item() == pytest.approx(expected.item(), rel=1e-5)
+    # scaling the last block's norm (gamma and beta; LeakyReLU is positively homogeneous)
+    # scales its features 10x: the same distance normalized, 10x larger unnormalized
+    raw = DiscriminatorFeatures(DiscriminatorFeatures.Params(layers=[-1]), channels=3)
+    norm = DiscriminatorFeatures(DiscriminatorFeatures.Params(layers=[-1], normalize=True), channels=3)
+    before = raw(recon, target, d).item(), norm(recon, target, d).item()
+    with torch.no_grad():
+        for p in d.blocks[-1].parameters():
+            if p.dim() == 1:
+                p.mul_(10.0)
+    after = raw(recon, target, d).item(), norm(recon, target, d).item()
+    assert after[0] > 5 * before[0]
+    assert after[1] == pytest.approx(before[1], rel=1e-3)
+    assert loss(target, target, d).item() == 0.0
+
+
 def test_disc_features_does_not_touch_batchnorm_statistics():
     d = _small_d("batch").train()
     before = {n: b.clone() for n, b in d.named_buffers()}

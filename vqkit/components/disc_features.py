@@ -59,6 +59,11 @@ def frozen_features(discriminator: nn.Module, x: torch.Tensor) -> list[torch.Ten
     return functional_call(_Features(d), tensors, (x,), strict=True)
 
 
+def _unit(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+    """``x`` divided by its norm over channels (dim 1), as LPIPS normalizes features."""
+    return x / torch.sqrt((x * x).sum(dim=1, keepdim=True) + eps)
+
+
 class DiscriminatorFeatures(PerceptualLoss):
     """Learned perceptual loss: distance between discriminator features of reconstruction and target."""
 
@@ -73,6 +78,12 @@ class DiscriminatorFeatures(PerceptualLoss):
             None,
             description="Indices into the discriminator's feature maps to compare "
             "(negative counts from the end); default: all.",
+        )
+        normalize: bool = Field(
+            False,
+            description="Unit-normalize each feature vector over channels before the distance "
+            "(as LPIPS does), so layers count alike however their scale drifts while the "
+            "discriminator trains.",
         )
         layer_weights: list[float] | None = Field(
             None,
@@ -140,7 +151,10 @@ class DiscriminatorFeatures(PerceptualLoss):
         distance = F.l1_loss if self.params.distance == "l1" else F.mse_loss
         total = reconstruction.new_zeros((), dtype=torch.float32)
         for i, w in self._selection(len(fake)):
-            total = total + w * distance(fake[i].float(), real[i].float())
+            f, r = fake[i].float(), real[i].float()
+            if self.params.normalize:
+                f, r = _unit(f), _unit(r)
+            total = total + w * distance(f, r)
         return total
 
 
