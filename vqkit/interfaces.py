@@ -651,7 +651,8 @@ class Search(Component, abc.ABC):
     Capability flags: ``adaptive`` (default ``False``): the choice depends on earlier
     outcomes, so the sweep asks in rounds of ``jobs`` trials; ``prunes`` (default ``False``):
     children report their evaluation metrics through :meth:`trial_reporter` and stop when
-    told (MLflow: status ``KILLED``, tag ``vqkit.pruned``).
+    told (MLflow: status ``KILLED``, tag ``vqkit.pruned``). A search with state on disk
+    returns it from :meth:`artifacts` so the parent run shows it.
     """
 
     CAPABILITIES: ClassVar[tuple[str, ...]] = ("adaptive", "prunes")
@@ -675,6 +676,12 @@ class Search(Component, abc.ABC):
     def trial_reporter(cls, state: Mapping[str, Any]) -> TrialReporter | None:
         """The reporter a child uses for a trial with this ``state`` (``None``: no pruning)."""
         return None
+
+    def artifacts(self) -> list[Any]:
+        """Files holding the search's state (e.g. a study's storage), each a consistent copy
+        taken now: the sweep logs them as artifacts of its parent run (under ``search/``)
+        after every round and when it stops, finished or interrupted. Default: none."""
+        return []
 
 
 #: kind name (as used in hooks, registries and the CLI) -> interface

@@ -8,53 +8,18 @@ already has, else starts a local instance (and shuts it down after the sweep); w
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import threading
-import time
-from typing import Any, Callable, Optional, Sequence, TextIO
+from typing import Any, Optional
 
 from pydantic import Field
 
 import vqkit
-from vqkit.interfaces import Launcher, Params
+from vqkit.interfaces import Params
+from vqkit.sweep import ChildJob, SchedulerLauncher, run_child
 
 __version__ = "0.1.0"
 
-#: driver environment variables every child gets (where it logs, how vqkit behaves)
-FORWARDED_PREFIXES = ("MLFLOW_", "VQKIT_")
 
-
-def run_child(argv: Sequence[str], env: dict[str, str], cwd: str | None, threads: int) -> tuple[int, str]:
-    """Body of a child's Ray task: run its ``vqkit train`` command; returns (exit code, output).
-
-    The command's Python is the driver's when that path exists on the worker, else the
-    worker's own. On cancellation (``ray.cancel``: KeyboardInterrupt) the child gets SIGTERM,
-    so it checkpoints and stops, and the interruption goes on."""
-    argv = list(argv)
-    if argv and not os.path.exists(argv[0]):
-        argv[0] = sys.executable
-    full = dict(os.environ)
-    full.update(env)
-    full["OMP_NUM_THREADS"] = full["MKL_NUM_THREADS"] = str(max(1, threads))
-    full["PYTHONUNBUFFERED"] = "1"
-    proc = subprocess.Popen(argv, env=full, cwd=cwd if cwd and os.path.isdir(cwd) else None,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True)
-    try:
-        out, _ = proc.communicate()
-    except BaseException:
-        proc.terminate()
-        try:
-            proc.communicate(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
-        raise
-    return proc.returncode, out
-
-
-class RayLauncher(Launcher):
+class RayLauncher(SchedulerLauncher):
     """Children as Ray tasks with their CPU/GPU needs declared (a local instance or a cluster)."""
 
     class Params(Params):
@@ -70,12 +35,10 @@ class RayLauncher(Launcher):
         max_retries: int = Field(0, ge=0, description="Ray retries of a child whose worker died (0: the sweep "
                                  "reports it; rerunning the sweep resumes it from its checkpoint)")
 
-    def __init__(self, params: Params | None = None, *, jobs: int = 1, out: TextIO | None = None):
-        self.params = params or self.Params()
-        self.jobs = max(1, int(jobs))
-        self.out = out or sys.stdout
+    def __init__(self, params: Params | None = None, **kwargs: Any):
+        super().__init__(params, **kwargs)
         self._started = False
-        self._lock = threading.Lock()
+        self._task = None
 
     def _connect(self) -> None:
         import ray
@@ -89,56 +52,42 @@ class RayLauncher(Launcher):
             ray.init(address=p.address, log_to_driver=False)
         self._started = True
 
-    def _echo(self, name: str, text: str) -> None:
-        with self._lock:
-            for line in text.splitlines():
-                print(f"[{name}] {line}", file=self.out, flush=True)
-
-    def launch(self, jobs: Sequence[Any], on_done: Callable | None = None) -> list[int]:
+    # the job bookkeeping is SchedulerLauncher's: here only how Ray runs, waits for and stops a child
+    def submit(self, job: ChildJob, env: dict[str, str], cwd: str) -> Any:
         import ray
 
-        self._connect()
-        p = self.params
-        task = ray.remote(run_child).options(num_cpus=p.num_cpus, num_gpus=p.num_gpus, max_retries=p.max_retries,
-                                             name="vqkit-child")
-        forwarded = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_PREFIXES)}
-        cwd = os.getcwd()
-        codes: list[int | None] = [None] * len(jobs)
-        pending = list(range(len(jobs)))
-        running: dict[Any, int] = {}
-        try:
-            while pending or running:
-                while pending and len(running) < self.jobs:
-                    i = pending.pop(0)
-                    job = jobs[i]
-                    running[task.remote(list(job.argv), {**forwarded, **job.env}, cwd, int(p.num_cpus))] = i
-                ready, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
-                for ref in ready:
-                    i = running.pop(ref)
-                    job = jobs[i]
-                    try:
-                        code, output = ray.get(ref)
-                    except ray.exceptions.RayError as exc:  # the worker or its node was lost
-                        code, output = -1, f"vqkit-ray: the child's task failed: {type(exc).__name__}: {exc}\n"
-                    if job.log is not None:
-                        job.log.parent.mkdir(parents=True, exist_ok=True)
-                        with open(job.log, "a", encoding="utf-8") as f:
-                            f.write(output)
-                    self._echo(job.name, output)
-                    codes[i] = int(code)
-                    if on_done is not None:
-                        on_done(job, int(code))
-        except BaseException:
-            for ref in running:
-                ray.cancel(ref)  # KeyboardInterrupt in the task: SIGTERM to the child, which checkpoints
-            deadline = time.monotonic() + 120
-            for ref in running:
-                try:
-                    ray.get(ref, timeout=max(1.0, deadline - time.monotonic()))
-                except Exception:  # cancelled, as asked
-                    pass
-            raise
-        return [int(c) for c in codes]  # type: ignore[arg-type]
+        if self._task is None:
+            self._connect()
+            p = self.params
+            self._task = ray.remote(run_child).options(num_cpus=p.num_cpus, num_gpus=p.num_gpus,
+                                                       max_retries=p.max_retries, name="vqkit-child")
+        # no log file on the worker (it may not share the driver's file system): the output comes back
+        return self._task.remote(list(job.argv), env, cwd, int(self.params.num_cpus))
+
+    def wait(self, handles: list[Any], timeout: float) -> list[Any]:
+        import ray
+
+        if not handles:
+            return []
+        ready, _ = ray.wait(handles, num_returns=1, timeout=timeout)
+        if ready:  # and every other one already done
+            more, _ = ray.wait([h for h in handles if h not in ready], num_returns=len(handles) - len(ready),
+                               timeout=0) if len(handles) > len(ready) else ([], [])
+            ready = [*ready, *more]
+        return ready
+
+    def exit_code(self, handle: Any, job: ChildJob) -> int:
+        import ray
+
+        code, output = ray.get(handle)  # a lost worker or node: RayError, exit code -1 (SchedulerLauncher)
+        self.keep_output(job, output)
+        self.echo(job.name, output)
+        return int(code)
+
+    def cancel(self, handle: Any) -> None:
+        import ray
+
+        ray.cancel(handle)  # KeyboardInterrupt in the task: SIGTERM to the child, which checkpoints
 
     def close(self) -> None:
         if self._started:

@@ -10,53 +10,19 @@ sweep`` command resumes it.
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional, Sequence, TextIO
+from typing import Any, Literal, Optional
 
 from pydantic import Field
 
 import vqkit
-from vqkit.interfaces import Launcher, Params
+from vqkit.interfaces import Params
+from vqkit.sweep import ChildJob, SchedulerLauncher, run_child
 
 __version__ = "0.1.0"
 
-#: driver environment variables every child gets (where it logs, how vqkit behaves)
-FORWARDED_PREFIXES = ("MLFLOW_", "VQKIT_")
 
-
-def run_child(argv: Sequence[str], env: dict[str, str], cwd: str | None, threads: int, log: str | None) -> int:
-    """Body of a child's job: run its ``vqkit train`` command, output into ``log``; returns its
-    exit code. On SIGINT (submitit's cancel of a local job) the child gets SIGTERM, so it
-    checkpoints and stops."""
-    argv = list(argv)
-    if argv and not os.path.exists(argv[0]):
-        argv[0] = sys.executable
-    full = dict(os.environ)
-    full.update(env)
-    full["OMP_NUM_THREADS"] = full["MKL_NUM_THREADS"] = str(max(1, threads))
-    full["PYTHONUNBUFFERED"] = "1"
-    if log:
-        Path(log).parent.mkdir(parents=True, exist_ok=True)
-    with open(log or os.devnull, "a", encoding="utf-8") as out:
-        proc = subprocess.Popen(argv, env=full, cwd=cwd if cwd and os.path.isdir(cwd) else None, stdout=out,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        try:
-            return proc.wait()
-        except BaseException:
-            proc.terminate()
-            try:
-                proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            raise
-
-
-class SubmititLauncher(Launcher):
+class SubmititLauncher(SchedulerLauncher):
     """Children as Slurm jobs through submitit (cluster: local runs them as local processes)."""
 
     class Params(Params):
@@ -75,10 +41,9 @@ class SubmititLauncher(Launcher):
             default_factory=dict, description="more sbatch options, e.g. {account: ..., qos: ...}")
         poll_s: float = Field(1.0, gt=0, description="seconds between checks of the jobs' states")
 
-    def __init__(self, params: Params | None = None, *, jobs: int = 1, out: TextIO | None = None):
-        self.params = params or self.Params()
-        self.jobs = max(1, int(jobs))
-        self.out = out or sys.stdout
+    def __init__(self, params: Params | None = None, **kwargs: Any):
+        super().__init__(params, **kwargs)
+        self._executor = None
 
     def executor(self):
         import submitit
@@ -97,50 +62,36 @@ class SubmititLauncher(Launcher):
         executor.update_parameters(**kwargs)
         return executor
 
-    def launch(self, jobs: Sequence[Any], on_done: Callable | None = None) -> list[int]:
-        executor = self.executor()
-        forwarded = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_PREFIXES)}
-        cwd = os.getcwd()
-        codes: list[int | None] = [None] * len(jobs)
-        pending = list(range(len(jobs)))
-        running: dict[int, Any] = {}
+    # the job bookkeeping is SchedulerLauncher's: here only how submitit runs, waits for and stops a child
+    def submit(self, job: ChildJob, env: dict[str, str], cwd: str) -> Any:
+        if self._executor is None:
+            self._executor = self.executor()
+        log = str(job.log) if job.log is not None else None  # on the shared file system
+        sub = self._executor.submit(run_child, list(job.argv), env, cwd, self.params.cpus_per_task, log)
+        print(f"[{job.name}] submitted as job {sub.job_id} ({self._executor.cluster})", file=self.out, flush=True)
+        return sub
+
+    def wait(self, handles: list[Any], timeout: float) -> list[Any]:
+        import time
+
+        deadline = time.monotonic() + min(timeout, self.params.poll_s)
+        while True:
+            done = [h for h in handles if h.done()]
+            if done or time.monotonic() >= deadline:
+                return done
+            time.sleep(min(0.2, self.params.poll_s))
+
+    def exit_code(self, handle: Any, job: ChildJob) -> int:
         try:
-            while pending or running:
-                while pending and len(running) < self.jobs:
-                    i = pending.pop(0)
-                    job = jobs[i]
-                    log = str(job.log) if job.log is not None else None
-                    running[i] = executor.submit(run_child, list(job.argv), {**forwarded, **job.env}, cwd,
-                                                 self.params.cpus_per_task, log)
-                    print(f"[{job.name}] submitted as job {running[i].job_id} ({executor.cluster})",
-                          file=self.out, flush=True)
-                for i, sub in list(running.items()):
-                    if not sub.done():
-                        continue
-                    del running[i]
-                    job = jobs[i]
-                    try:
-                        code = int(sub.result())
-                    except Exception as exc:  # the job failed, was cancelled or its node was lost
-                        code = -1
-                        print(f"[{job.name}] job {sub.job_id} did not complete: {type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''}", file=self.out, flush=True)
-                    if job.log is not None and job.log.exists():
-                        for line in job.log.read_text(encoding="utf-8", errors="replace").splitlines()[-3:]:
-                            print(f"[{job.name}] {line}", file=self.out, flush=True)
-                    codes[i] = code
-                    if on_done is not None:
-                        on_done(job, code)
-                if running:
-                    time.sleep(self.params.poll_s)
-        except BaseException:
-            for sub in running.values():
-                sub.cancel(check=False)  # local: SIGINT -> the child gets SIGTERM; slurm: scancel -> SIGTERM
-            deadline = time.monotonic() + 120
-            while any(not s.done() for s in running.values()) and time.monotonic() < deadline:
-                time.sleep(0.5)
-            raise
-        return [int(c) for c in codes]  # type: ignore[arg-type]
+            code, _ = handle.result()  # failed, cancelled or its node lost: raises, exit code -1
+        finally:
+            if job.log is not None and job.log.exists():
+                self.echo(job.name, "\n".join(job.log.read_text(encoding="utf-8", errors="replace")
+                                              .splitlines()[-3:]))
+        return int(code)
+
+    def cancel(self, handle: Any) -> None:
+        handle.cancel(check=False)  # local: SIGINT -> the child gets SIGTERM; slurm: scancel -> SIGTERM
 
     @classmethod
     def example_params(cls, workdir) -> "SubmititLauncher.Params":
