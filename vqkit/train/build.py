@@ -37,6 +37,7 @@ __all__ = [
     "build_policy",
     "build_policies",
     "build_all",
+    "check_parts_meet",
     "component_tags",
     "not_implemented_error",
     "loss_keys",
@@ -195,8 +196,9 @@ class Built:
         return tuple(int(v) for v in self.train_data.image_size)  # type: ignore[return-value]
 
 
-def build_all(recipe: Recipe) -> Built:
-    """Build the data sets, model, losses, discriminator and reset policy."""
+def build_all(recipe: Recipe, check: bool = True) -> Built:
+    """Build the data sets, model, losses, discriminator and reset policy; with ``check``
+    (what ``vqkit train`` and ``vqkit validate --build`` do) also :func:`check_parts_meet`."""
     train, test = build_datasets(recipe)
     c = int(train.channels)
     model = build_model(recipe, c)
@@ -207,7 +209,122 @@ def build_all(recipe: Recipe) -> Built:
             raise TypeError(f"losses.{i} is not a PerceptualLoss")
     disc = build_discriminator(recipe, c)  # a loss that needs one: checked by validate
     policies = build_policies(recipe, model)
-    return Built(recipe, train, test, model, losses, disc, policies[0], policies)
+    built = Built(recipe, train, test, model, losses, disc, policies[0], policies)
+    if check:
+        check_parts_meet(built)
+    return built
+
+
+#: images in the batch :func:`check_parts_meet` pushes through the parts
+CHECK_BATCH = 2
+
+
+class _Stage:
+    """Runs one component on the dry batch; what it raises becomes a user error located
+    at its recipe block and naming it (and its distribution)."""
+
+    def __init__(self, built: Built, shape: tuple[int, ...]):
+        self.built = built
+        self.entries = dict(_used_entries(built.recipe))
+        self.shape = "x".join(str(v) for v in shape)
+
+    def __call__(self, block: str, what: str, fn: Any) -> Any:
+        try:
+            return fn()
+        except VqkitError as exc:
+            raise VqkitError([dataclasses.replace(p, path=p.path or block) for p in exc.problems]) from None
+        except NotImplementedError as exc:
+            raise not_implemented_error(exc, self.built, self.built.recipe) from None
+        except Exception as exc:  # a component's own shape/type error: name the component
+            self.fail(block, what, f"{type(exc).__name__}: {_first_line(exc)}", exc)
+
+    def fail(self, block: str, what: str, detail: str, cause: BaseException | None = None) -> None:
+        from vqkit.recipe import COMPONENT_BLOCKS
+
+        entry = self.entries.get(block)
+        kind = NOUNS[COMPONENT_BLOCKS.get(block.split(".")[0], "perceptual_losses")]
+        who = _describe(entry) if entry is not None else block
+        raise VqkitError(
+            Problem(f"{kind} {who} failed {what} (a dry batch of {self.shape} images): {detail}", path=block)
+        ) from cause
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else "(no message)"
+
+
+def check_parts_meet(built: Built) -> None:
+    """Push one batch of the data's image shape (``CHECK_BATCH`` random images in
+    ``[-1, 1]``) through encoder, quantizer, decoder, ``decode_indices``, every loss and
+    the discriminator, as a training step and an evaluation would, so a mismatch that only
+    shows when the parts meet (an image too small for a discriminator or a loss's network,
+    a decoder that returns another size, a plugin's own shape error) is a located user
+    error before any run is created. Runs in eval mode without gradients; the modules'
+    state, training flags and the random number generators are left as they were."""
+    import random
+
+    import numpy as np
+    import torch
+
+    from vqkit import gan
+    from vqkit.train.objective import convert_range
+
+    recipe, model, disc = built.recipe, built.model, built.discriminator
+    c, (h, w) = built.channels, built.image_size
+    shape = (CHECK_BATCH, c, h, w)
+    stage = _Stage(built, shape)
+    modules = [m for m in (model, disc, *built.losses) if m is not None]
+    flags = [(m, m.training) for mod in modules for m in mod.modules()]
+    # buffers (EMA code-books, usage counters, running statistics) as they were
+    saved = [(m, name, buf, buf.detach().clone()) for mod in modules for m in mod.modules()
+             for name, buf in m._buffers.items() if buf is not None]
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(0)
+            x = torch.rand(shape) * 2 - 1
+            for mod in modules:
+                mod.eval()
+            f, d = model.factor, model.latent_dim
+            z = stage("encoder", "to encode", lambda: model.encoder(x))
+            if tuple(z.shape) != (CHECK_BATCH, d, h // f, w // f):
+                stage.fail("encoder", "to encode", f"returned {tuple(z.shape)}, expected "
+                           f"{(CHECK_BATCH, d, h // f, w // f)} (latent_dim {d}, factor {f})")
+            out = stage("quantizer", "to quantize", lambda: model.quantizer(z))
+            if tuple(out.quantized.shape) != tuple(z.shape):
+                stage.fail("quantizer", "to quantize", f"returned quantized latents {tuple(out.quantized.shape)} "
+                           f"for latents {tuple(z.shape)}")
+            recon = stage("decoder", "to decode", lambda: model.decoder(out.quantized))
+            if tuple(recon.shape) != shape:
+                stage.fail("decoder", "to decode", f"returned {tuple(recon.shape)}, expected {shape}")
+            again = stage("quantizer", "in decode_indices", lambda: model.quantizer.decode_indices(out.indices))
+            if tuple(again.shape) != tuple(out.quantized.shape):
+                stage.fail("quantizer", "in decode_indices", f"returned {tuple(again.shape)}, expected "
+                           f"{tuple(out.quantized.shape)}")
+            recon = recon.float()
+            for i, loss in enumerate(built.losses):
+                rng = getattr(loss, "input_range", (-1.0, 1.0))
+                needs = disc if getattr(loss, "needs_discriminator", False) else None
+                value = stage(f"losses.{i}", "to compute its loss", lambda f=loss, r=rng, d=needs: f(
+                    convert_range(recon, r), convert_range(x, r), discriminator=d))
+                if not isinstance(value, torch.Tensor) or value.numel() != 1:
+                    got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                    stage.fail(f"losses.{i}", "to compute its loss", f"returned {got}, expected a 0-dim tensor")
+            if disc is not None:
+                kind = recipe.model.discriminator.loss
+                stage("discriminator", "to judge images", lambda: (
+                    gan.discriminator_loss(kind, disc(x).float(), disc(recon).float()),
+                    gan.generator_loss(kind, disc(recon).float())))
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        with torch.no_grad():
+            for m, name, buf, copy in saved:
+                buf.copy_(copy)  # in place: other references to the buffer see it too
+                m._buffers[name] = buf
+        for m, flag in flags:
+            m.training = flag
 
 
 def _used_entries(recipe: Recipe) -> list[tuple[str, Any]]:

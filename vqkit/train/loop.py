@@ -557,6 +557,8 @@ class TrainLoop:
                 signal.signal(signal.SIGTERM, previous_term)
             if self.system_metrics is not None:
                 self.system_metrics.finish()
+            if dist.is_main and status == "FAILED":
+                self._tag_failure(sys.exc_info()[1])
             if dist.is_main and status != "RUNNING":
                 self.tracker.finish(status)
             elif dist.is_main:
@@ -570,6 +572,17 @@ class TrainLoop:
         if dist.is_main:
             self._summary(result)
         return result
+
+    def _tag_failure(self, exc: BaseException | None) -> None:
+        """Tag a run that ends FAILED with ``vqkit.failure`` (what stopped it), unless the
+        handler of a file-system error or a non-finite loss already did."""
+        if exc is None or isinstance(exc.__context__, (NonFiniteLoss, OSError)):
+            return
+        text = str(exc) if isinstance(exc, VqkitError) else f"{type(exc).__name__}: {exc}"
+        try:
+            self.tracker.set_tags({"vqkit.failure": text[:5000]})
+        except Exception:  # pragma: no cover - the original error matters more
+            pass
 
     def _raise_not_implemented(self, exc: NotImplementedError) -> None:
         error = self.family.not_implemented(exc)
