@@ -685,9 +685,11 @@ class TrainLoop:
                 if dist.is_main and (self.step % tc.eval_every == 0 or (last and self.step == tc.steps)):
                     self.last_eval = fam.evaluate()
                     self.tracker.log_metrics(self.last_eval, self.step)
-                    if (self.trial is not None and dist.world_size == 1 and self.step < tc.steps
+                    if (self.trial is not None and self.step < tc.steps
                             and self.trial.report(self.step, self.last_eval)):
-                        raise StopTrial(self.step)
+                        self._pruned_at = self.step  # data-parallel: every rank stops below, together
+                        if dist.world_size == 1:
+                            raise StopTrial(self.step)
                     if bar is not None:
                         bar.set_postfix(fam.postfix({**self.last_metrics, **self.last_eval}), refresh=False)
                     if lines:
@@ -696,6 +698,8 @@ class TrainLoop:
                     fam.log_images(self.step, self.run_dir, self.tracker)
                 if periodic:
                     self._share_main_failure()
+                    if self.trial is not None and dist.any_flag(getattr(self, "_pruned_at", None) is not None):
+                        raise StopTrial(self.step)  # rank 0's search said stop: all ranks stop at this step
                 if self.step % tc.checkpoint_every == 0 and not (last and self.step == tc.steps):
                     self.save()
                 elif last and self.step < tc.steps:
