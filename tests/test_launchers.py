@@ -69,3 +69,44 @@ def test_an_unknown_launcher_is_a_located_user_error(tmp_path, monkeypatch, caps
     assert "vqkit: error: --launcher: sweep.launcher.name: unknown launcher 'lokal' (did you mean 'local'?" in err, err
     assert main(["components", "launcher"]) == 0
     assert "local" in capsys.readouterr().out
+
+
+def _doc_launcher():
+    """The example launcher of docs/plugins.md (section "Launcher"), executed as written."""
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "plugins.md").read_text()
+    section = re.search(r"^## Launcher\n(.*?)(?=^## )", doc, re.S | re.M).group(1)
+    (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    namespace: dict = {"__name__": "doc_launcher"}
+    exec(compile(code, "docs/plugins.md#launcher", "exec"), namespace)
+    return namespace
+
+
+def test_the_documented_scheduler_launcher_passes_the_contract_and_gets_the_bookkeeping(tmp_path):
+    """A third-party launcher written on vqkit.sweep.SchedulerLauncher (the docs' example) gets
+    the shared job bookkeeping: forwarded environment, codes in order, a lost worker as -1."""
+    import os
+
+    from vqkit.testing import contract_checks
+
+    ns = _doc_launcher()
+    cls = ns["PoolLauncher"]
+    for check in contract_checks("launchers"):
+        check(cls)
+    # the driver's MLFLOW_*/VQKIT_* variables reach the child; a child whose worker dies is -1
+    os.environ["VQKIT_DOC_PROBE"] = "forwarded"
+    try:
+        die = "import os, signal; os.kill(os.getppid(), signal.SIGKILL)"  # kills its pool worker
+        show = "import os; print('probe', os.environ.get('VQKIT_DOC_PROBE'))"
+        out = io.StringIO()
+        launcher = cls(jobs=1, out=out)
+        try:
+            codes = launcher.launch([_job("show", show, log=tmp_path / "show.log"), _job("die", die)])
+        finally:
+            launcher.close()
+    finally:
+        del os.environ["VQKIT_DOC_PROBE"]
+    assert "probe forwarded" in (tmp_path / "show.log").read_text()
+    assert codes == [0, -1] and "[die] PoolLauncher: the child did not complete: BrokenProcessPool" in out.getvalue()
