@@ -110,3 +110,14 @@ def test_the_documented_scheduler_launcher_passes_the_contract_and_gets_the_book
         del os.environ["VQKIT_DOC_PROBE"]
     assert "probe forwarded" in (tmp_path / "show.log").read_text()
     assert codes == [0, -1] and "[die] PoolLauncher: the child did not complete: BrokenProcessPool" in out.getvalue()
+
+
+def test_nproc_children_are_data_parallel_train_commands(tmp_path, monkeypatch, capsys):
+    from vqkit.sweep import train_argv
+
+    assert train_argv("r.yaml", ["a=1"], "PARENT", nproc=2)[-4:] == ("--parent-run", "PARENT", "--nproc", "2")
+    assert "--nproc" not in train_argv("r.yaml", ["a=1"], "PARENT")
+    monkeypatch.chdir(tmp_path)
+    recipe = write_recipe(tmp_path)
+    assert main(["sweep", str(recipe), "--grid", "quantizer.params.codebook_size=8,16", "--nproc", "0"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "vqkit: error: --nproc must be >= 1, got 0"
