@@ -131,3 +131,65 @@ def test_a_long_extends_chain_is_a_located_error_not_a_recursion_error(tmp_path,
     assert "Traceback" not in err and "RecursionError" not in err
     assert f"`extends` chain deeper than {MAX_EXTENDS_DEPTH} recipe files" in err
     assert ":1:1: extends:" in err
+
+
+# --------------------------------------------------------------------------- --set errors
+def _two_losses(tmp_path):
+    path = tmp_path / "two.yaml"
+    path.write_text(
+        "vqkit: 1\nname: two\n"
+        "data: {name: fashion-mnist, params: {image_size: 32}}\n"
+        "encoder: {name: conv, params: {channels: [8], factor: 2, latent_dim: 8}}\n"
+        "quantizer: {name: vq, params: {codebook_size: 16}}\n"
+        "decoder: {name: conv, params: {channels: [8]}}\n"
+        "losses:\n  - {name: pixel-l1}\n  - {name: pixel-l2}\n"
+        "train: {steps: 10}\n"
+    )
+    return str(path)
+
+
+SET_ERRORS = {
+    # --set value: the one error line (after "vqkit: error: ")
+    "losses.5.weight=1": "--set: losses.5.weight: cannot descend into losses.5: losses has 2 items (0 to 1)",
+    "train.steps.every=1": "--set: train.steps.every: cannot descend into train.steps: it is 10, not a mapping or list",
+    "nonexist.x=1": "--set: nonexist: unknown key 'nonexist'",
+    "train.steps=[1": "--set: train.steps: value '[1' is not valid YAML: did not find expected ',' or ']' "
+                      "(while parsing a flow sequence)",
+    "losses.0=3": "--set: losses.0: must be a mapping (got 3)",
+    "losses.4=[1]": "--set: losses.4: no such item: losses has 2 items (0 to 1; losses.2 adds one)",
+}
+
+
+@pytest.mark.parametrize("override", sorted(SET_ERRORS))
+def test_set_errors_are_one_line_located_at_set(tmp_path, capsys, override):
+    from vqkit.cli import main
+
+    recipe = _two_losses(tmp_path)
+    assert main(["validate", recipe]) == 0
+    capsys.readouterr()
+    assert main(["validate", recipe, "--set", override]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vqkit: error: " + SET_ERRORS[override]), lines
+    assert "LossRef" not in lines[0] and "Input should be" not in lines[0]
+
+
+def test_errors_are_listed_in_the_order_of_the_file_then_of_the_set_options(tmp_path, capsys):
+    from vqkit.cli import main
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(
+        "vqkit: 1\nname: bad\n"
+        "encoder: {name: conv, params: {channels: [8], factor: z, latent_dim: 8}}\n"
+        "data: {name: fashion-mnist, params: {image_size: 32, limt: 3}}\n"
+        "quantizer: {name: vq, params: {codebook_size: 16}}\n"
+        "decoder: {name: conv, params: {channels: [8]}}\n"
+        "losses: [{name: pixel-l1}]\n"
+        "train: {steps: x}\n"
+        "eval: {batch_size: -1}\n"
+    )
+    sets = ["--set", "reset.evry=3", "--set", "quantizer.params.beta=q", "--set", "seed=s"]
+    assert main(["validate", str(path), *sets]) == 2
+    lines = [line.removeprefix("vqkit: error: ") for line in capsys.readouterr().err.strip().splitlines()]
+    where = [line.split(": ")[0] + (": " + line.split(": ")[1] if line.startswith("--set") else "") for line in lines]
+    assert where == [f"{path}:3:55", f"{path}:4:54", f"{path}:8:16", f"{path}:9:20",
+                     "--set: reset.evry", "--set: quantizer.params.beta", "--set: seed"], lines

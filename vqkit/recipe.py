@@ -438,9 +438,26 @@ def parse_override(text: str) -> tuple[Path_, Any]:
         parts.append(int(part) if part.isdigit() else part)
     try:
         value = yamlsafe.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as exc:
-        raise VqkitError(Problem(f"--set {key}: value is not valid YAML: {exc}")) from None
+    except yaml.YAMLError as exc:  # one line: PyYAML's own text spans several
+        what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        context = getattr(exc, "context", None)
+        what += f" ({context})" if context else ""
+        raise VqkitError(Problem(f"value {raw!r} is not valid YAML: {what}", path=key.strip(), file=SET)) from None
     return tuple(parts), value
+
+
+#: the ``file`` of problems located at a ``--set`` option
+SET = "--set"
+
+
+def _items(path: Path_, items: list) -> str:
+    n = len(items)
+    return f"{_dotted(path)} has {n} item{'s' if n != 1 else ''}" + (f" (0 to {n - 1}" if n else " (")
+
+
+def _not_a_container(value: Any) -> str:
+    shown = repr(value)
+    return f"it is {shown if len(shown) < 40 else shown[:37] + '...'}, not a mapping or list"
 
 
 def _apply_override(data: dict, path: Path_, value: Any, loc: _Loc, problems: list[Problem]) -> None:
@@ -450,11 +467,21 @@ def _apply_override(data: dict, path: Path_, value: Any, loc: _Loc, problems: li
         if isinstance(cur, dict):
             if part not in cur or cur[part] is None:
                 cur[part] = [] if isinstance(nxt, int) else {}
+                loc.marks[path[: i + 1]] = (SET, None, None)  # type: ignore[assignment]  # made by --set
             cur = cur[part]
         elif isinstance(cur, list) and isinstance(part, int) and part < len(cur):
             cur = cur[part]
         else:
-            problems.append(Problem(f"--set: cannot descend into {_dotted(path[: i + 1])}", path=_dotted(path)))
+            if isinstance(cur, list) and not isinstance(part, int):
+                why = f"{_dotted(path[:i])} is a list: give an index ({_dotted(path[:i])}.0.{part})"
+            elif isinstance(cur, list):
+                why = _items(path[:i], cur) + ")"
+            else:  # the value at path[:i] is a scalar
+                problems.append(Problem(f"cannot descend into {_dotted(path[:i])}: {_not_a_container(cur)}",
+                                        path=_dotted(path), file=SET))
+                return
+            problems.append(Problem(f"cannot descend into {_dotted(path[: i + 1])}: {why}",
+                                    path=_dotted(path), file=SET))
             return
     last = path[-1]
     # `--set quantizer.name=fsq` swaps the component: same rule as a child recipe's block
@@ -468,18 +495,26 @@ def _apply_override(data: dict, path: Path_, value: Any, loc: _Loc, problems: li
         if isinstance(old, dict) and isinstance(value, dict) and not _swaps_component(path, old, value):
             for key in value:  # merged: only the keys given are now from --set
                 _forget_locations(loc, path + (key,))
-                loc.marks[path + (key,)] = ("--set", None, None)  # type: ignore[assignment]
+                loc.marks[path + (key,)] = (SET, None, None)  # type: ignore[assignment]
             return
     elif isinstance(cur, list) and isinstance(last, int) and last <= len(cur):
         if last == len(cur):
             cur.append(value)
         else:
             cur[last] = _merge(cur[last], value, path)
+    elif isinstance(cur, list) and isinstance(last, int):
+        problems.append(Problem(f"no such item: {_items(path[:-1], cur)}; {_dotted(path[:-1])}.{len(cur)} adds one)",
+                                path=_dotted(path), file=SET))
+        return
     else:
-        problems.append(Problem("--set: no such key or index", path=_dotted(path)))
+        if isinstance(cur, list):
+            why = f"it is a list: give an index ({_dotted(path[:-1])}.0.{last})"
+        else:
+            why = _not_a_container(cur)
+        problems.append(Problem(f"cannot descend into {_dotted(path[:-1])}: {why}", path=_dotted(path), file=SET))
         return
     _forget_locations(loc, path)
-    loc.marks[path] = ("--set", None, None)  # type: ignore[assignment]
+    loc.marks[path] = (SET, None, None)  # type: ignore[assignment]
 
 
 def _forget_locations(loc: _Loc, path: Path_) -> None:
@@ -556,6 +591,8 @@ def _pydantic_problems(exc: ValidationError, base: Path_, loc: _Loc, model: type
             msg = "required key is missing"
         elif err["type"] == "literal_error":
             msg = msg.replace("Input should be", "must be")
+        elif err["type"] in ("model_type", "model_attributes_type", "dict_type"):  # not the class name
+            msg = f"must be a mapping (got {err.get('input')!r})"
         else:
             got = err.get("input")
             if not isinstance(got, (dict, list)) and err["type"] not in ("value_error",):
@@ -805,7 +842,7 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
     loc = _Loc()
     data = _read_with_extends(Path(path), loc, problems)
     if problems:
-        raise VqkitError(problems)
+        raise VqkitError(_in_order(problems, loc))
     return _override_and_validate(data, loc, str(path), overrides)
 
 
@@ -819,9 +856,44 @@ def recipe_from_dict(
 
 def _override_and_validate(data: Any, loc: _Loc, source: str, overrides: list[str] | tuple[str, ...]) -> Recipe:
     problems: list[Problem] = []
+    keys: list[str] = []
     for text in overrides:
-        key, value = parse_override(text)
+        try:
+            key, value = parse_override(text)
+        except VqkitError as exc:
+            problems.extend(exc.problems)
+            keys.append(text.partition("=")[0].strip())
+            continue
+        keys.append(_dotted(key))
         _apply_override(data, key, value, loc, problems)
     if problems:
-        raise VqkitError(problems)
-    return validate_data(data, loc, source)
+        raise VqkitError(_in_order(problems, loc, keys))
+    try:
+        return validate_data(data, loc, source)
+    except VqkitError as exc:
+        raise VqkitError(_in_order(exc.problems, loc, keys)) from None
+
+
+def _in_order(problems: list[Problem], loc: _Loc, set_keys: list[str] = ()) -> list[Problem]:
+    """Problems in reading order: by file (in the order the files were read), line and
+    column; then those of ``--set`` options in their order on the command line; then
+    those without a location."""
+    files: dict[str, int] = {}
+    for where in loc.marks.values():
+        if where[0] != SET:
+            files.setdefault(where[0], len(files))
+
+    def set_index(path: str) -> int:
+        for i, key in enumerate(set_keys):
+            if path == key or path.startswith(key + ".") or key.startswith(path + "."):
+                return i
+        return len(set_keys)
+
+    def key(p: Problem) -> tuple:
+        if p.file == SET:
+            return (1, len(files), set_index(p.path), 0)
+        if p.file is None:
+            return (2, 0, 0, 0)
+        return (0, files.get(p.file, len(files)), p.line or 0, p.col or 0)
+
+    return sorted(problems, key=key)
