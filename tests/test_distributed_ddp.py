@@ -67,18 +67,19 @@ def _disc_scaler(rank: int, dist: DistContext, out: str) -> None:
 
 
 def _save_check(rank: int, dist: DistContext, out: str) -> None:
-    """Rank 0's weights are NaN: ``_save`` must raise on every rank (a rank that returned
+    """Rank 0's weights are NaN: ``save`` must raise on every rank (a rank that returned
     would wait for rank 0 at its next collective forever)."""
     from vqkit.recipe import recipe_from_dict
-    from vqkit.train.trainer import NonFiniteLoss, Trainer
+    from vqkit.train.loop import NonFiniteLoss
+    from vqkit.train.trainer import Trainer
 
     trainer = Trainer(recipe_from_dict(TINY_RECIPE), quiet=True)
     trainer._setup()
     if rank == 0:
         with torch.no_grad():
-            next(trainer.model.decoder.parameters()).view(-1)[0] = float("nan")
+            next(trainer.family.model.decoder.parameters()).view(-1)[0] = float("nan")
     try:
-        trainer._save()
+        trainer.save()
         outcome = "returned"
     except NonFiniteLoss:
         outcome = "raised"

@@ -3,7 +3,7 @@
 With ``vq`` (EMA and learned code-book, k-means initialisation), a reset policy and a
 PatchGAN discriminator trained alongside, every rank writes its model (code-book
 included) and discriminator state after every reset and at the end
-(``VQKIT_DEBUG_STATE_DIR``, :meth:`vqkit.train.trainer.Trainer._dump_state`); the test
+(``VQKIT_DEBUG_STATE_DIR``, :meth:`vqkit.train.autoencoder.AutoencoderFamily._dump_state`); the test
 compares the files tensor by tensor.
 """
 from __future__ import annotations

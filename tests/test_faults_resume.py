@@ -20,23 +20,17 @@ import pytest
 import yaml
 
 from vqkit.cli import main
+from vqkit.testing.sweeps import TINY_RECIPE
 from vqkit.train import checkpoint as ckpt
 
 pytest_plugins = ("trainkit",)  # fixtures: store, mlflow_template, closed_port
 
 STEPS = 8
 TINY = {
-    "vqkit": 1,
-    "name": "tiny",
-    "seed": 3,
-    "data": {"name": "fashion-mnist", "params": {"limit": 96}},
-    "encoder": {"name": "conv", "params": {"channels": [8, 8], "factor": 4, "latent_dim": 8}},
-    "quantizer": {"name": "vq", "params": {"codebook_size": 16}},
-    "decoder": {"name": "conv", "params": {"channels": [8, 8]}},
-    "losses": [{"name": "pixel-l1"}],
-    "train": {"steps": STEPS, "batch_size": 16, "log_every": 1, "eval_every": 4, "image_every": 100,
-              "checkpoint_every": 3, "keep_checkpoints": 3, "device": "cpu"},
-    "eval": {"num_samples": 16, "batch_size": 16, "metrics": ["psnr"]},
+    **TINY_RECIPE,
+    "train": {**TINY_RECIPE["train"], "steps": STEPS, "log_every": 1, "image_every": 100, "checkpoint_every": 3,
+              "keep_checkpoints": 3},
+    "eval": {**TINY_RECIPE["eval"], "metrics": ["psnr"]},
     "tracking": {"experiment": "faults", "output_dir": "runs"},
 }
 
@@ -316,9 +310,9 @@ def test_a_resume_that_fails_before_training_leaves_a_finished_run_finished(work
 
 
 def test_an_interrupt_on_a_full_disk_ends_killed_without_a_traceback(workdir, store, capsys, monkeypatch):
-    from vqkit.train.trainer import Trainer
+    from vqkit.train.autoencoder import AutoencoderFamily
 
-    original_step = Trainer._train_step
+    original_step = AutoencoderFamily.train_step
 
     def step(self, x, step):
         if step == 4:  # Ctrl-C / SIGTERM during step 5, with the disk now full
@@ -329,7 +323,7 @@ def test_an_interrupt_on_a_full_disk_ends_killed_without_a_traceback(workdir, st
             raise KeyboardInterrupt
         return original_step(self, x, step)
 
-    monkeypatch.setattr(Trainer, "_train_step", step)
+    monkeypatch.setattr(AutoencoderFamily, "train_step", step)
     assert main(["train", "tiny.yaml", "--quiet"]) == 130
     err = capsys.readouterr().err
     assert "Traceback" not in err and "interrupted at step 4; no checkpoint written" in err

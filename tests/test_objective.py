@@ -155,12 +155,13 @@ def test_the_trainer_step_logs_this_objective(parts):
     recipe = parts[0]
     trainer = Trainer(recipe, quiet=True)
     trainer._setup()
+    family = trainer.family
     x = parts[4]
     for step in (0, GAN_START, L2_START):
-        model, disc = copy.deepcopy(trainer.model), copy.deepcopy(trainer.disc)
+        model, disc = copy.deepcopy(family.model), copy.deepcopy(family.disc)
         for p in disc.parameters():
             p.requires_grad_(False)
         want, _ = _by_hand(model, disc, x, step)
-        terms = trainer._train_step(x, step)
+        terms = family.train_step(x, step)
         torch.testing.assert_close(terms["loss/total"], want.detach(), rtol=1e-5, atol=1e-6)
         assert ("loss/gan_d" in terms) == (step >= GAN_START)

@@ -2,12 +2,16 @@
 
 A checkpoint is a plain dictionary saved with :func:`torch.save` and read back with
 ``torch.load(..., weights_only=True)``: it holds tensors, numbers, strings, lists and
-dicts only (RNG states are converted to tensors and lists). Keys written by the trainer:
+dicts only (RNG states are converted to tensors and lists). Keys written by the training
+loop (:meth:`vqkit.train.loop.TrainLoop.state`):
 
-``format`` (int), ``step`` (optimizer steps done), ``recipe`` (normalized recipe dict),
-``model``, ``optimizers``, ``schedulers``, ``discriminator``, ``scaler``, ``codebook``
-(code-book manager: reset policy and monitor), ``rng`` (:func:`capture_rng`), ``run``
-(MLflow run id / tracking URI / run dir) and ``vqkit_version``.
+``format`` (int), ``family`` (``autoencoder`` or ``prior``; absent in autoencoder
+checkpoints written before the loop was shared), ``step`` (optimizer steps done),
+``recipe`` (normalized recipe dict), ``rng`` (:func:`capture_rng`), ``run`` (MLflow run id
+/ tracking URI / run dir), ``vqkit_version``, and the family's own: for an autoencoder
+``model``, ``optimizers``, ``schedulers``, ``scalers``, ``discriminator``, ``codebook``
+(code-book manager: reset policy and monitor), ``data``, ``channels``, ``image_size``; for
+a prior ``model``, ``optimizers``, ``schedulers``, ``scalers``, ``prior``, ``autoencoder``.
 
 Writes go to a temporary file in the same folder, are flushed and ``fsync``-ed, then
 ``os.replace``-d over the target, so a crash never leaves a half-written checkpoint

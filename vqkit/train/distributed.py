@@ -7,7 +7,8 @@ returns a disabled :class:`DistContext` whose collectives are identities, so the
 calls them unconditionally.
 
 Only rank 0 (:attr:`DistContext.is_main`) logs to MLflow and writes checkpoints.
-Data are sharded by :class:`ShardedSampler` in :mod:`vqkit.train.trainer`.
+Data are sharded by :class:`vqkit.train.data.StepBatches` (rank r takes the r-th slice of a step).
+The training loop (:mod:`vqkit.train.loop`) holds the context of a run.
 """
 from __future__ import annotations
 

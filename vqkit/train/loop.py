@@ -6,9 +6,6 @@ A model family (the autoencoder, :mod:`vqkit.train.autoencoder`; the prior over 
 optimizer step, an evaluation, the images it logs, its MLflow tags and inputs and its part
 of the checkpoint. :class:`TrainLoop` does everything else, the same way for every family:
 
-The autoencoder family still runs its own copy of this loop in
-:class:`vqkit.train.trainer.Trainer` until it moves here.
-
 * device and process group (torchrun / DDP, :mod:`vqkit.train.distributed`, for families
   that declare ``distributed``; only rank 0 logs, evaluates and writes), seeding, mixed
   precision (:meth:`TrainLoop.autocast`, :meth:`TrainLoop.grad_scaler`);

@@ -1,7 +1,7 @@
 """The autoencoder's training objective and optimizer step, as functions.
 
-:class:`vqkit.train.trainer.Trainer` calls them once per step; tests call them alone, with
-fixed weights and inputs (``tests/test_objective.py``).
+:meth:`vqkit.train.autoencoder.AutoencoderFamily.train_step` calls them once per step;
+tests call them alone, with fixed weights and inputs (``tests/test_objective.py``).
 
 Generator objective at step ``s`` (:func:`generator_objective`)::
 
