@@ -22,13 +22,13 @@ import math
 import torch
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("target", help="prior run dir or checkpoint")
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=250)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     from vqkit.commands.train import resolve_checkpoint
     from vqkit.prior.codes import load_or_compute_codes

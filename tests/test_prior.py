@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image
 
+from tests.trainkit import all_tensors_equal
 from vqkit.cli import main
 from vqkit.components.transformer_prior import TransformerPrior
 from vqkit.interfaces import Prior
@@ -21,7 +22,7 @@ from vqkit.testing.prior_contracts import check_prior_causal, check_prior_sample
 from vqkit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from vqkit.train.trainer import train
 
-pytest_plugins = ("trainkit",)  # fixtures: store, mlflow_template
+pytest_plugins = ("trainkit",)  # fixtures: store, mlflow_template, workdir
 
 AE = {
     "vqkit": 1, "name": "tiny-ae", "seed": 3,
@@ -47,14 +48,6 @@ def prior_recipe(ae: str, store: str, **train) -> dict:
         "eval": {"num_samples": 40, "batch_size": 20, "grid_samples": 10},
         "tracking": {"uri": store, "experiment": "tiny"},
     }
-
-
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    return tmp_path
 
 
 @pytest.fixture
@@ -173,8 +166,6 @@ def test_codes_are_cached_by_checkpoint_digest_and_recomputed_when_it_changes(au
 
 # =========================================================================== training and sampling
 def test_prior_train_logs_links_and_resumes_bit_for_bit(autoencoder, workdir, store, capsys):
-    from mlflow import MlflowClient
-
     from vqkit.commands.prior import run_prior_train
 
     ae_dir = str(autoencoder.run_dir)
@@ -182,6 +173,8 @@ def test_prior_train_logs_links_and_resumes_bit_for_bit(autoencoder, workdir, st
     assert main(["prior", "train", straight, "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "test_bpd=" in out
+    from mlflow import MlflowClient
+
     client = MlflowClient(tracking_uri=store)
     runs = [r for r in client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
             if r.data.tags.get("vqkit.family") == "prior"]
@@ -212,22 +205,7 @@ def test_prior_train_logs_links_and_resumes_bit_for_bit(autoencoder, workdir, st
     b = load_checkpoint(latest_checkpoint(first[0].parent))
     assert b["step"] == a["step"] == 6
     for key in ("model", "optimizers", "schedulers", "rng"):
-        _all_equal(a[key], b[key], key)
-
-
-def _all_equal(a, b, where):
-    if torch.is_tensor(a):
-        assert torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert set(a) == set(b), where
-        for k in a:
-            _all_equal(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _all_equal(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, (where, a, b)
+        all_tensors_equal(a[key], b[key], key)
 
 
 def test_sample_command_writes_grid_and_codes(autoencoder, workdir, store, capsys):
@@ -258,6 +236,41 @@ def test_sample_command_writes_grid_and_codes(autoencoder, workdir, store, capsy
         assert message in err and "Traceback" not in err
     assert main(["sample", str(autoencoder.checkpoint), "-o", "x.png"]) == 2
     assert "not a prior's" in capsys.readouterr().err
+
+
+def test_prior_quality_benchmark_prints_the_prior_and_its_references(autoencoder, workdir, store, capsys,
+                                                                     monkeypatch):
+    """benchmarks/prior_quality.py at a tiny size: one JSON line with the prior's feature
+    distance and bits per code next to its references (floor, independent codes)."""
+    import importlib.util
+    from pathlib import Path
+
+    # the distance refuses fewer than 512 images (a measurement); this checks the script on 16
+    monkeypatch.setattr("vqkit.metrics.FD_MIN_SAMPLES", 8)
+
+    recipe = write(workdir, "q.yaml", prior_recipe(str(autoencoder.checkpoint), store, steps=2, eval_every=2,
+                                                   image_every=2, checkpoint_every=2))
+    assert main(["prior", "train", recipe, "--quiet", "--set", "train.warmup_steps=0"]) == 0
+    run_dir = next(p for p in (workdir / "runs").iterdir() if (p / "checkpoints" / "final.pt").is_file()
+                   and load_checkpoint(p / "checkpoints" / "final.pt").get("family") == "prior")
+    from mlflow import MlflowClient
+
+    run = MlflowClient(tracking_uri=store).get_run(run_dir.name)
+    assert run.info.run_name == "tiny-prior warmup_steps=0"  # named for its --set, as `vqkit train`
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "prior_quality.py"
+    spec = importlib.util.spec_from_file_location("prior_quality", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    capsys.readouterr()
+    bench.main([str(run_dir), "--n", "16", "--batch-size", "16"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["n"] == 16 and out["test_grids"] == 96  # the autoencoder's test split (limit 96)
+    for key in ("fd_prior_vs_recon", "fd_floor_other_recon_vs_recon", "fd_independent_vs_recon"):
+        assert np.isfinite(out[key]) and out[key] >= 0, key
+    # 16 codes: a uniform model has 4 bits per code; a model fitted to the train codes fewer
+    assert 0 < out["test_bpd_independent"] < 4.0 and 0 < out["test_bpd_prior"] < 6.0
+    with pytest.raises(SystemExit, match="need 200 test images"):
+        bench.main([str(run_dir), "--n", "100"])
 
 
 def test_prior_recipe_errors_are_located(autoencoder, workdir, store, capsys):

@@ -15,6 +15,7 @@ import torch
 import yaml
 from PIL import Image
 
+from tests.trainkit import all_tensors_equal, client
 from vqkit.cli import main
 from vqkit.model import VQModel
 from vqkit.recipe import load_recipe
@@ -22,7 +23,7 @@ from vqkit.train.checkpoint import latest_checkpoint, load_checkpoint
 from vqkit.train.data import StepBatches
 from vqkit.train.trainer import train
 
-pytest_plugins = ("trainkit",)  # fixtures: store, mlflow_template, closed_port
+pytest_plugins = ("trainkit",)  # fixtures: store, mlflow_template, closed_port, workdir
 
 TINY = {
     "vqkit": 1,
@@ -47,40 +48,10 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    """An empty working directory (the default MLflow store and runs/ go here)."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    return tmp_path
-
-
 def write_recipe(folder: Path, name: str = "tiny.yaml", **over) -> Path:
     path = folder / name
     path.write_text(yaml.safe_dump(_merge(TINY, over), sort_keys=False))
     return path
-
-
-def client(uri: str):
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=uri)
-
-
-def all_tensors_equal(a, b, where: str = "") -> None:
-    if torch.is_tensor(a):
-        assert torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert set(a) == set(b), (where, set(a) ^ set(b))
-        for k in a:
-            all_tensors_equal(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            all_tensors_equal(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, (where, a, b)
 
 
 # =========================================================================== end to end
@@ -103,6 +74,7 @@ def test_train_logs_params_tags_metrics_and_artifacts(workdir, store, capsys):
     tags = run.data.tags
     assert tags["vqkit.recipe_sha256"] == recipe.sha256()
     assert tags["vqkit.version"] and "vqkit==" in tags["vqkit.plugins"]
+    assert tags["vqkit.family"] == "autoencoder"  # the shared loop's family
 
     history = {k: [(m.step, m.value) for m in mlflow.get_metric_history(run_id, k)]
                for k in ("loss/total", "eval/psnr", "codebook/usage")}
@@ -130,7 +102,7 @@ def test_train_logs_params_tags_metrics_and_artifacts(workdir, store, capsys):
     with Image.open(local / "images" / "recon_000006.png") as grid:
         assert grid.width > 4 * grid.height  # 2 rows of 16 images
     state = load_checkpoint(local / "checkpoints" / "final.pt")
-    assert state["step"] == 6 and state["run"]["run_id"] == run_id
+    assert state["step"] == 6 and state["run"]["run_id"] == run_id and state["family"] == "autoencoder"
 
     # the run dir holds the same, and `vqkit eval` reads the run back by id
     run_dir = workdir / "runs" / run_id

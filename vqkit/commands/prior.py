@@ -50,6 +50,11 @@ def run_prior_train(args, stop_after: int | None = None) -> int:
     from vqkit.train.loop import TrainLoop
 
     recipe = load_recipe(args.recipe, args.overrides) if args.recipe else None
+    if recipe is not None and recipe.model.tracking.run_name is None and args.overrides:
+        from vqkit.sweep import overrides_name
+
+        # a run trained with --set is named for what they change (as `vqkit train`)
+        recipe.model.tracking.run_name = overrides_name(recipe.model.name, args.overrides)
     if recipe is None and not args.resume:
         raise VqkitError(Problem("vqkit prior train: give a RECIPE (or --resume RUN_ID_OR_PATH)"))
     state = path = None
