@@ -49,7 +49,16 @@ class RayLauncher(SchedulerLauncher):
         if p.address is None:
             ray.init(num_cpus=p.local_cpus, include_dashboard=False, log_to_driver=False)
         else:
-            ray.init(address=p.address, log_to_driver=False)
+            try:
+                ray.init(address=p.address, log_to_driver=False)
+            except ConnectionError as exc:  # nothing there, or its token authentication refused us
+                from vqkit.errors import VqkitError
+
+                raise VqkitError(
+                    f"sweep.launcher.params.address: cannot join the Ray cluster at {p.address} ({exc}); is it "
+                    f"running (`ray start --head --port ...`), and, with token authentication (the default of "
+                    f"`ray start --head`), are RAY_AUTH_MODE=token and its token (~/.ray/auth_token or "
+                    f"RAY_AUTH_TOKEN) set for `vqkit sweep`?") from None
         self._started = True
 
     # the job bookkeeping is SchedulerLauncher's: here only how Ray runs, waits for and stops a child
