@@ -91,11 +91,57 @@ def test_plugins_command_still_lists_under_strict_mode(tmp_path, monkeypatch, ca
 
 
 def test_disabled_plugins_are_blocked(tmp_path, monkeypatch):
-    monkeypatch.setenv("VQKIT_DISABLE_PLUGINS", "vqkit-huber, other")
+    monkeypatch.setenv("VQKIT_DISABLE_PLUGINS", "vqkit-huber, vqkit-huber:other")
     with _fake(tmp_path, "vqkit-huber", "vqkit_huber_mod3", ex.GOOD):
-        registry = build_registry()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PluginWarning)  # vqkit-huber:other matches nothing
+            registry = build_registry()
     assert next(p for p in registry.plugins if p.name == "vqkit-huber").status == "blocked"
     assert "huber" not in registry.names("perceptual_losses")
+
+
+def test_a_disable_item_that_matches_no_entry_point_is_warned_with_a_suggestion(
+    tmp_path, monkeypatch, capsys, use_registry
+):
+    monkeypatch.setenv("VQKIT_DISABLE_PLUGINS", "vqkit-hubr")
+    with _fake(tmp_path, "vqkit-huber", "vqkit_huber_mod5", ex.GOOD):
+        with pytest.warns(PluginWarning) as record:
+            registry = build_registry()
+    [warning] = [str(r.message) for r in record]
+    assert warning.startswith(
+        "VQKIT_DISABLE_PLUGINS: 'vqkit-hubr' matches no installed plugin entry point, so it blocks nothing "
+        "(did you mean 'vqkit-huber'? valid: "), warning
+    assert "huber" in registry.names("perceptual_losses")  # nothing was blocked
+    # through the CLI: one warning line, the command still works
+    monkeypatch.setenv("VQKIT_DISABLE_PLUGINS", "jukebx")
+    with _fake(tmp_path, "vqkit-huber", "vqkit_huber_mod6", ex.GOOD):
+        use_registry(None)  # built by the command
+        assert main(["plugins"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("vqkit: warning: VQKIT_DISABLE_PLUGINS: 'jukebx' matches no installed plugin entry point"), err
+
+
+def test_blocking_the_bare_name_of_a_builtin_entry_point_is_warned(tmp_path, monkeypatch):
+    """A third-party entry point named like a built-in one (`resets`): the bare name blocks
+    both, and the warning says so and how to block only the third-party one."""
+    builtin = next(p.name for p in get_registry().plugins if p.distribution == "vqkit")
+    monkeypatch.setenv("VQKIT_DISABLE_PLUGINS", builtin)
+    with _fake(tmp_path, "vqkit-huber", "vqkit_huber_mod7", ex.GOOD, ep_name=builtin):
+        with pytest.warns(PluginWarning) as record:
+            registry = build_registry()
+    [warning] = [str(r.message) for r in record]
+    assert warning == (
+        f"VQKIT_DISABLE_PLUGINS: {builtin!r} also blocks the built-in plugin {builtin!r} of vqkit (its components "
+        f"are not available); to block only another distribution's entry point of that name write "
+        f"DIST:{builtin} (here: vqkit-huber:{builtin})"
+    )
+    assert [p.status for p in registry.plugins if p.name == builtin] == ["blocked", "blocked"]
+    monkeypatch.setenv("VQKIT_DISABLE_PLUGINS", f"vqkit-huber:{builtin}")  # the precise form: silent
+    with _fake(tmp_path, "vqkit-huber", "vqkit_huber_mod8", ex.GOOD, ep_name=builtin):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", PluginWarning)
+            registry = build_registry()
+    assert [p.status for p in registry.plugins if p.name == builtin] == ["ok", "blocked"]
 
 
 def test_name_clash_is_one_warning_and_fatal_only_where_the_name_is_used(tmp_path):

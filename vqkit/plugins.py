@@ -298,8 +298,37 @@ def build_registry(
 
     for info, obj in loaded:
         _collect(pm, registry, info, obj, fail)
+    _check_blocked(blocked, eps, registry)
     _report_clashes(registry, strict)
     return registry
+
+
+def _check_blocked(blocked: set[str], eps: list[md.EntryPoint], registry: Registry) -> None:
+    """Warn about ``VQKIT_DISABLE_PLUGINS`` items that block nothing (a typo: with a
+    suggestion) and about a bare name that also blocks a built-in entry point of vqkit."""
+    pairs = []  # (entry-point name, distribution)
+    for ep in eps:
+        dist = getattr(ep, "dist", None)
+        pairs.append((ep.name, dist.name if dist is not None else None))
+    names = {n for n, _ in pairs} | {f"{d}:{n}" for n, d in pairs if d}
+    for item in sorted(blocked):
+        if item not in names:
+            hint = suggest(item, [n for n in names if (":" in n) == (":" in item)])
+            components = [e for kind in KINDS for e in registry._entries[kind].values() if e.name == item]
+            if components:  # a component's name, not its plugin's
+                hint += f"; {item!r} is a component of plugin {components[0].plugin!r}: " \
+                        "the variable takes plugin entry-point names (`vqkit plugins`)"
+            warnings.warn(f"{DISABLE_ENV}: {item!r} matches no installed plugin entry point, so it blocks "
+                          f"nothing{hint}", PluginWarning, stacklevel=4)
+            continue
+        dists = [d for n, d in pairs if n == item]
+        if ":" not in item and BUILTIN_DISTRIBUTION in dists:
+            others = sorted(f"{d}:{item}" for d in dists if d and d != BUILTIN_DISTRIBUTION)
+            warnings.warn(
+                f"{DISABLE_ENV}: {item!r} also blocks the built-in plugin {item!r} of {BUILTIN_DISTRIBUTION} "
+                "(its components are not available); to block only another distribution's entry point of "
+                f"that name write DIST:{item}" + (f" (here: {', '.join(others)})" if others else ""),
+                PluginWarning, stacklevel=4)
 
 
 def _report_clashes(registry: Registry, strict: bool) -> None:
