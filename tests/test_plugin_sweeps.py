@@ -1,8 +1,11 @@
 """The sweep plugin distributions in plugins/ (vqkit-ray, vqkit-submitit, vqkit-optuna),
 installed as a user would (`make setup`: `pip install -e plugins/vqkit-ray ...`): found
 through their entry points and their own test suites pass (vqkit's launcher/search contract
-suites, a 4-child sweep on a local Ray instance of 2 CPUs and through submitit's local
-executor, an 8-trial Optuna search with pruning that resumes after an interruption)."""
+suites; a 4-child sweep on a two-node Ray cluster of 2 CPUs started with `ray start` and joined
+by address, and a lost Ray worker; the same sweep through submitit's local executor; an
+8-trial Optuna search with pruning that resumes after an interruption, its study logged to the
+parent run, and a 2-process child pruned on both ranks). Real Slurm is checked outside CI:
+scripts/slurm-local.sh and scripts/slurm_sweep_check.py."""
 from __future__ import annotations
 
 import importlib.metadata as md
