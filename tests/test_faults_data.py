@@ -60,6 +60,48 @@ def test_validate_build_decodes_every_file_even_without_preloading(tmp_path, cor
     assert main(["validate", "--build", str(recipe)]) == 2
     err = capsys.readouterr().err
     assert err.strip().splitlines() == [line for line in err.strip().splitlines() if str(bad) in line]
-    assert err.startswith(f"vqkit: error: {recipe}: cannot read image {str(bad)!r}")
+    assert err.startswith(f"vqkit: error: {recipe}: data: cannot read image {str(bad)!r}")
     bad.unlink()
     assert main(["validate", "--build", str(recipe)]) == 0
+
+
+@pytest.mark.parametrize("preload_mb", [0, 64])
+def test_validate_build_reports_every_bad_image_of_both_splits_at_once(tmp_path, store, capsys, preload_mb):
+    """Two bad files (a text file named .jpg, a truncated PNG), one per split: one
+    `validate --build` names both, preloaded or not; preloaded, `train` refuses with both
+    too, before any MLflow run."""
+    folder = tmp_path / "images"
+    files = write_example_images(folder)
+    data = files[0].read_bytes()
+    test_name = next(f"trunc{i}.png" for i in range(100) if hash_fraction(f"trunc{i}.png") < 0.25)
+    train_name = next(f"notes{i}.jpg" for i in range(100) if hash_fraction(f"notes{i}.jpg") >= 0.25)
+    (folder / test_name).write_bytes(data[: len(data) // 2])
+    (folder / train_name).write_text("not an image\n")
+    recipe = _recipe(tmp_path, folder, store, workers=0)
+    text = recipe.read_text().replace("preload_mb: 0", f"preload_mb: {preload_mb}")
+    recipe.write_text(text)
+    assert main(["validate", "--build", str(recipe)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    named = sorted(name for name in (test_name, train_name) for line in lines if str(folder / name) in line)
+    assert named == sorted([test_name, train_name]) and len(lines) == 2, lines
+    assert all(line.startswith(f"vqkit: error: {recipe}: data: cannot read image ") for line in lines), lines
+    if not preload_mb:  # training decodes lazily: it stops at the first bad file it reads
+        return
+    assert main(["train", str(recipe), "--quiet"]) == 2  # preloaded: every bad file, before any run
+    assert sorted(capsys.readouterr().err.strip().splitlines()) == sorted(
+        line.replace(f"{recipe}: ", "", 1) for line in lines)
+    from mlflow import MlflowClient
+
+    assert MlflowClient(tracking_uri=store).search_runs(["0"]) == [] and len(
+        MlflowClient(tracking_uri=store).search_experiments()) == 1  # no run, no experiment made
+
+
+def test_a_long_list_of_bad_images_is_capped(tmp_path, store, capsys):
+    folder = tmp_path / "images"
+    write_example_images(folder)
+    for i in range(30):
+        (folder / f"junk{i:02d}.jpg").write_text("junk\n")
+    recipe = _recipe(tmp_path, folder, store, workers=0)
+    assert main(["validate", "--build", str(recipe)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 21 and lines[-1].startswith(f"vqkit: error: {recipe}: data: ... and 10 more images that cannot"), lines

@@ -42,10 +42,7 @@ def run_validate(args) -> int:
                     from vqkit.prior.family import check_prior_build as build_all  # noqa: F811
                 try:
                     built = build_all(recipe)
-                    for split in ("train_data", "test_data"):  # e.g. decode every image file
-                        check = getattr(getattr(built, split, None), "check", None)
-                        if callable(check):
-                            check()
+                    _check_data(built)
                 except VqkitError as exc:  # locate build problems in the recipe file
                     raise VqkitError([dataclasses.replace(p, file=p.file or path) for p in exc.problems]) from None
             report.append({"recipe": path, "ok": True, "problems": []})
@@ -60,6 +57,23 @@ def run_validate(args) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
     return 2 if failed else 0
+
+
+def _check_data(built) -> None:
+    """Run each split's ``check()`` (e.g. decode every image file); the problems of both
+    splits are reported together, located at ``data``."""
+    from vqkit.train.build import merge_problems
+
+    found = []
+    for split in ("train_data", "test_data"):
+        check = getattr(getattr(built, split, None), "check", None)
+        if callable(check):
+            try:
+                check()
+            except VqkitError as exc:
+                found.append([dataclasses.replace(p, path=p.path or "data") for p in exc.problems])
+    if found:
+        raise VqkitError(merge_problems(found))
 
 
 def configure_explain(p) -> None:

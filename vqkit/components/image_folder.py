@@ -51,6 +51,19 @@ Size = Annotated[int, Field(ge=1, le=8192)]
 DEFAULT_EXTENSIONS = [".png", ".jpg", ".jpeg"]
 
 
+#: bad files named one per line; the rest are counted
+MAX_BAD_SHOWN = 20
+
+
+def bad_images_error(messages: list[str]) -> VqkitError:
+    """One user error listing every file that cannot be decoded (the first
+    :data:`MAX_BAD_SHOWN`, then how many more)."""
+    shown = [Problem(text) for text in messages[:MAX_BAD_SHOWN]]
+    if len(messages) > MAX_BAD_SHOWN:
+        shown.append(Problem(f"... and {len(messages) - MAX_BAD_SHOWN} more images that cannot be read"))
+    return VqkitError(shown)
+
+
 class ImageFolderParams(Params):
     root: str = Field(description="folder searched recursively for images (relative: to the working directory)")
     image_size: Union[Size, tuple[Size, Size]] = Field(
@@ -215,11 +228,16 @@ class ImageFolder(Dataset):
             return
         workers = min(4, os.cpu_count() or 1)
         used = 0.0
+        bad: list[str] = []
         with ThreadPoolExecutor(workers) as pool:
-            for i, tensor in enumerate(pool.map(self._resized, range(len(self.files)))):
-                if used + tensor.numel() <= budget:
+            for i, tensor in enumerate(pool.map(self._decoded, range(len(self.files)))):
+                if isinstance(tensor, str):
+                    bad.append(tensor)
+                elif used + tensor.numel() <= budget:
                     self._cache[i] = tensor
                     used += tensor.numel()
+        if bad:  # every file that cannot be decoded, not only the first
+            raise bad_images_error(bad)
         if not self._random and not self._flip and all(t is not None for t in self._cache):
             self._stacked = torch.stack([self._crop(t, None) for t in self._cache])  # type: ignore[arg-type]
 
@@ -244,17 +262,20 @@ class ImageFolder(Dataset):
         def decode(i: int) -> str | None:
             if self._stacked is not None or self._cache[i] is not None:
                 return None  # decoded at construction
-            try:
-                self._resized(i)
-            except VqkitError as exc:
-                return str(exc)
-            return None
+            out = self._decoded(i)
+            return out if isinstance(out, str) else None
 
         with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
             bad = [msg for msg in pool.map(decode, range(len(self.files))) if msg]
         if bad:
-            shown = bad[:20] + ([f"... and {len(bad) - 20} more"] if len(bad) > 20 else [])
-            raise VqkitError([Problem(text) for text in shown])
+            raise bad_images_error(bad)
+
+    def _decoded(self, i: int) -> torch.Tensor | str:
+        """:meth:`_resized`, or the message of the user error it raised."""
+        try:
+            return self._resized(i)
+        except VqkitError as exc:
+            return str(exc)
 
     # -- Dataset --------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:

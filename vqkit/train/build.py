@@ -18,6 +18,7 @@ distribution, for MLflow) and :func:`not_implemented_error` (a component that ra
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 from torch import nn
@@ -66,8 +67,15 @@ def build_datasets(recipe: Recipe) -> tuple[Dataset, Dataset]:
     """The ``(train, test)`` splits of the recipe's data set."""
     ref = recipe.model.data
     params = recipe.params_of("data")
-    train = _make("datasets", ref.name, params, "data", split="train", seed=recipe.model.seed)
-    test = _make("datasets", ref.name, params, "data", split="test", seed=recipe.model.seed)
+    splits, problems = [], []
+    for split in ("train", "test"):  # both built, so the problems of both are reported at once
+        try:
+            splits.append(_make("datasets", ref.name, params, "data", split=split, seed=recipe.model.seed))
+        except VqkitError as exc:
+            problems.append(exc.problems)
+    if problems:
+        raise VqkitError(merge_problems(problems))
+    train, test = splits
     for split, ds in (("train", train), ("test", test)):
         if len(ds) == 0:
             raise VqkitError(Problem(f"data set {ref.name!r} has an empty {split} split", path="data"))
@@ -80,6 +88,33 @@ def build_datasets(recipe: Recipe) -> tuple[Dataset, Dataset]:
             )
         )
     return train, test
+
+
+#: a data set's problem that stands for more of the same ("... and 12 more images that ...")
+_MORE = re.compile(r"^\.\.\. and (\d+) more (.*)$")
+
+
+def merge_problems(lists: list[list[Problem]], limit: int = 20) -> list[Problem]:
+    """The problems of several splits (or checks) as one list: each once, at most ``limit``
+    shown, the rest counted in one last "... and N more ..." problem."""
+    seen: dict[str, Problem] = {}
+    hidden, what, template = 0, "", None
+    for problems in lists:
+        for p in problems:
+            more = _MORE.match(p.message)
+            if more:
+                hidden += int(more.group(1))
+                what, template = more.group(2), p
+            else:
+                seen.setdefault(str(p), p)
+    out = list(seen.values())
+    hidden += max(0, len(out) - limit)
+    out = out[:limit]
+    if hidden:
+        base = template or out[-1]
+        out.append(dataclasses.replace(base, message=f"... and {hidden} more {what or 'problems'}",
+                                       line=None, col=None))
+    return out
 
 
 def build_model(recipe: Recipe, channels: int) -> VQModel:
