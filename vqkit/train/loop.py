@@ -633,6 +633,7 @@ class TrainLoop:
         show_bar = (not self.quiet) and dist.is_main and self.out.isatty()
         lines = (not self.quiet) and dist.is_main and not show_bar
         bar = None
+        self._last_line = time.monotonic()
         if show_bar:
             from tqdm import tqdm
 
@@ -677,6 +678,9 @@ class TrainLoop:
                     self.last_metrics = metrics
                     self.tracker.log_metrics(metrics, self.step)
                     sums, n_window, data_s, step_s = {}, 0, 0.0, 0.0
+                    evaluates = self.step % tc.eval_every == 0 or (last and self.step == tc.steps)
+                    if lines and not evaluates and self._progress_due():  # no TTY: a line now and then
+                        self._progress_line(with_eval=False)
                     if bar is not None:
                         bar.set_postfix(fam.postfix(metrics), refresh=False)
                 if dist.is_main and (self.step % tc.eval_every == 0 or (last and self.step == tc.steps)):
@@ -713,10 +717,23 @@ class TrainLoop:
                     self.last_eval.update(final)
             self.save(final=True)
 
-    def _progress_line(self) -> None:
-        m = {**self.last_metrics, **self.last_eval}
+    #: without a TTY (and without --quiet) a progress line is printed at the first
+    #: ``train.log_every`` step after this many seconds since the last line, and at every
+    #: evaluation
+    progress_every_s: float = 30.0
+    _last_line: float | None = None
+
+    def _progress_due(self) -> bool:
+        now = time.monotonic()
+        if self._last_line is None:
+            self._last_line = now
+        return now - self._last_line >= self.progress_every_s
+
+    def _progress_line(self, with_eval: bool = True) -> None:
+        m = {**self.last_metrics, **self.last_eval} if with_eval else dict(self.last_metrics)
         parts = [f"step {self.step}/{self.cfg.train.steps}", *self.family.progress(m)]
         print("vqkit: " + " ".join(parts), file=self.out, flush=True)
+        self._last_line = time.monotonic()
 
     def _summary(self, result: TrainResult) -> None:
         bits = self.family.summary(result.metrics)
