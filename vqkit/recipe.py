@@ -750,7 +750,7 @@ def _capability_problems(data: dict, refs: list[tuple[Path_, str, Any]], registr
 # =========================================================================== prior recipes
 class AutoencoderRef(_Block):
     run: Optional[str] = Field(
-        None, description="the trained autoencoder: MLflow run id, run dir or checkpoint file "
+        None, description="the trained autoencoder: MLflow run id (or unique id prefix, or run name), run dir or checkpoint file "
         "(relative paths: from the working directory); wins over `experiment`"
     )
     experiment: Optional[str] = Field(

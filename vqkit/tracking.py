@@ -1013,8 +1013,8 @@ def resolve_runs(uri: str, refs: Iterable[str], experiment: str | None = None) -
 
             names = sorted({r["run_name"] for r in pool if r["run_name"]})
             where = f"experiment {experiment!r}" if experiment else "any experiment"
-            problems.append(Problem(f"no MLflow run with id, id prefix or name {ref!r} in {where} at {uri}"
-                                    + (suggest(ref, names) if names else "")))
+            hint = _id_hint(ref, pool) or (suggest(ref, names) if names else "")
+            problems.append(Problem(f"no MLflow run with id, id prefix or name {ref!r} in {where} at {uri}" + hint))
         else:
             listed = ", ".join(f"{r['run_id'][:8]} ({r['run_name']}, {r['status']})" for r in hits[:8])
             problems.append(Problem(f"{ref!r} matches {len(hits)} runs: {listed}; give a longer run-id prefix"))
@@ -1025,6 +1025,45 @@ def resolve_runs(uri: str, refs: Iterable[str], experiment: str | None = None) -
 
 def _hexish(text: str) -> bool:
     return len(text) >= 4 and all(c in "0123456789abcdefABCDEF" for c in text)
+
+
+def _id_hint(ref: str, pool: list[dict[str, Any]]) -> str:
+    """' (did you mean 'a1b2c3d4'? (run name))' when hex ``ref`` is one typo away from the
+    start of a run id, else ''."""
+    import difflib
+
+    if not _hexish(ref):
+        return ""
+    heads = {r["run_id"][:len(ref)]: r for r in pool}
+    close = difflib.get_close_matches(ref.lower(), list(heads), n=1, cutoff=0.7)
+    if not close:
+        return ""
+    run = heads[close[0]]
+    return f" (did you mean {run['run_id'][:max(8, len(ref))]!r}? run {run['run_name']!r})"
+
+
+#: a full MLflow run id (uuid4 hex)
+_FULL_RUN_ID = 32
+
+
+def resolve_run_id(uri: str, ref: str) -> str:
+    """The full id of the one run that ``ref`` names in the store at ``uri``: a full run id,
+    a unique run-id prefix (the 8-character ids that ``vqkit compare`` and sweep summaries
+    print) or a run name, in any experiment. The one resolver of every command that takes a
+    run (``vqkit eval``, ``train --resume``, ``sample``, ``prior train``'s
+    ``autoencoder.run``; ``compare`` through :func:`resolve_runs`): an unknown reference is
+    a user error with a did-you-mean, an ambiguous one lists the runs it matches. A full id
+    is looked up directly (deleted runs too), without listing the store."""
+    if len(ref) == _FULL_RUN_ID and _hexish(ref):
+        from vqkit.errors import VqkitError
+
+        try:
+            return _client(uri).get_run(ref.lower()).info.run_id
+        except VqkitError:
+            raise
+        except Exception:  # not in the store: the search below says so, with suggestions
+            pass
+    return resolve_runs(uri, [ref])[0]["run_id"]
 
 
 def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:

@@ -20,7 +20,7 @@ from vqkit.runtime import cpu_friendly_threads
 
 
 def configure_eval(p) -> None:
-    p.add_argument("target", metavar="RUN_ID_OR_CHECKPOINT", help="MLflow run id, run dir or checkpoint file")
+    p.add_argument("target", metavar="RUN_ID_OR_CHECKPOINT", help="MLflow run id (or unique id prefix, or run name), run dir or checkpoint file")
     p.add_argument("--num-samples", type=int, default=None, help="test images (default: the recipe's eval.num_samples)")
     p.add_argument("--metrics", default=None,
                    help="comma-separated: psnr,ssim,lpips,fd_vgg16_relu5_3 (default: the recipe's eval.metrics)")

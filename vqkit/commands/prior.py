@@ -31,7 +31,7 @@ def configure_prior(p) -> None:
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="override a recipe key (value parsed as YAML); repeatable")
     t.add_argument("--resume", metavar="RUN_ID_OR_PATH",
-                   help="continue a prior run: MLflow run id, run dir or checkpoint file")
+                   help="continue a prior run: MLflow run id (or unique id prefix, or run name), run dir or checkpoint file")
     t.add_argument("--quiet", action="store_true", help="no progress bar or progress lines")
 
 

@@ -9,7 +9,7 @@ from vqkit.runtime import cpu_friendly_threads
 
 def configure_sample(p) -> None:
     p.add_argument("target", metavar="RUN_ID_OR_CHECKPOINT",
-                   help="a prior: MLflow run id, run dir or checkpoint file of `vqkit prior train`")
+                   help="a prior: MLflow run id (or unique id prefix, or run name), run dir or checkpoint file of `vqkit prior train`")
     p.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (> 0; default 1)")
     p.add_argument("--top-k", type=int, default=None, help="sample among the K likeliest codes only")

@@ -27,7 +27,8 @@ def _output_roots(recipe=None) -> list[Path]:
 
 def resolve_checkpoint(target: str, recipe=None, tracking_uri: str | None = None) -> Path:
     """A checkpoint file for ``target``: a checkpoint file, a run dir (its newest
-    checkpoint), or an MLflow run id (local run dir if found, else downloaded)."""
+    checkpoint), or an MLflow run (full id, unique id prefix or run name: see
+    :func:`vqkit.tracking.resolve_run_id`; its local run dir if found, else downloaded)."""
     from vqkit.train.checkpoint import latest_checkpoint
 
     path = Path(target)
@@ -44,6 +45,12 @@ def resolve_checkpoint(target: str, recipe=None, tracking_uri: str | None = None
     from vqkit.tracking import download_checkpoint, find_run_dir, resolve_tracking_uri
 
     run_dir = find_run_dir(target, _output_roots(recipe))
+    if run_dir is None:  # not a local run dir: the store names it (full id, unique id prefix or run name)
+        from vqkit.tracking import resolve_run_id
+
+        store = resolve_tracking_uri(tracking_uri or (recipe.model.tracking.uri if recipe is not None else None))
+        target = resolve_run_id(store, target)
+        run_dir = find_run_dir(target, _output_roots(recipe))
     if run_dir is not None:
         found = latest_checkpoint(run_dir / "checkpoints")
         if found is not None:
@@ -72,7 +79,7 @@ def configure_train(p) -> None:
                    help="recipe YAML (optional with --resume: the checkpoint's recipe is used)")
     _add_set(p)
     p.add_argument("--resume", metavar="RUN_ID_OR_PATH",
-                   help="continue a run: MLflow run id, run dir or checkpoint file")
+                   help="continue a run: MLflow run id (or unique id prefix, or run name), run dir or checkpoint file")
     p.add_argument("--quiet", action="store_true", help="no progress bar or progress lines")
     p.add_argument("--nproc", type=int, default=1, metavar="N",
                    help="train with N processes on this machine (runs torchrun; gloo on CPU)")
