@@ -345,7 +345,10 @@ class Tracker:
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log params (values stringified, truncated to MLflow's limit). On a resumed run,
         keys already logged keep their value; changed values are recorded as tags
-        ``vqkit.changed.<key>``."""
+        ``vqkit.changed.<key>``. An empty mapping (``reset.params`` of ``reset: {name:
+        none}``, any component without params) is not a param: it is left out, so MLflow's
+        views do not show a ``{}`` column beside the runs that log ``<block>.params.<name>``."""
+        params = {k: v for k, v in params.items() if not (isinstance(v, Mapping) and not v)}
         if self.enabled and params:
             self._push({"op": "params", "params": {k: _param_value(v) for k, v in params.items()}})
 
