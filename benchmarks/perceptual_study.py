@@ -1,27 +1,38 @@
 """Loss study: pixel-only against learned and pretrained perceptual losses on real photographs.
 
-The four recipes of ``recipes/perceptual/`` (``pixel``, ``lpips``, ``disc-features``,
-``disc-features-lpips``) share data, model, code-book, reset policy, seed and steps and
-differ only in their losses (and the PatchGAN where they call for it). Each is an ordinary
-``vqkit train`` run in experiment ``perceptual``. Then every saved checkpoint of every run
-is evaluated with the same metrics (``vqkit.metrics``: PSNR, SSIM, LPIPS-AlexNet, the VGG16
-Fréchet distance) on
+The four losses (``pixel``, ``lpips``, ``disc-features``, ``disc-features-lpips``) share
+data, model, code-book, reset policy, seed and steps and differ only in their losses (and
+the PatchGAN where they call for it): they are the children of one sweep,
+``vqkit sweep recipes/perceptual/study.yaml`` (experiment ``perceptual``); with ``--tune``
+also the tuning sweep of the discriminator-feature recipe,
+``vqkit sweep recipes/perceptual/tune-disc-features.yaml`` (experiment
+``perceptual-tuning``). Then every saved checkpoint of the study's runs (the final one of
+the tuning runs) is evaluated with the same metrics (``vqkit.metrics``: PSNR, SSIM,
+LPIPS-AlexNet, the VGG16 Fréchet distance) on
 
 * ``in-source``: the recipes' test split: crops of 2 wallpaper photographs held out from
   training (Debian ``plasma-workspace-wallpapers``);
 * ``out-of-source``: crops of 4 of scikit-image's photographs (astronaut, chelsea, coffee,
   motorcycle), a source not used in training at all.
 
+and, as the classic-codec peers, JPEG and WebP (Pillow) at the bits per pixel of the VQ
+code (latent positions x log2(code-book size) / pixels; the codes are not entropy-coded):
+the test crops are tiled into one mosaic (headers amortised; the 64-px crops align with
+JPEG's 8/16-px blocks and WebP's 16-px macroblocks) and encoded at the highest quality
+whose file fits that budget.
+
 Written under ``--out``: ``results.json`` (every number, run ids, wall times), ``table.md``,
-``curves.png`` (metrics over steps per loss), ``grid-in-source.png`` and
-``grid-out-of-source.png`` (the same test crops reconstructed by each final model). The
-final metrics are also written back into each run (``vqkit eval RUN``).
+``tuning.md``, ``curves.png`` (metrics over steps per loss), ``grid-in-source.png`` and
+``grid-out-of-source.png`` (the same test crops reconstructed by each final model and the
+codecs). The in-source LPIPS and FD of every checkpoint are also logged into its run
+(``eval/lpips``, ``eval/fd_vgg16_relu5_3`` at the checkpoint's step), so
+``vqkit compare PARENT_RUN --plot OUT.png`` shows them over steps.
 
 Reproduce (from the repository root; needs ``apt-get install plasma-workspace-wallpapers``
 and ``vqkit weights fetch lpips``)::
 
-    python benchmarks/perceptual_study.py --jobs 4          # trains what is missing, then evaluates
-    python benchmarks/perceptual_study.py --no-train        # evaluate the runs that exist so far
+    python benchmarks/perceptual_study.py --tune        # runs (or resumes) the sweeps, then evaluates
+    python benchmarks/perceptual_study.py --no-train    # evaluate the runs that exist so far
 
 Runs are tracked in ``<work>/mlflow.db`` (``--work``, default ``runs/bench-perceptual``);
 ``vqkit compare --experiment perceptual --tracking-uri sqlite:///<work>/mlflow.db`` shows them.
@@ -52,65 +63,67 @@ COLOURS = {"pixel": "tab:gray", "lpips": "tab:blue", "disc-features": "tab:orang
 METRICS = ["psnr", "ssim", "lpips", "fd_vgg16_relu5_3"]
 #: the out-of-source test set: scikit-image photographs (none of them is in the training data)
 OUT_OF_SOURCE = {"name": "natural-patches", "params": {
-    "image_size": 32, "patches_per_image": 256, "train_images": ["rocket"],
+    "image_size": None, "patches_per_image": 256, "train_images": ["rocket"],  # image_size: the recipe's
     "test_images": ["astronaut", "chelsea", "coffee", "motorcycle_left"]}}
-GRID_ITEMS = 12
+GRID_ITEMS = 10
+CODECS = {"jpeg": "JPEG (Pillow, 4:2:0)", "webp": "WebP (Pillow, method 6)"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=VARIANTS,
+                   help="study runs to evaluate (none: with --tune, only the tuning runs)")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-perceptual", help="run dirs and the MLflow store")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "perceptual", help="where results and figures go")
     p.add_argument("--no-train", action="store_true", help="only evaluate the runs that exist")
-    p.add_argument("--jobs", type=int, default=1, help="train this many variants side by side (1 thread each)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra recipe override for every run (repeatable); changes the recipe, so new runs")
+    p.add_argument("--tune", action="store_true", help="also run and evaluate the tuning sweep")
+    p.add_argument("--tune-runs", nargs="+", default=None, metavar="NAME",
+                   help="with --tune: evaluate only these tuning runs (default: all)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads per child (default: the sweep's split)")
     p.add_argument("--steps", nargs="+", type=int, default=None,
                    help="evaluate only the checkpoints of these steps (default: every saved checkpoint)")
     p.add_argument("--tests", nargs="+", default=["in-source", "out-of-source"], choices=["in-source", "out-of-source"])
-    p.add_argument("--num-samples", type=int, default=1024, help="test crops per evaluation (>= 512 for the FD)")
+    p.add_argument("--num-samples", type=int, default=512,
+                   help="test crops per evaluation, spread over the split's photographs (>= 512 for the FD)")
     p.add_argument("--report-only", action="store_true", help="no evaluation: write the table and figures")
     return p.parse_args(argv)
 
 
 # ----------------------------------------------------------------------------- runs
-def find_run(uri: str, variant: str) -> dict | None:
-    """The newest non-deleted run of ``variant`` in experiment ``perceptual`` (FINISHED preferred)."""
+def find_run(uri: str, variant: str, experiment: str = "perceptual") -> dict | None:
+    """The newest non-deleted run of ``variant`` in ``experiment`` (FINISHED preferred): a
+    sweep child named ``run_name=<variant> ...`` or a plain ``vqkit train`` run named
+    ``<variant>`` (study variants are prefixed ``perceptual-``)."""
     from vqkit.errors import VqkitError
     from vqkit.tracking import search_runs
 
+    name = f"perceptual-{variant}" if experiment == "perceptual" else variant
     try:
-        runs = search_runs(uri, "perceptual")
+        runs = search_runs(uri, experiment)
     except VqkitError:
         return None
-    runs = [r for r in runs if r["run_name"] == f"perceptual-{variant}"]
+    runs = [r for r in runs if r["run_name"] == name or r["run_name"].startswith(f"run_name={name} ")]
     finished = [r for r in runs if r["status"] == "FINISHED"]
     return (finished or runs or [None])[0]
 
 
-def train_missing(args, uri: str) -> None:
-    todo = [v for v in args.variants if (find_run(uri, v) or {}).get("status") != "FINISHED"]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1"}
-    running: list[tuple[str, subprocess.Popen]] = []
-    vqkit = [sys.executable, "-m", "vqkit.cli"]
-    while todo or running:
-        while todo and len(running) < args.jobs:
-            v = todo.pop(0)
-            run = find_run(uri, v)
-            cmd = vqkit + ["train", str(RECIPES / f"{v}.yaml"), "--quiet"]
-            if run is not None and run["status"] != "FINISHED":
-                cmd = vqkit + ["train", "--resume", run["run_id"], "--quiet"]  # continue an interrupted run
-            for o in args.overrides:
-                cmd += ["--set", o]
-            print(f"train {v}: {' '.join(cmd[2:])}", flush=True)
-            running.append((v, subprocess.Popen(cmd, cwd=args.work, env=env)))
-        time.sleep(5)
-        for v, proc in list(running):
-            if proc.poll() is not None:
-                running.remove((v, proc))
-                if proc.returncode != 0:
-                    raise SystemExit(f"training {v} failed (exit {proc.returncode})")
+def tuning_variants(recipe: Path = RECIPES / "tune-disc-features.yaml") -> list[str]:
+    """The run names of the tuning sweep's children, in its order."""
+    import yaml
+
+    return list(yaml.safe_load(recipe.read_text())["sweep"]["grid"]["tracking.run_name"])
+
+
+def run_sweeps(args, uri: str) -> None:
+    """Run (or resume: the same command skips finished children) the study's sweep and,
+    with ``--tune``, the tuning sweep, one after the other."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    for recipe in ["study.yaml"] + (["tune-disc-features.yaml"] if args.tune else []):
+        cmd = [sys.executable, "-m", "vqkit.cli", "sweep", str(RECIPES / recipe)]
+        if args.threads:
+            cmd += ["--set", f"sweep.launcher={{name: local, params: {{threads: {args.threads}}}}}"]
+        print(" ".join(cmd[2:]), flush=True)
+        subprocess.run(cmd, cwd=args.work, env=env, check=True)
 
 
 def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
@@ -140,6 +153,26 @@ def model_digest(checkpoint: Path) -> str:
     return h.hexdigest()
 
 
+class _Spread:
+    """``n`` items spread evenly over a test split (every ``len // n``-th crop), so a
+    subset covers every photograph of a split grouped by photograph."""
+
+    def __init__(self, base, n: int):
+        self.base, self.n = base, min(n, len(base))
+        self.stride = max(1, len(base) // self.n)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        return self.base[i * self.stride]
+
+    def get_batch(self, indices):
+        import torch
+
+        return self.base.get_batch(torch.as_tensor(indices, dtype=torch.long) * self.stride)
+
+
 class Evaluator:
     """One MetricSet per test set (the real images' Fréchet statistics computed once)."""
 
@@ -154,7 +187,9 @@ class Evaluator:
 
             if name == "out-of-source":
                 d = recipe.to_dict()
-                d["data"] = OUT_OF_SOURCE
+                data = json.loads(json.dumps(OUT_OF_SOURCE))
+                data["params"]["image_size"] = recipe.model.data.params["image_size"]
+                d["data"] = data
                 recipe = recipe_from_dict(d, "out-of-source")
             _, test = build_datasets(recipe)
             self.sets[name] = (test, MetricSet(METRICS, cache_real=True))
@@ -166,7 +201,8 @@ class Evaluator:
 
         model, recipe = VQModel.from_checkpoint(checkpoint)
         test, metric_set = self.test_set(test_name, recipe)
-        n = min(num_samples, len(test))
+        test = _Spread(test, num_samples)
+        n = len(test)
         t0 = time.perf_counter()
         result = evaluate(model, test, n, 128, METRICS, "cpu", metric_set)
         result["eval_seconds"] = time.perf_counter() - t0
@@ -174,35 +210,124 @@ class Evaluator:
         return result
 
 
-def grid(runs: dict, step: int, test_name: str, evaluator: Evaluator, path: Path) -> None:
+# ----------------------------------------------------------------------------- classic codecs
+def code_bpp(checkpoint: Path) -> float:
+    """Bits per pixel of a model's code: code positions per image x log2(code-book size)
+    / pixels per image (fixed-length indices, no entropy coding)."""
+    import math
+
+    import torch
+
+    from vqkit.model import VQModel
+
+    model, recipe = VQModel.from_checkpoint(checkpoint)
+    size = int(recipe.model.data.params["image_size"])
+    with torch.no_grad():
+        _, out, _ = model.eval()(torch.zeros(1, 3, size, size))
+    return out.indices.numel() * math.log2(model.codebook_size) / (size * size)
+
+
+def _mosaic(arr, cols: int):
+    """``(N, H, W, 3)`` uint8 -> one ``(rows*H, cols*W, 3)`` image, row-major."""
+    n, h, w, c = arr.shape
+    return arr.reshape(n // cols, cols, h, w, c).transpose(0, 2, 1, 3, 4).reshape(n // cols * h, cols * w, c)
+
+
+def codec_roundtrip(x, fmt: str, bpp: float) -> tuple:
+    """``x`` float ``(N, 3, H, W)`` in [-1, 1] tiled into one mosaic, encoded with Pillow's
+    ``fmt`` (jpeg/webp) at the highest quality whose file is at most ``bpp`` bits per pixel,
+    decoded and cut back. Returns ``(decoded like x, quality, achieved bpp)``."""
+    import io
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    n, _, h, w = x.shape
+    cols = max(c for c in range(1, int(n ** 0.5) + 1) if n % c == 0)
+    arr = ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    img = Image.fromarray(_mosaic(arr, cols))
+    pixels = n * h * w
+
+    def encode(q: int) -> bytes:
+        buf = io.BytesIO()
+        if fmt == "jpeg":
+            img.save(buf, "JPEG", quality=q, subsampling="4:2:0", optimize=True)
+        else:
+            img.save(buf, "WEBP", quality=q, method=6)
+        return buf.getvalue()
+
+    lo, hi, best = 1, 100 if fmt == "webp" else 95, None
+    while lo <= hi:  # file size grows with quality: the highest quality within the budget
+        q = (lo + hi) // 2
+        data = encode(q)
+        if len(data) * 8 / pixels <= bpp:
+            best, lo = (q, data), q + 1
+        else:
+            hi = q - 1
+    if best is None:
+        raise SystemExit(f"{fmt}: even quality 1 needs more than {bpp:.3f} bpp")
+    q, data = best
+    dec = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    rows = n // cols
+    tiles = dec.reshape(rows, h, cols, w, 3).transpose(0, 2, 1, 3, 4).reshape(n, h, w, 3)
+    y = torch.from_numpy(tiles.copy()).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return y, q, len(data) * 8 / pixels
+
+
+def evaluate_codec(fmt: str, test, metric_set, num_samples: int, bpp: float) -> dict:
+    import torch
+
+    test = _Spread(test, num_samples)
+    n = len(test)
+    x = test.get_batch(torch.arange(n))
+    y, q, achieved = codec_roundtrip(x, fmt, bpp)
+    for start in range(0, n, 128):
+        metric_set.update(y[start:start + 128], x[start:start + 128])
+    return {**metric_set.compute(), "quality": q, "bpp": achieved, "target_bpp": bpp, "num_samples": n}
+
+
+# ----------------------------------------------------------------------------- figures and tables
+def _label(v: str) -> str:
+    return LABELS.get(v) or CODECS.get(v) or v
+
+
+def grid(runs: dict, step: int, test_name: str, evaluator: Evaluator, path: Path, bpp: float, num_samples: int) -> None:
     import torch
     from PIL import Image, ImageDraw
 
     from vqkit.model import VQModel
 
-    rows, labels = [], []
+    rows, labels, x = [], [], None
     for v, info in runs.items():
         model, recipe = VQModel.from_checkpoint(info["checkpoints"][str(step)])
-        test, _ = evaluator.test_set(test_name, recipe)
-        idx = torch.linspace(0, len(test) - 1, GRID_ITEMS).round().long()
-        x = test.get_batch(idx)
-        if not rows:
+        test = _Spread(evaluator.test_set(test_name, recipe)[0], num_samples)
+        if x is None:
+            n_eval = len(test)
+            idx = torch.linspace(0, n_eval - 1, GRID_ITEMS).round().long()
+            x = test.get_batch(idx)
             rows.append(x)
             labels.append("original")
         with torch.no_grad():
-            rows.append(model(x)[0].clamp(-1, 1))
-        labels.append(LABELS[v])
-    scale, pad, label_w = 4, 2, 230
+            rows.append(model.eval()(x)[0].clamp(-1, 1))
+        labels.append(_label(v))
+    # the codecs: the same crops, coded inside the mosaic of all evaluated test crops
+    full = test.get_batch(torch.arange(n_eval))
+    for fmt in CODECS:
+        y, q, _ = codec_roundtrip(full, fmt, bpp)
+        rows.append(y[idx])
+        labels.append(f"{_label(fmt)} q={q}")
+    scale, pad, label_w = 2, 2, 200
     n, _, h, w = rows[0].shape
     img = Image.new("RGB", (label_w + n * (w * scale + pad), len(rows) * (h * scale + pad)), "white")
     draw = ImageDraw.Draw(img)
     for r, (row, label) in enumerate(zip(rows, labels)):
-        y = r * (h * scale + pad)
-        draw.text((4, y + h * scale // 2 - 6), label, fill="black")
+        y0 = r * (h * scale + pad)
+        draw.text((4, y0 + h * scale // 2 - 6), label, fill="black")
         arr = ((row + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
         for i in range(n):
             tile = Image.fromarray(arr[i]).resize((w * scale, h * scale), Image.Resampling.NEAREST)
-            img.paste(tile, (label_w + i * (w * scale + pad), y))
+            img.paste(tile, (label_w + i * (w * scale + pad), y0))
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
 
@@ -220,11 +345,15 @@ def curves(results: dict, path: Path) -> None:
             for v, info in results["runs"].items():
                 pts = sorted((int(s), e[key]) for s, e in info["evals"].get(test_name, {}).items())
                 if pts:
-                    ax.plot(*zip(*pts), marker="o", label=LABELS[v], color=COLOURS[v])
+                    ax.plot(*zip(*pts), marker="o", label=_label(v), color=COLOURS[v])
+            for fmt, style in zip(CODECS, ("--", ":")):
+                e = results.get("codecs", {}).get(fmt, {}).get(test_name)
+                if e:
+                    ax.axhline(e[key], color="black", linestyle=style, linewidth=1, label=f"{_label(fmt)}, same bpp")
             ax.set_title(f"{title}, {test_name} test")
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
 
@@ -236,20 +365,98 @@ def common_step(results: dict) -> int | None:
     return max(map(int, common)) if common else None
 
 
+HEADER = ["| {what} | PSNR (dB) ↑ | SSIM ↑ | LPIPS-AlexNet ↓ | FD VGG16 relu5_3 ↓ | code usage | bpp | train wall time (steps/s) |",
+          "|---|---|---|---|---|---|---|---|"]
+
+
+def _row(label: str, e: dict, usage: str, bpp: str, wall: str) -> str:
+    return (f"| {label} | {e['eval/psnr']:.2f} | {e['eval/ssim']:.3f} | {e['eval/lpips']:.4f} | "
+            f"{e['eval/fd_vgg16_relu5_3']:.1f} | {usage} | {bpp} | {wall} |")
+
+
+def _wall(info: dict, step: int) -> str:
+    if not info.get("wall_s"):
+        return f"not finished ({info['status']})"
+    return f"{info['wall_s'] / 60:.0f} min ({step / info['wall_s']:.3f})"
+
+
 def table(results: dict, step: int) -> str:
     lines = []
+    bpp = results.get("bpp")
     for test_name in ("in-source", "out-of-source"):
         n = next(iter(results["runs"].values()))["evals"][test_name][str(step)]["num_samples"]
-        lines += [f"**{test_name} test**, step {step}, {n} crops", "",
-                  "| loss | PSNR (dB) ↑ | SSIM ↑ | LPIPS-AlexNet ↓ | FD VGG16 relu5_3 ↓ | code usage | perplexity | train wall time |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"**{test_name} test**, step {step}, {n} crops", "", HEADER[0].format(what="loss"), HEADER[1]]
         for v, info in results["runs"].items():
             e = info["evals"][test_name][str(step)]
-            wall = f"{info['wall_s'] / 60:.0f} min" if info.get("wall_s") else f"not finished ({info['status']})"
-            lines.append(f"| {LABELS[v]} | {e['eval/psnr']:.2f} | {e['eval/ssim']:.3f} | {e['eval/lpips']:.4f} | "
-                         f"{e['eval/fd_vgg16_relu5_3']:.3f} | {100 * e['eval/usage']:.0f} % | {e['eval/perplexity']:.0f} | {wall} |")
+            lines.append(_row(_label(v), e, f"{100 * e['eval/usage']:.0f} %", f"{bpp:.4f}", _wall(info, step)))
+        for fmt, per in results.get("codecs", {}).items():
+            e = per[test_name]
+            lines.append(_row(f"{_label(fmt)} q={e['quality']}", e, "–", f"{e['bpp']:.4f}", "–"))
         lines.append("")
     return "\n".join(lines)
+
+
+def tuning_table(results: dict, step: int) -> str:
+    """The tuning runs' final evaluations next to the study's pixel-only and untuned runs."""
+    rows = [("pixel L1 (study)", results["runs"].get("pixel")),
+            ("disc. features, untuned (study)", results["runs"].get("disc-features"))]
+    rows += [(name, info) for name, info in results.get("tuning", {}).items()]
+    lines = []
+    for test_name in ("in-source", "out-of-source"):
+        lines += [f"**{test_name} test**, step {step}", "",
+                  "| run | PSNR (dB) ↑ | SSIM ↑ | LPIPS-AlexNet ↓ | FD VGG16 relu5_3 ↓ | code usage | bpp | train wall time (steps/s) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for label, info in rows:
+            e = (info or {}).get("evals", {}).get(test_name, {}).get(str(step))
+            if e:
+                lines.append(_row(label, e, f"{100 * e['eval/usage']:.0f} %", f"{results.get('bpp', 0):.4f}", _wall(info, step)))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def collect(args, uri: str, variant: str, experiment: str, cache: Path, evaluator: Evaluator, final_only: bool) -> dict | None:
+    """Evaluate (or read from the cache) the checkpoints of one run; ``None`` without a run."""
+    from vqkit.tracking import _client, find_run_dir
+
+    run = find_run(uri, variant, experiment)
+    if run is None:
+        print(f"{variant}: no run yet", flush=True)
+        return None
+    run_dir = find_run_dir(run["run_id"], [args.work / "runs"])
+    client = _client(uri)
+    r = client.get_run(run["run_id"]).info
+    info = {"run_id": run["run_id"], "status": run["status"], "evals": {}, "checkpoints": {},
+            "wall_s": (r.end_time - r.start_time) / 1000 if r.end_time and run["status"] == "FINISHED" else None}
+    ckpts = checkpoints(run_dir)
+    if final_only and ckpts:
+        ckpts = ckpts[-1:]
+    prefix = variant if experiment == "perceptual" else f"tune-{variant}"
+    for step, ckpt in ckpts:
+        info["checkpoints"][str(step)] = str(ckpt)
+        for test_name in ("in-source", "out-of-source"):
+            f = cache / f"{prefix}-{step}-{test_name}.json"
+            todo = (not args.report_only and test_name in args.tests
+                    and (args.steps is None or step in args.steps))
+            if not f.is_file() and todo:
+                digest = model_digest(ckpt)
+                same = [json.loads(g.read_text()) for g in cache.glob(f"*-{test_name}.json")]
+                same = [e for e in same if e.get("model_sha256") == digest and e["num_samples"] == args.num_samples]
+                if same:  # bit-identical weights (e.g. two recipes before their discriminator starts)
+                    e = {**same[0], "identical_to": same[0]["variant"]}
+                else:
+                    e = evaluator(ckpt, test_name, args.num_samples)
+                e.update(run_id=run["run_id"], variant=prefix, model_sha256=digest, step=step)
+                f.write_text(json.dumps(e, indent=1, sort_keys=True))
+                if test_name == "in-source":  # into the run, so `vqkit compare --plot` shows it over steps
+                    for key in ("eval/lpips", "eval/fd_vgg16_relu5_3"):
+                        client.log_metric(run["run_id"], key, float(e[key]), step=step)
+                print(f"{prefix} step {step} {test_name}: " + " ".join(
+                    f"{k}={e[k]:.4g}" for k in sorted(e) if isinstance(e[k], (int, float))), flush=True)
+            if f.is_file():
+                e = json.loads(f.read_text())
+                if e.get("run_id") == run["run_id"]:
+                    info["evals"].setdefault(test_name, {})[str(step)] = e
+    return info
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -258,55 +465,41 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{(args.work / 'mlflow.db').resolve()}"
     if not args.no_train:
-        train_missing(args, uri)
+        run_sweeps(args, uri)
     import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
-    from vqkit.tracking import find_run_dir
-
-    # one file per evaluation (several processes may evaluate side by side)
-    cache = args.out / "evals"
+    cache = args.out / "evals"  # one file per evaluation (several processes may evaluate side by side)
     cache.mkdir(exist_ok=True)
     evaluator = Evaluator()
-    from vqkit.tracking import _client
-
-    results: dict = {"runs": {}}
+    results: dict = {"runs": {}, "tuning": {}, "codecs": {}}
     for v in args.variants:
-        run = find_run(uri, v)
-        if run is None:
-            print(f"{v}: no run yet", flush=True)
-            continue
-        run_dir = find_run_dir(run["run_id"], [args.work / "runs"])
-        r = _client(uri).get_run(run["run_id"]).info
-        info = {"run_id": run["run_id"], "status": run["status"], "evals": {}, "checkpoints": {},
-                "wall_s": (r.end_time - r.start_time) / 1000 if r.end_time and run["status"] == "FINISHED" else None}
-        for step, ckpt in checkpoints(run_dir):
-            info["checkpoints"][str(step)] = str(ckpt)
+        info = collect(args, uri, v, "perceptual", cache, evaluator, final_only=False)
+        if info is not None:
+            results["runs"][v] = info
+    if args.tune or (args.report_only and any(cache.glob("tune-*.json"))):
+        for name in tuning_variants():
+            if args.tune_runs is not None and name not in args.tune_runs:
+                continue
+            info = collect(args, uri, name, "perceptual-tuning", cache, evaluator, final_only=True)
+            if info is not None:
+                results["tuning"][name] = info
+    any_ckpt = next((c for info in results["runs"].values() for c in info["checkpoints"].values()), None)
+    if any_ckpt is not None:
+        results["bpp"] = code_bpp(Path(any_ckpt))
+        from vqkit.model import VQModel
+
+        _, recipe = VQModel.from_checkpoint(Path(any_ckpt))
+        for fmt in CODECS:
             for test_name in ("in-source", "out-of-source"):
-                f = cache / f"{v}-{step}-{test_name}.json"
-                todo = (not args.report_only and test_name in args.tests
-                        and (args.steps is None or step in args.steps))
-                if not f.is_file() and todo:
-                    digest = model_digest(ckpt)
-                    same = [json.loads(g.read_text()) for g in cache.glob(f"*-{test_name}.json")]
-                    same = [e for e in same if e.get("model_sha256") == digest and e["num_samples"] == args.num_samples]
-                    if same:  # bit-identical weights (e.g. two recipes before their discriminator starts)
-                        e = {**same[0], "identical_to": same[0]["variant"]}
-                    else:
-                        e = evaluator(ckpt, test_name, args.num_samples)
-                    e.update(run_id=run["run_id"], variant=v, model_sha256=digest)
+                f = cache / f"{fmt}-{test_name}.json"
+                if not f.is_file() and not args.report_only and test_name in args.tests:
+                    test, metric_set = evaluator.test_set(test_name, recipe)
+                    e = evaluate_codec(fmt, test, metric_set, args.num_samples, results["bpp"])
                     f.write_text(json.dumps(e, indent=1, sort_keys=True))
-                    print(f"{v} step {step} {test_name}: " + " ".join(f"{k}={e[k]:.4g}" for k in sorted(e) if isinstance(e[k], (int, float))),
-                          flush=True)
+                    print(f"{fmt} {test_name}: " + " ".join(f"{k}={e[k]:.4g}" for k in sorted(e)), flush=True)
                 if f.is_file():
-                    e = json.loads(f.read_text())
-                    if e.get("run_id") == run["run_id"]:
-                        info["evals"].setdefault(test_name, {})[str(step)] = e
-        results["runs"][v] = info
-        if run["status"] == "FINISHED" and not args.report_only and not (cache / f"{v}-written-back").exists():
-            subprocess.run([sys.executable, "-m", "vqkit.cli", "eval", run["run_id"], "--metrics", ",".join(METRICS),
-                            "--num-samples", str(args.num_samples), "--tracking-uri", uri], cwd=args.work, check=True)
-            (cache / f"{v}-written-back").touch()
+                    results["codecs"].setdefault(fmt, {})[test_name] = json.loads(f.read_text())
     (args.out / "results.json").write_text(json.dumps(results, indent=1, sort_keys=True))
     curves(results, args.out / "curves.png")
     if args.steps is not None and not args.report_only:
@@ -316,8 +509,12 @@ def main(argv: list[str] | None = None) -> int:
         print("no step evaluated for every run yet")
         return 0
     (args.out / "table.md").write_text(table(results, step))
-    grid(results["runs"], step, "in-source", evaluator, args.out / "grid-in-source.png")
-    grid(results["runs"], step, "out-of-source", evaluator, args.out / "grid-out-of-source.png")
+    if results["tuning"]:
+        (args.out / "tuning.md").write_text(tuning_table(results, step))
+        print(tuning_table(results, step))
+    for test_name in ("in-source", "out-of-source"):
+        grid(results["runs"], step, test_name, evaluator, args.out / f"grid-{test_name}.png", results["bpp"],
+             args.num_samples)
     print(table(results, step))
     return 0
 
