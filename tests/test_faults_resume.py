@@ -332,3 +332,53 @@ def test_an_interrupt_on_a_full_disk_ends_killed_without_a_traceback(workdir, st
     assert run.info.status == "KILLED"
     folder = workdir / "runs" / run.info.run_id / "checkpoints"
     assert ckpt.load_checkpoint(ckpt.latest_checkpoint(folder))["step"] == 3 and not _temp_files(folder)
+
+
+# =========================================================================== interrupts
+def test_an_interrupt_during_an_evaluation_is_evaluated_on_resume(workdir, store, capsys, monkeypatch):
+    """Ctrl-C / SIGTERM while step 4's evaluation runs: the checkpoint of step 4 remembers
+    that its evaluation (and images) are not done, and the resumed leg does them at step 4,
+    once, before training on (was: step 4's eval/* were never logged)."""
+    from vqkit.train.autoencoder import AutoencoderFamily
+
+    original = AutoencoderFamily.evaluate
+    calls = []
+
+    def evaluate(self):
+        calls.append(self)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(AutoencoderFamily, "evaluate", evaluate)
+    assert main(["train", "tiny.yaml", "--quiet"]) == 130
+    assert "interrupted at step 4" in capsys.readouterr().err
+    (run_dir,) = (workdir / "runs").iterdir()
+    assert main(["train", "--resume", str(run_dir), "--quiet"]) == 0
+    assert len(calls) == 3  # step 4 again on resume, then step 8
+    _assert_every_step_once(store)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_during_a_training_step_waits_for_the_step_and_its_metrics(workdir, store, capsys,
+                                                                          monkeypatch, signum):
+    """A signal that arrives inside a training step (mid optimizer update) is held until the
+    step and its metrics are complete: the checkpoint holds whole steps and the resumed run
+    has every metric step once."""
+    from vqkit.train.autoencoder import AutoencoderFamily
+
+    original_step = AutoencoderFamily.train_step
+
+    def step(self, x, step):
+        if step == 4:  # the fifth step: the signal comes before its update
+            os.kill(os.getpid(), signum)
+        return original_step(self, x, step)
+
+    monkeypatch.setattr(AutoencoderFamily, "train_step", step)
+    assert main(["train", "tiny.yaml", "--quiet"]) == 130
+    assert "interrupted at step 5" in capsys.readouterr().err
+    monkeypatch.setattr(AutoencoderFamily, "train_step", original_step)
+    (run_dir,) = (workdir / "runs").iterdir()
+    assert ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir / "checkpoints"))["step"] == 5
+    assert main(["train", "--resume", str(run_dir), "--quiet"]) == 0
+    _assert_every_step_once(store)

@@ -112,6 +112,40 @@ def _sigterm_as_interrupt():
     return signal.signal(signal.SIGTERM, handler)
 
 
+class _HeldSignals:
+    """SIGINT and SIGTERM held while a training step updates the weights and logs its
+    metrics, then raised as KeyboardInterrupt: a checkpoint written on interrupt holds whole
+    steps. A second signal while held interrupts at once (a step that hangs stays
+    interruptible)."""
+
+    def __init__(self) -> None:
+        self.held: list[int] = []
+        self.previous: dict[int, Any] | None = None
+
+    def _handler(self, signum, frame):
+        if self.held:
+            raise KeyboardInterrupt
+        self.held.append(signum)
+
+    def hold(self) -> None:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._handler) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore(self) -> None:
+        if self.previous is not None:
+            for s, h in self.previous.items():
+                signal.signal(s, h)
+            self.previous = None
+
+    def release(self) -> None:
+        self.restore()
+        if self.held:
+            self.held.clear()
+            raise KeyboardInterrupt
+
+
 def _retarget(sched: torch.optim.lr_scheduler.LambdaLR, lr: float, total_steps: int) -> None:
     """Make a restored scheduler follow the recipe's peak LR and length (a resumed run may
     change ``train.lr`` or ``train.steps``); a no-op when they are unchanged."""
@@ -324,6 +358,9 @@ class TrainLoop:
             fam.load_state_dict(self.resume, str(self.resume_path or "checkpoint"))
             ckpt.restore_rng(self.resume["rng"])
         self.step = int(self.resume["step"]) if self.resume is not None else 0
+        # an interrupt during this step's evaluation or images: the resumed leg does them first
+        pending = (self.resume or {}).get("pending") or {}
+        self._catch_up = pending if pending.get("step") == self.step else None
         fam.prepare()
 
     def _setup_tracking(self) -> None:
@@ -460,6 +497,8 @@ class TrainLoop:
             "vqkit_version": __version__,
             "family": self.family.name,
             "step": self.step,
+            # the work of this step not done when it was interrupted ({"step", "eval", "images"})
+            "pending": dict(self._pending) if getattr(self, "_pending", None) else None,
             "recipe": self.recipe.to_dict(),
             **self.family.state_dict(),
             "rng": ckpt.capture_rng(),
@@ -644,11 +683,15 @@ class TrainLoop:
         n_window = 0
         data_s = step_s = 0.0
         batches = fam.batches(start, stop)
+        signals = _HeldSignals()
         try:
+            if getattr(self, "_catch_up", None):
+                self._do_pending(self._catch_up)
             for step in range(start, stop):
                 t0 = time.perf_counter()
                 batch = next(batches)
                 t1 = time.perf_counter()
+                signals.hold()
                 terms = fam.train_step(batch, step)
                 self.step = step + 1
                 for k, v in terms.items():
@@ -683,9 +726,14 @@ class TrainLoop:
                         self._progress_line(with_eval=False)
                     if bar is not None:
                         bar.set_postfix(fam.postfix(metrics), refresh=False)
-                if dist.is_main and (self.step % tc.eval_every == 0 or (last and self.step == tc.steps)):
+                evaluates = dist.is_main and (self.step % tc.eval_every == 0 or (last and self.step == tc.steps))
+                draws = dist.is_main and (self.step % tc.image_every == 0 or last)
+                self._pending = {"step": self.step, "eval": evaluates, "images": draws}
+                signals.release()  # a signal held during the step interrupts here
+                if evaluates:
                     self.last_eval = fam.evaluate()
                     self.tracker.log_metrics(self.last_eval, self.step)
+                    self._pending["eval"] = False
                     if (self.trial is not None and self.step < tc.steps
                             and self.trial.report(self.step, self.last_eval)):
                         self._pruned_at = self.step  # data-parallel: every rank stops below, together
@@ -695,8 +743,10 @@ class TrainLoop:
                         bar.set_postfix(fam.postfix({**self.last_metrics, **self.last_eval}), refresh=False)
                     if lines:
                         self._progress_line()
-                if dist.is_main and (self.step % tc.image_every == 0 or last):
+                if draws:
                     fam.log_images(self.step, self.run_dir, self.tracker)
+                    self._pending["images"] = False
+                self._pending = None
                 if periodic:
                     self._share_main_failure()
                     if self.trial is not None and dist.any_flag(getattr(self, "_pruned_at", None) is not None):
@@ -706,6 +756,7 @@ class TrainLoop:
                 elif last and self.step < tc.steps:
                     self.save()  # stopped early (stop_after): keep a resumable checkpoint
         finally:
+            signals.restore()
             if bar is not None:
                 bar.close()
         fam.after_loop()
@@ -716,6 +767,17 @@ class TrainLoop:
                     self.tracker.log_metrics(final, self.step)
                     self.last_eval.update(final)
             self.save(final=True)
+
+    def _do_pending(self, pending: dict[str, Any]) -> None:
+        """The evaluation and images of the checkpoint's step that an interrupt cut short."""
+        self._check_weights()
+        if self.dist.is_main and pending.get("eval"):
+            self.last_eval = self.family.evaluate()
+            self.tracker.log_metrics(self.last_eval, self.step)
+        if self.dist.is_main and pending.get("images"):
+            self.family.log_images(self.step, self.run_dir, self.tracker)
+        self._share_main_failure()
+        self._catch_up = None
 
     #: without a TTY (and without --quiet) a progress line is printed at the first
     #: ``train.log_every`` step after this many seconds since the last line, and at every
