@@ -8,6 +8,7 @@ import importlib.metadata as md
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -175,6 +176,9 @@ def test_the_comparison_is_one_sweep_per_data_set_and_the_timing_script_reads_it
         assert main(["sweep", path, "--dry-run"]) == 0
         out = capsys.readouterr().out
         assert [line.split("  ", 1)[1] for line in out.splitlines() if "/" in line.split("  ")[0]] == names, out
+    doc = (ROOT / "docs" / "quantizers.md").read_text()  # the commands it shows are these
+    assert re.findall(r"^vqkit sweep (\S+)", doc, re.M) == ["recipes/quantizers/fashion-mnist.yaml",
+                                                          "recipes/quantizers/natural-patches.yaml"]
     bench = _load_script(ROOT / "benchmarks" / "quantizers.py")
     assert bench.main(["--rounds", "2", "--threads", "1", "--batch", "4"]) == 0
     timing = capsys.readouterr().out
