@@ -96,28 +96,55 @@ def test_training_eval_lpips_is_the_standard_metric_whatever_the_loss_settings(w
     assert 0.0 < logged.value < 1.0
 
 
+def each_key_step_once(mlflow, run_id) -> dict[str, list[int]]:
+    """{key: steps} of every metric of a run, asserting that no (key, step) is there twice."""
+    out = {}
+    for key in mlflow.get_run(run_id).data.metrics:
+        steps = [m.step for m in mlflow.get_metric_history(run_id, key)]
+        assert len(steps) == len(set(steps)), (key, steps)
+        out[key] = steps
+    return out
+
+
 def test_eval_writes_its_results_back_into_the_run(workdir, store, capsys):
-    run_id, final = train_tiny(workdir, capsys)
+    """`eval/<m>` at a step means the recipe's `eval.num_samples` test images: a write-back
+    with those settings adds only what training did not measure at that step (a value the
+    run has is the same measurement: kept, never a second row); other `--num-samples` go
+    under `eval_n<N>/<m>`. Every (key, step) stays in the store once, however often eval runs."""
+    run_id, final = train_tiny(workdir, capsys)  # eval.num_samples 32, metrics psnr and lpips, 4 steps
+    mlflow = client(store)
+    trained = {k: mlflow.get_metric_history(run_id, k)[0].value for k in ("eval/psnr", "eval/lpips", "eval/usage")}
+    for _ in range(2):  # the same write-back twice: nothing is logged twice
+        assert main(["eval", run_id, "--json", "--metrics", "psnr,ssim,lpips"]) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert result["logged_to_run"] == run_id and result["step"] == 4 and result["num_samples"] == 32
+    assert result["eval/psnr"] == pytest.approx(trained["eval/psnr"], rel=1e-5)
+    assert sorted(result["kept"]) == ["eval/lpips", "eval/perplexity", "eval/psnr", "eval/ssim", "eval/usage"]
+    steps = each_key_step_once(mlflow, run_id)
+    assert steps["eval/ssim"] == [4] and steps["eval/psnr"] == [4]  # ssim: not computed in training
+    assert {k: mlflow.get_metric_history(run_id, k)[0].value for k in trained} == trained
+
+    # other settings: a key of their own, at the same step
     assert main(["eval", run_id, "--json", "--metrics", "psnr,ssim,lpips", "--num-samples", "48"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["logged_to_run"] == run_id and result["step"] == 4 and result["num_samples"] == 48
+    assert result["logged_to_run"] == run_id and result["num_samples"] == 48 and result["kept"] == []
     assert result["eval/lpips"] == pytest.approx(standard_lpips(final, 48), rel=1e-5)
-
-    mlflow = client(store)
-    run = mlflow.get_run(run_id)
-    for key in ("eval/psnr", "eval/ssim", "eval/lpips", "eval/usage"):
-        history = mlflow.get_metric_history(run_id, key)
-        assert history[-1].step == 4 and history[-1].value == pytest.approx(result[key]), key
-    assert len(mlflow.get_metric_history(run_id, "eval/ssim")) == 1  # not computed in training
-    tags = run.data.tags
+    assert sorted(result["logged"]) == [f"eval_n48/{m}" for m in ("lpips", "perplexity", "psnr", "ssim", "usage")]
+    steps = each_key_step_once(mlflow, run_id)
+    assert steps["eval_n48/lpips"] == [4] and steps["eval/lpips"] == [4]
+    assert mlflow.get_run(run_id).data.metrics["eval_n48/lpips"] == pytest.approx(result["eval/lpips"])
+    tags = mlflow.get_run(run_id).data.tags
     assert tags["vqkit.eval.num_samples"] == "48"
     assert json.loads(tags["vqkit.eval.backbones"]) == {"lpips": "lpips-v0.1 alexnet imagenet"}
     assert json.loads(tags["vqkit.eval.metrics"]) == ["psnr", "ssim", "lpips"]
+    assert main(["eval", run_id, "--metrics", "psnr,ssim,lpips", "--num-samples", "48"]) == 0
+    assert "already in the run" in capsys.readouterr().out
+    each_key_step_once(mlflow, run_id)
 
     # --no-log leaves the run as it is
     assert main(["eval", run_id, "--no-log", "--metrics", "psnr", "--num-samples", "16"]) == 0
     assert "not logged (--no-log)" in capsys.readouterr().out
-    assert len(mlflow.get_metric_history(run_id, "eval/psnr")) == 2
+    assert "eval_n16/psnr" not in mlflow.get_run(run_id).data.metrics
     assert mlflow.get_run(run_id).data.tags["vqkit.eval.num_samples"] == "48"
 
 

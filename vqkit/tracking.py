@@ -1147,3 +1147,25 @@ def log_to_run(uri: str, run_id: str, metrics: Mapping[str, float], step: int,
         from vqkit.errors import VqkitError
 
         raise VqkitError(f"cannot log to MLflow run {run_id} at {uri}: {_short(exc)}") from None
+
+
+def log_missing_metrics(uri: str, run_id: str, metrics: Mapping[str, float], step: int,
+                        tags: Mapping[str, Any] | None = None) -> dict[str, float]:
+    """:func:`log_to_run` for the metrics whose ``(key, step)`` the run does not have yet:
+    every ``(key, step)`` is in the store once (what ``vqkit eval`` writes back next to the
+    training's own evaluation). Returns ``{key: value in the run}`` of those left out."""
+    try:
+        client = _client(uri)
+        have = {}
+        for key in metrics:
+            for m in client.get_metric_history(run_id, key):
+                if int(m.step) == int(step):
+                    have[key] = float(m.value)
+    except Exception as exc:
+        from vqkit.errors import VqkitError
+
+        if isinstance(exc, VqkitError):
+            raise
+        raise VqkitError(f"cannot log to MLflow run {run_id} at {uri}: {_short(exc)}") from None
+    log_to_run(uri, run_id, {k: v for k, v in metrics.items() if k not in have}, step, tags)
+    return have

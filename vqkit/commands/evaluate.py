@@ -8,6 +8,11 @@ run), with tags ``vqkit.eval.num_samples``, ``vqkit.eval.metrics``,
 ``vqkit.eval.backbones`` and ``vqkit.eval.checkpoint``; ``--no-log`` only prints. With
 ``--set`` (e.g. other test photographs) nothing is logged either: the run's ``eval/*``
 keep meaning its own test split.
+
+No ``(key, step)`` is logged twice: ``eval/<name>`` means the recipe's ``eval.num_samples``
+test images (what training logs), so a value the run already has at that step is the same
+measurement and is kept (``kept`` in ``--json``); results on another number N of images are
+logged as ``eval_n<N>/<name>`` (:func:`run_metric_keys`).
 """
 from __future__ import annotations
 
@@ -37,7 +42,7 @@ def run_eval(args) -> int:
     cpu_friendly_threads()
     from vqkit.metrics import MetricSet, check_metric_names
     from vqkit.model import VQModel
-    from vqkit.recipe import recipe_from_dict
+    from vqkit.recipe import MODEL_BLOCKS, recipe_from_dict
     from vqkit.train.build import build_datasets
     from vqkit.train.checkpoint import load_checkpoint
     from vqkit.train.distributed import resolve_device
@@ -53,7 +58,8 @@ def run_eval(args) -> int:
     metrics = check_metric_names(args.metrics.split(",") if args.metrics else ec.metrics)
     if not metrics:
         raise VqkitError("--metrics: name at least one metric")
-    data_recipe = recipe_from_dict(state["recipe"], f"{path}#recipe", args.overrides) if args.overrides else recipe
+    data_recipe = recipe_from_dict(state["recipe"], f"{path}#recipe", args.overrides,
+                                   components=MODEL_BLOCKS) if args.overrides else recipe
     metric_set = MetricSet(metrics, device=device)  # missing weights stop here, before the data is read
     _, test = build_datasets(data_recipe)
     n = min(args.num_samples or ec.num_samples, len(test))
@@ -63,6 +69,8 @@ def run_eval(args) -> int:
     run_id = run.get("run_id")
     step = int(state.get("step", 0))
     logged_to = None
+    keys = run_metric_keys(result, n, min(ec.num_samples, len(test)))
+    args.logged, args.kept = [], []
     if args.no_log:
         note = "not logged (--no-log)"
     elif args.overrides:
@@ -70,11 +78,11 @@ def run_eval(args) -> int:
     elif not run_id:
         note = "not logged: the checkpoint belongs to no MLflow run"
     else:
-        from vqkit.tracking import log_to_run, resolve_tracking_uri
+        from vqkit.tracking import log_missing_metrics, resolve_tracking_uri
 
         uri = args.tracking_uri or run.get("tracking_uri") or resolve_tracking_uri(None)
         try:
-            log_to_run(uri, run_id, result, step, {
+            kept = log_missing_metrics(uri, run_id, {keys[k]: v for k, v in result.items()}, step, {
                 "vqkit.eval.num_samples": n,
                 "vqkit.eval.metrics": json.dumps(metrics),
                 "vqkit.eval.backbones": json.dumps(metric_set.backbones, sort_keys=True),
@@ -84,14 +92,31 @@ def run_eval(args) -> int:
             _print(args, path, step, n, data_recipe, result, None, "not logged (see the error below)")
             raise
         logged_to = run_id
+        args.kept = sorted(kept)
+        args.logged = sorted(set(keys.values()) - set(kept))
         note = f"logged to MLflow run {run_id} at step {step} ({uri})"
+        if kept:
+            note = (f"{', '.join(args.logged) or 'nothing new'} logged to MLflow run {run_id} at step {step} ({uri}); "
+                    f"already in the run at that step, kept as they are (the same measurement: this checkpoint, "
+                    f"{n} test images): {', '.join(args.kept)}")
     _print(args, path, step, n, data_recipe, result, logged_to, note)
     return 0
 
 
+def run_metric_keys(result: dict[str, float], n: int, n_recipe: int) -> dict[str, str]:
+    """The run's metric key of each ``eval/<m>`` result: ``eval/<m>`` means the recipe's
+    ``eval.num_samples`` test images (what training logs every ``eval_every`` steps); a
+    result on another number N of images is ``eval_n<N>/<m>``, so that a key at a step
+    always means one measurement."""
+    if n == n_recipe:
+        return {k: k for k in result}
+    return {k: f"eval_n{n}/{k.removeprefix('eval/')}" for k in result}
+
+
 def _print(args, path, step, n, recipe, result, logged_to, note) -> None:
     if args.json:
-        out = {"checkpoint": str(path), "step": step, "num_samples": n, **result, "logged_to_run": logged_to}
+        out = {"checkpoint": str(path), "step": step, "num_samples": n, **result, "logged_to_run": logged_to,
+               "logged": getattr(args, "logged", []), "kept": getattr(args, "kept", [])}
         if args.overrides:
             out["data"] = recipe.to_dict()["data"]
         print(json.dumps(out, indent=2))
