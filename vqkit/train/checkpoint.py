@@ -167,6 +167,20 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     return path
 
 
+def _torch_archive_start(path: Path) -> bool:
+    """Whether ``path`` begins like a ``torch.save`` zip archive: a first local file header
+    (``PK\\x03\\x04``) naming ``<folder>/data.pkl`` (the start of a file cut short)."""
+    import struct
+
+    with open(path, "rb") as f:
+        head = f.read(30 + 1024)
+    if len(head) < 30 or head[:4] != b"PK\x03\x04":
+        return False
+    (name_len,) = struct.unpack("<H", head[26:28])
+    name = head[30:30 + name_len]
+    return len(name) == name_len and name.endswith(b"/data.pkl")
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Read a checkpoint with ``weights_only=True`` onto the CPU.
 
@@ -182,6 +196,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise VqkitError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
     if not is_zip:
         size = path.stat().st_size
+        if _torch_archive_start(path):
+            raise VqkitError(f"{path} is truncated or damaged: a PyTorch checkpoint archive cut short ({size} "
+                             "bytes, no end of archive; e.g. a copy or download that did not finish)")
         what = "an empty file" if size == 0 else f"{size} bytes that are not a PyTorch zip archive"
         raise VqkitError(f"{path} is not a vqkit checkpoint ({what})")
     try:
