@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from vqkit.errors import VqkitError
 from vqkit.interfaces import Decoder, Encoder, Quantizer, QuantizerOutput
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -90,11 +91,15 @@ class VQModel(nn.Module):
         """Rebuild the model of a vqkit checkpoint (components come from the registry,
         so the plugins that trained it must be installed). Returns ``(model, recipe)``;
         the model is in eval mode."""
-        from vqkit.recipe import recipe_from_dict
+        from vqkit.recipe import MODEL_BLOCKS, recipe_from_dict
+        from vqkit.train.build import missing_plugin_error
         from vqkit.train.checkpoint import load_checkpoint
 
         state = load_checkpoint(path)
-        recipe = recipe_from_dict(state["recipe"], source=f"{path}#recipe")
+        try:  # the model needs its data, encoder, quantizer and decoder only (not the reset policy)
+            recipe = recipe_from_dict(state["recipe"], source=f"{path}#recipe", components=MODEL_BLOCKS)
+        except VqkitError as exc:
+            raise missing_plugin_error(exc, state) from None
         model = cls.from_recipe(recipe, int(state["channels"]))
         model.load_state_dict(state["model"])
         return model.to(map_location).eval(), recipe

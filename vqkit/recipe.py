@@ -630,8 +630,14 @@ def _model_in(ann: Any) -> Any:
     return None
 
 
-def validate_data(data: Any, loc: _Loc, source: str) -> Recipe:
-    """Validate a merged recipe mapping; raise one :class:`VqkitError` with every problem."""
+#: the blocks a trained model needs (``vqkit eval``, :meth:`vqkit.model.VQModel.from_checkpoint`)
+MODEL_BLOCKS = ("data", "encoder", "quantizer", "decoder")
+
+
+def validate_data(data: Any, loc: _Loc, source: str, components: tuple[str, ...] | None = None) -> Recipe:
+    """Validate a merged recipe mapping; raise one :class:`VqkitError` with every problem.
+    ``components``: the blocks whose components must be registered (default: all), e.g.
+    :data:`MODEL_BLOCKS` to read a trained model whose reset policy's plugin is gone."""
     problems: list[Problem] = []
     if not isinstance(data, dict):
         raise VqkitError(Problem("a recipe must be a mapping of keys", **loc.find(())))
@@ -672,6 +678,8 @@ def validate_data(data: Any, loc: _Loc, source: str) -> Recipe:
         for block, kind in (("search", "searches"), ("launcher", "launchers")):
             if isinstance(sweep.get(block), dict):
                 refs.append((("sweep", block), kind, sweep[block]))
+    if components is not None:
+        refs = [r for r in refs if r[0][0] in components]
     for path, kind, ref in refs:
         name = ref.get("name")
         if not isinstance(name, str):
@@ -847,14 +855,16 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
 
 
 def recipe_from_dict(
-    data: dict[str, Any], source: str = "<dict>", overrides: list[str] | tuple[str, ...] = ()
+    data: dict[str, Any], source: str = "<dict>", overrides: list[str] | tuple[str, ...] = (),
+    components: tuple[str, ...] | None = None,
 ) -> Recipe:
     """Validate a recipe given as a mapping (e.g. read back from a checkpoint), after
-    applying ``--set`` style ``overrides``."""
-    return _override_and_validate(copy.deepcopy(data), _Loc(), source, overrides)
+    applying ``--set`` style ``overrides``; ``components`` as for :func:`validate_data`."""
+    return _override_and_validate(copy.deepcopy(data), _Loc(), source, overrides, components)
 
 
-def _override_and_validate(data: Any, loc: _Loc, source: str, overrides: list[str] | tuple[str, ...]) -> Recipe:
+def _override_and_validate(data: Any, loc: _Loc, source: str, overrides: list[str] | tuple[str, ...],
+                           components: tuple[str, ...] | None = None) -> Recipe:
     problems: list[Problem] = []
     keys: list[str] = []
     for text in overrides:
@@ -869,7 +879,7 @@ def _override_and_validate(data: Any, loc: _Loc, source: str, overrides: list[st
     if problems:
         raise VqkitError(_in_order(problems, loc, keys))
     try:
-        return validate_data(data, loc, source)
+        return validate_data(data, loc, source, components)
     except VqkitError as exc:
         raise VqkitError(_in_order(exc.problems, loc, keys)) from None
 

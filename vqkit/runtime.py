@@ -62,3 +62,34 @@ def keep_freed_memory() -> bool:
     mallopt.restype = ctypes.c_int
     ok = mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) == 1
     return mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1 and ok
+
+
+# =========================================================================== the run lock
+#: held by the ``vqkit train`` process that trains a run (in its run dir), released by the
+#: operating system when that process dies, even by ``kill -9``
+RUN_LOCK = ".vqkit-train.lock"
+
+
+def hold_run_lock(run_dir: str | os.PathLike):
+    """Take the run lock of ``run_dir`` for this process; returns the held lock (release it,
+    or let the process end), or ``None`` when another process holds it or it cannot be
+    taken (e.g. a read-only folder)."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(os.path.join(os.fspath(run_dir), RUN_LOCK), timeout=0, thread_local=False)
+    try:
+        lock.acquire()
+    except (Timeout, OSError):
+        return None
+    return lock
+
+
+def run_in_progress(run_dir: str | os.PathLike) -> bool:
+    """Whether a live process holds the run lock of ``run_dir`` (is training that run)."""
+    if not os.path.exists(os.path.join(os.fspath(run_dir), RUN_LOCK)):
+        return False
+    lock = hold_run_lock(run_dir)
+    if lock is None:
+        return os.access(os.fspath(run_dir), os.W_OK)  # held (an unwritable folder tells nothing)
+    lock.release()
+    return False

@@ -39,6 +39,7 @@ def resolve_checkpoint(target: str, recipe=None, tracking_uri: str | None = None
             found = latest_checkpoint(folder)
             if found is not None:
                 return found
+        nothing_to_resume(path)
         raise VqkitError(f"no checkpoint in {path} (looked in {path / 'checkpoints'})")
     if os.sep in target or target.endswith(".pt"):
         raise VqkitError(f"checkpoint or run dir not found: {target}")
@@ -55,9 +56,70 @@ def resolve_checkpoint(target: str, recipe=None, tracking_uri: str | None = None
         found = latest_checkpoint(run_dir / "checkpoints")
         if found is not None:
             return found
+        nothing_to_resume(run_dir)
     uri = resolve_tracking_uri(tracking_uri or (recipe.model.tracking.uri if recipe is not None else None))
     dest = run_dir or (_output_roots(recipe)[0].resolve() / target)
     return download_checkpoint(uri, target, dest)
+
+
+def nothing_to_resume(run_dir: Path) -> None:
+    """Raise the user error for a vqkit run dir without any checkpoint: the run is still
+    training in another process (it holds the run lock: left alone), or it stopped before
+    its first checkpoint (its MLflow run, if still RUNNING, is marked KILLED with a
+    ``vqkit.failure`` tag, since nothing can resume it). Returns when ``run_dir`` is not a
+    vqkit run dir."""
+    from vqkit.runtime import run_in_progress
+    from vqkit.tracking import read_run_info
+
+    info = read_run_info(run_dir)
+    if not info:
+        return
+    run_dir = Path(run_dir).resolve()
+    run_id = info.get("run_id")
+    who = f"MLflow run {run_id}" if run_id else f"the run in {run_dir}"
+    if run_in_progress(run_dir):
+        raise VqkitError(f"{who} is still being trained by another process (its run dir {run_dir} is locked) "
+                         "and has no checkpoint yet; let it run, or stop it first")
+    recipe_file = run_dir / "recipe.yaml"
+    details = []
+    try:
+        from vqkit import yamlsafe
+
+        every = yamlsafe.safe_load(recipe_file.read_text(encoding="utf-8"))["train"]["checkpoint_every"]
+        details.append(f"train.checkpoint_every={every}")
+    except Exception:  # noqa: BLE001 - the details are a courtesy
+        pass
+    marked = False
+    if run_id and info.get("tracking_uri"):
+        try:
+            marked, step = _mark_dead_run(info["tracking_uri"], run_id)
+            if step is not None:
+                details.append(f"last logged step {step}")
+        except Exception:  # noqa: BLE001 - an unreachable store leaves the run as it is
+            pass
+    start = f"`vqkit train {recipe_file}`" if recipe_file.is_file() else "its recipe"
+    raise VqkitError(
+        f"{who} stopped before its first checkpoint" + (f" ({'; '.join(details)})" if details else "")
+        + f": nothing to resume; start it again with {start}"
+        + (" (the run is now marked KILLED)" if marked else "")
+    )
+
+
+def _mark_dead_run(uri: str, run_id: str) -> tuple[bool, int | None]:
+    """``(marked, last logged step)``: a RUNNING run whose process is gone and that has no
+    checkpoint is ended KILLED with ``vqkit.failure``."""
+    from vqkit.tracking import _open_client
+
+    client = _open_client(uri)
+    run = client.get_run(run_id)
+    steps = [m.step for m in client.get_metric_history(run_id, "loss/total")]
+    step = max(steps) if steps else None
+    if run.info.status != "RUNNING" or run.data.tags.get("vqkit.last_checkpoint"):
+        return False, step
+    client.set_tag(run_id, "vqkit.failure",
+                   "stopped before its first checkpoint (its process is gone; found by vqkit train --resume)")
+    client.set_terminated(run_id, "KILLED")
+    return True, step
 
 
 def resume_state(target: str, recipe=None) -> tuple[Path, dict]:
@@ -107,8 +169,12 @@ def _recipe_for(args):
 def _checkpoint_recipe(state, path: Path, overrides: list[str]):
     """The recipe stored in a checkpoint, with ``--set`` overrides applied."""
     from vqkit.recipe import recipe_from_dict
+    from vqkit.train.build import missing_plugin_error
 
-    return recipe_from_dict(state["recipe"], f"{path}#recipe", overrides)
+    try:
+        return recipe_from_dict(state["recipe"], f"{path}#recipe", overrides)
+    except VqkitError as exc:  # e.g. a plugin the run used was uninstalled: say which
+        raise missing_plugin_error(exc, state) from None
 
 
 def run_train(args) -> int:

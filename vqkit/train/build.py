@@ -439,3 +439,31 @@ def not_implemented_error(exc: NotImplementedError, built: Built | None, recipe:
             path=block,
         )
     )
+
+
+def missing_plugin_error(exc: VqkitError, state: dict[str, Any]) -> VqkitError:
+    """``exc`` (the recipe of checkpoint ``state`` read back) with, on each component that
+    is no longer registered, the distribution the run used for it (from its MLflow tag
+    ``vqkit.component.<block>``) and how to install it; ``exc`` itself when unknown."""
+    run = state.get("run") or {}
+    uri, run_id = run.get("tracking_uri"), run.get("run_id")
+    unknown = [p for p in exc.problems if p.message.startswith("unknown ") and p.path.endswith(".name")]
+    if not unknown or not uri or not run_id:
+        return exc
+    try:
+        from vqkit.tracking import _open_client
+
+        tags = _open_client(uri).get_run(run_id).data.tags
+    except Exception:  # noqa: BLE001 - the hint is a courtesy; the error stands without it
+        return exc
+    problems = []
+    for p in exc.problems:
+        who = tags.get(f"vqkit.component.{p.path.removesuffix('.name')}", "") if p in unknown else ""
+        found = re.match(r"^(\S+) \((\S+) (\S+)\)$", who)
+        if found and found.group(2) != "no":
+            name, dist, version = found.groups()
+            p = dataclasses.replace(p, message=(
+                f"{p.message}; MLflow run {run_id} was trained with {name!r} from distribution "
+                f"{dist}=={version}, which is not installed (pip install '{dist}=={version}')"))
+        problems.append(p)
+    return VqkitError(problems)

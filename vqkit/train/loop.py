@@ -417,6 +417,9 @@ class TrainLoop:
         if not dist.is_main:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
+        from vqkit.runtime import hold_run_lock
+
+        self._run_lock = hold_run_lock(run_dir)  # `--resume` tells a live run from a dead one by it
         tracker.attach(run_dir)
         if forked_from is not None:
             tracker.set_tags({"vqkit.resumed_from": json.dumps(
@@ -600,6 +603,8 @@ class TrainLoop:
             elif dist.is_main:
                 self.tracker.flush()
             dist.close(barrier=status in ("FINISHED", "RUNNING"))
+            if getattr(self, "_run_lock", None) is not None:
+                self._run_lock.release()
         result = TrainResult(
             run_id=self.tracker.run_id, run_dir=self.run_dir, step=self.step,
             metrics={**self.last_metrics, **self.last_eval}, checkpoint=self.last_good,
