@@ -77,6 +77,9 @@ def test_eight_trials_with_pruning_resume_after_an_interruption(tmp_path, monkey
     study = optuna.load_study(study_name="vqkit-sweep", storage=optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(journal))))
     assert len(study.trials) < 8
+    # the study so far is an artifact of the interrupted parent run
+    interrupted = _study_artifact(uri, parent.info.run_id, tmp_path / "download1")
+    assert [t.number for t in interrupted.trials] == [t.number for t in study.trials]
 
     # the same command again: the study continues to 8 trials, the interrupted child resumes
     assert main(_argv()) == 0, capsys.readouterr().err
@@ -107,7 +110,22 @@ def test_eight_trials_with_pruning_resume_after_an_interruption(tmp_path, monkey
     from mlflow import MlflowClient
 
     artifacts = {a.path for a in MlflowClient(uri).list_artifacts(again.info.run_id)}
-    assert {"objective.png", "trials.csv", "space.json", "summary.md"} <= artifacts
+    assert {"objective.png", "trials.csv", "space.json", "summary.md", "search"} <= artifacts
+    # the whole study, downloaded from MLflow as a user would, is the sweep's own
+    logged = _study_artifact(uri, again.info.run_id, tmp_path / "download2")
+    assert {t.number: t.state for t in logged.trials} == states
+    assert logged.best_trial.params == study.best_trial.params
+    assert [t.intermediate_values for t in logged.trials] == [t.intermediate_values for t in study.trials]
+
+
+def _study_artifact(uri: str, run_id: str, dst: Path) -> optuna.Study:
+    """The study logged to the parent run, downloaded and loaded as docs/sweeps.md says."""
+    import mlflow
+
+    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="search/optuna.journal",
+                                               dst_path=str(dst), tracking_uri=uri)
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(path))
+    return optuna.load_study(study_name="vqkit-sweep", storage=storage)
 
 
 def test_the_childs_reporter_prunes_with_the_sweeps_pruner(tmp_path):
@@ -130,3 +148,44 @@ def test_the_childs_reporter_prunes_with_the_sweeps_pruner(tmp_path):
     (third,) = search.ask(1)
     assert OptunaReporter(third.state).report(10, {"eval/psnr": 5.0}) is True  # behind: pruned
     assert reporter.study.pruner._n_startup_trials == 1
+
+
+def test_a_data_parallel_child_is_pruned_on_every_rank_together(tmp_path, monkeypatch):
+    """Cross-process pruning: a child trained with 2 processes (`vqkit train --nproc 2`, gloo),
+    rank 0 opens the study from its file and reports; when the pruner says stop, both ranks stop
+    at that step (no rank left waiting in a collective), the run ends KILLED with `vqkit.pruned`,
+    and the study holds the child's report."""
+    import os
+
+    from vqkit_optuna import OptunaReporter
+
+    from vqkit.interfaces import Dimension, Objective, TrialOutcome
+    from vqkit.testing.sweeps import write_recipe
+    from vqkit.train.trial import channel_env
+
+    monkeypatch.chdir(tmp_path)
+    uri = sqlite_store(tmp_path)
+    search = OptunaSearch(OptunaSearch.Params(startup_trials=1), space={"train.lr": Dimension(low=1e-3, high=1e-2)},
+                          objective=Objective("eval/psnr", "max"), budget=2, state_dir=tmp_path / "study")
+    (first,) = search.ask(1)  # a finished trial far ahead at step 2: the next one is behind it there
+    assert OptunaReporter(first.state).report(2, {"eval/psnr": 99.0}) is False
+    search.tell(first, TrialOutcome("finished", 99.0))
+    (second,) = search.ask(1)
+    recipe = write_recipe(tmp_path, train={"steps": 8, "batch_size": 8, "log_every": 2, "eval_every": 2,
+                                           "image_every": 8, "checkpoint_every": 8, "device": "cpu"})
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore::FutureWarning",
+               **channel_env({"vqkit.sweep.trial": "1"}, "optuna", second.state))
+    proc = subprocess.run([sys.executable, "-m", "vqkit.cli", "train", str(recipe), "--nproc", "2", "--quiet"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("stopped at step 2: pruned by the sweep's search") == 1, proc.stderr[-3000:]
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("sw").experiment_id])  # rank 0's only
+    assert run.info.status == "KILLED" and run.data.tags["vqkit.pruned"] == "2"
+    assert run.data.tags["vqkit.sweep.trial"] == "1"
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(second.state["storage"]))
+    trial = optuna.load_study(study_name="vqkit-sweep", storage=storage).trials[1]
+    assert list(trial.intermediate_values) == [2]  # reported once, by rank 0

@@ -8,7 +8,10 @@ with the same number and values (the child resumes from its checkpoint), then ne
 asked until the budget is spent. Each child reports every evaluation of the objective metric
 to its trial (``trial.report``) from inside ``vqkit train`` and stops when the pruner says so
 (``trial.should_prune``); the sweep then tells the study the trial was pruned, and the child's
-MLflow run carries the tag ``vqkit.pruned`` and ends ``KILLED``.
+MLflow run carries the tag ``vqkit.pruned`` and ends ``KILLED``. A child opens the study itself
+(from any process or node that reaches the file); a data-parallel child reports from rank 0.
+The parent run carries a copy of the study as the artifact ``search/optuna.journal``
+(:meth:`OptunaSearch.artifacts`).
 """
 from __future__ import annotations
 
@@ -182,6 +185,37 @@ class OptunaSearch(Search):
             self.study.tell(trial.number, state=TrialState.PRUNED)
         else:
             self.study.tell(trial.number, state=TrialState.FAIL)
+
+    def artifacts(self) -> list[Path]:
+        """A copy of the study's storage taken now (under the journal's own lock, or through
+        SQLite's backup API), next to it in ``study/``: the sweep logs it to the parent run
+        as ``search/optuna.journal`` (``search/optuna.db``)."""
+        src = Path(self.storage_path)
+        if not src.exists():
+            return []
+        dst = src.parent / "study" / src.name
+        dst.parent.mkdir(exist_ok=True)
+        tmp = dst.with_name(dst.name + ".tmp")
+        if self.params.storage == "sqlite":
+            import sqlite3
+
+            with sqlite3.connect(str(src)) as a, sqlite3.connect(str(tmp)) as b:
+                a.backup(b)
+            b.close()
+            a.close()
+        else:
+            import shutil
+
+            from optuna.storages.journal import JournalFileSymlinkLock
+
+            lock = JournalFileSymlinkLock(str(src))  # the lock Optuna's journal writers take
+            lock.acquire()
+            try:
+                shutil.copyfile(src, tmp)
+            finally:
+                lock.release()
+        tmp.replace(dst)
+        return [dst]
 
     @classmethod
     def trial_reporter(cls, state: Mapping[str, Any]) -> TrialReporter | None:
