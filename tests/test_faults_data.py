@@ -105,3 +105,14 @@ def test_a_long_list_of_bad_images_is_capped(tmp_path, store, capsys):
     assert main(["validate", "--build", str(recipe)]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 21 and lines[-1].startswith(f"vqkit: error: {recipe}: data: ... and 10 more images that cannot"), lines
+
+
+def test_validate_build_reports_a_train_split_smaller_than_one_batch(tmp_path, store, capsys):
+    folder = tmp_path / "images"
+    write_example_images(folder)
+    recipe = _recipe(tmp_path, folder, store, workers=0)
+    recipe.write_text(recipe.read_text().replace("batch_size: 6", "batch_size: 512"))
+    assert main(["validate", "--build", str(recipe)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"vqkit: error: {recipe}: train.batch_size: the train split has "), err
+    assert "fewer than one global batch (512 x 1 processes = 512)" in err[0]

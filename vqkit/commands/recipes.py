@@ -72,6 +72,14 @@ def _check_data(built) -> None:
                 check()
             except VqkitError as exc:
                 found.append([dataclasses.replace(p, path=p.path or "data") for p in exc.problems])
+    if getattr(built, "recipe", None) is not None and getattr(built, "train_data", None) is not None:
+        from vqkit.train.data import StepBatches
+
+        tc = built.recipe.model.train
+        try:  # the train split holds at least one batch (as training checks, one process)
+            StepBatches(built.train_data, tc.batch_size, built.recipe.model.seed)
+        except VqkitError as exc:
+            found.append(exc.problems)
     if found:
         raise VqkitError(merge_problems(found))
 
