@@ -71,6 +71,18 @@ def test_invalid_plugins_are_broken_not_silent(tmp_path, source, match):
     assert next(p for p in registry.plugins if p.name == "vqkit-invalid").status == "broken"
 
 
+def test_a_misspelt_hook_is_named_with_the_hook_it_likely_means(tmp_path):
+    with _fake(tmp_path, "vqkit-misspelt", "vqkit_misspelt_mod", ex.MISSPELT_HOOK):
+        with pytest.warns(PluginWarning) as record:
+            registry = build_registry()
+    [warning] = [str(r.message) for r in record]
+    assert warning == (
+        "plugin 'vqkit-misspelt' (distribution vqkit-misspelt) implements an unknown hook: "
+        "'vqkit_register_quantisers' (did you mean 'vqkit_register_quantizers'?); skipped"), warning
+    error = next(p for p in registry.plugins if p.name == "vqkit-misspelt").error
+    assert error == "unknown hook 'vqkit_register_quantisers' (did you mean 'vqkit_register_quantizers'?)"
+
+
 def test_strict_mode_makes_broken_plugins_fatal(tmp_path, monkeypatch):
     monkeypatch.setenv("VQKIT_STRICT_PLUGINS", "1")
     with _fake(tmp_path, "vqkit-broken", "vqkit_broken_mod2", ex.BROKEN_IMPORT):

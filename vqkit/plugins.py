@@ -241,11 +241,12 @@ def build_registry(
     registry = Registry()
     loaded: list[tuple[PluginInfo, object]] = []
 
-    def fail(info: PluginInfo, exc: BaseException, what: str) -> None:
+    def fail(info: PluginInfo, exc: BaseException, what: str, error: str | None = None,
+             shown: str | None = None) -> None:
         info.status = "broken"
-        info.error = f"{type(exc).__name__}: {exc}"
+        info.error = error or f"{type(exc).__name__}: {exc}"
         message = (
-            f"plugin {info.name!r} (distribution {info.distribution}) {what}: {info.error}"
+            f"plugin {info.name!r} (distribution {info.distribution}) {what}: {shown or info.error}"
         )
         if strict:
             raise VqkitError(f"{message} [{STRICT_ENV}=1]") from exc
@@ -291,7 +292,12 @@ def build_registry(
             if obj is bad:
                 pm.unregister(obj)
                 loaded.remove((info, obj))
-                fail(info, exc, "implements an unknown hook")
+                names = _unknown_hooks(obj, pm)
+                if names:
+                    what = ", ".join(f"{n!r}{_hook_hint(n)}" for n in names)
+                    fail(info, exc, "implements an unknown hook", error=f"unknown hook {what}", shown=what)
+                else:  # pragma: no cover - pluggy names the hook
+                    fail(info, exc, "implements an unknown hook")
                 break
         else:  # pragma: no cover - pluggy always names the plugin
             raise
@@ -301,6 +307,25 @@ def build_registry(
     _check_blocked(blocked, eps, registry)
     _report_clashes(registry, strict)
     return registry
+
+
+def _unknown_hooks(plugin: object, pm: pluggy.PluginManager) -> list[str]:
+    """Names of ``plugin``'s hook implementations that no hook spec declares."""
+    known = {name for name in dir(hookspecs) if name.startswith("vqkit_")}
+    out = []
+    for name in dir(plugin):
+        if pm.parse_hookimpl_opts(plugin, name) is not None and name not in known:
+            out.append(name)
+    return out
+
+
+def _hook_hint(name: str) -> str:
+    """`` (did you mean 'vqkit_register_x'?)`` for a misspelt hook name (empty if none is close)."""
+    import difflib
+
+    known = sorted(n for n in dir(hookspecs) if n.startswith("vqkit_"))
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else f" (hooks: {', '.join(known)})"
 
 
 def _check_blocked(blocked: set[str], eps: list[md.EntryPoint], registry: Registry) -> None:
