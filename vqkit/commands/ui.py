@@ -73,7 +73,82 @@ def run_ui(args) -> int:
                                  "(or pip install 'mlflow>=3,<4')")) from None
     env = dict(os.environ)
     env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
-    print(f"vqkit: MLflow UI on {base} for {uri} (Ctrl-C stops it); open:", file=sys.stderr)
+    print(f"vqkit: MLflow UI on {base} for {uri} (Ctrl-C or kill {os.getpid()} stops it); open:", file=sys.stderr)
     for line in pages:
         print(f"  {line}", file=sys.stderr)
-    return subprocess.call(argv, env=env)
+    return serve(argv, env)
+
+
+#: seconds the server's process group gets to stop after a forwarded signal, then SIGKILL
+STOP_GRACE_S = 15.0
+#: the signals that stop ``vqkit ui`` (and so the server): kill PID, Ctrl-C, terminal closed
+STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP")
+
+
+def serve(argv: list[str], env: dict | None) -> int:
+    """Run the server ``argv`` in a process group of its own and stop the whole group (``mlflow
+    server`` and its uvicorn worker) when this process gets SIGTERM, SIGINT or SIGHUP: the
+    signal is forwarded to the group, which gets :data:`STOP_GRACE_S` seconds before SIGKILL
+    (what the group leaves when the server exits by itself is stopped the same way). Returns
+    the server's exit code, or 128 + the signal's number when stopped by one."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(argv, env=env, start_new_session=True)
+    got: list[int] = []
+    since: list[float] = []
+
+    def forward(signum, frame):
+        got.append(signum)
+        since.append(time.monotonic())
+        _signal_group(proc.pid, signum)
+
+    sigs = [getattr(signal, name) for name in STOP_SIGNALS if hasattr(signal, name)]
+    saved = {s: signal.signal(s, forward) for s in sigs}
+    try:
+        while True:
+            try:
+                rc = proc.wait(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                if since and time.monotonic() - since[0] > STOP_GRACE_S:
+                    _signal_group(proc.pid, signal.SIGKILL)  # it did not stop in time
+        deadline = time.monotonic() + STOP_GRACE_S
+        _signal_group(proc.pid, signal.SIGTERM)
+        while _group_alive(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        _signal_group(proc.pid, signal.SIGKILL)
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+    if got:
+        print(f"vqkit: MLflow UI stopped ({signal.Signals(got[0]).name})", file=sys.stderr)
+        return 128 + got[0]
+    return rc
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    try:
+        os.killpg(pgid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` is still running (zombies waiting for their
+    parent to read their status do not count)."""
+    try:
+        import psutil
+    except ImportError:
+        try:
+            os.killpg(pgid, 0)
+            return True
+        except (ProcessLookupError, PermissionError):
+            return False
+    for p in psutil.process_iter(["pid", "status"]):
+        try:
+            if p.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(p.info["pid"]) == pgid:
+                return True
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            continue
+    return False

@@ -1,0 +1,110 @@
+"""`vqkit ui` stops the whole `mlflow server` (its uvicorn worker included) when it is
+stopped itself: SIGTERM (`kill PID`, a service manager), SIGINT (Ctrl-C) and SIGHUP (the
+terminal closed) are forwarded to the server's process group. A real server on a free port,
+and a stand-in server (a process with a child) for each signal."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+
+import psutil
+import pytest
+
+pytest_plugins = ("trainkit",)  # fixtures: store, mlflow_template
+
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def answers(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def stop_leftovers(procs) -> None:
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+
+
+def test_sigterm_stops_the_mlflow_server_and_its_worker(store, tmp_path):
+    pytest.importorskip("mlflow.server")
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store}
+    err = tmp_path / "ui.err"
+    with open(tmp_path / "ui.out", "w") as out, open(err, "w") as errf:
+        ui = subprocess.Popen([sys.executable, "-m", "vqkit.cli", "ui", "--port", str(port)], env=env,
+                              cwd=tmp_path, stdout=out, stderr=errf)
+    server = []
+    try:
+        deadline = time.monotonic() + 300  # a loaded 2-core machine starts it slowly
+        while not answers(port):
+            assert ui.poll() is None, err.read_text()
+            assert time.monotonic() < deadline, "mlflow server did not answer"
+            time.sleep(1)
+        server = psutil.Process(ui.pid).children(recursive=True)
+        assert len(server) >= 2, server  # mlflow server and its uvicorn worker
+        ui.send_signal(signal.SIGTERM)
+        assert ui.wait(timeout=60) == 128 + signal.SIGTERM
+        _, alive = psutil.wait_procs(server, timeout=30)
+        assert not alive, alive
+        assert not answers(port)
+        assert "MLflow UI stopped (SIGTERM)" in err.read_text()
+    finally:
+        if ui.poll() is None:
+            ui.kill()
+        stop_leftovers(server)
+
+
+STAND_IN = textwrap.dedent("""
+    import subprocess, sys, time
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    print(child.pid, flush=True)
+    time.sleep(600)
+""")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP, signal.SIGTERM])
+def test_each_stop_signal_reaches_the_whole_server_group(sig, tmp_path):
+    """`serve` (what `vqkit ui` runs the server with) in a process of its own, with a
+    stand-in server that has a worker: the signal sent to that process stops both."""
+    script = tmp_path / "stand_in.py"
+    script.write_text(STAND_IN)
+    driver = textwrap.dedent(f"""
+        import sys
+        from vqkit.commands.ui import serve
+        sys.exit(serve([sys.executable, {str(script)!r}], None))
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", driver], stdout=subprocess.PIPE, text=True)
+    group = []
+    try:
+        worker_pid = int(proc.stdout.readline())
+        group = psutil.Process(proc.pid).children(recursive=True)
+        assert worker_pid in [p.pid for p in group] and len(group) == 2
+        proc.send_signal(sig)
+        assert proc.wait(timeout=60) == 128 + sig
+        _, alive = psutil.wait_procs(group, timeout=30)
+        assert not alive
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        stop_leftovers(group)
