@@ -124,6 +124,14 @@ def test_validate_build_and_train_catch_what_shows_when_parts_meet(tmp_path, sto
     assert _runs(store) == []  # refused before any MLflow run was created
 
 
+def test_every_loss_and_the_discriminator_are_reported_at_once(tmp_path, store, capsys):
+    recipe = _recipe(tmp_path, store, discriminator=PATCHGAN, losses=[
+        {"name": "pixel-l1"}, {"name": "lpips", "weight": 0.1, "params": {"net": "alex"}}])
+    assert main(["validate", "--build", recipe, "--set", "data.params.image_size=16"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert [line.split(": ")[3] for line in lines] == ["losses.1", "discriminator"], lines
+
+
 def test_a_plugin_components_own_shape_error_is_located_and_names_it(tmp_path, store, capsys, use_registry):
     with install_fake_distribution(tmp_path / "d", "vqkit-short", "0.2.0", {"vqkit_short_mod": SHORT_DECODER},
                                    {"short": "vqkit_short_mod"}):

@@ -338,19 +338,32 @@ def check_parts_meet(built: Built) -> None:
                 stage.fail("quantizer", "in decode_indices", f"returned {tuple(again.shape)}, expected "
                            f"{tuple(out.quantized.shape)}")
             recon = recon.float()
-            for i, loss in enumerate(built.losses):
+            problems: list[Problem] = []  # the losses and the discriminator: each reported
+
+            def loss_check(i: int, loss: Any) -> None:
                 rng = getattr(loss, "input_range", (-1.0, 1.0))
                 needs = disc if getattr(loss, "needs_discriminator", False) else None
-                value = stage(f"losses.{i}", "to compute its loss", lambda f=loss, r=rng, d=needs: f(
-                    convert_range(recon, r), convert_range(x, r), discriminator=d))
+                value = stage(f"losses.{i}", "to compute its loss", lambda: loss(
+                    convert_range(recon, rng), convert_range(x, rng), discriminator=needs))
                 if not isinstance(value, torch.Tensor) or value.numel() != 1:
                     got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
                     stage.fail(f"losses.{i}", "to compute its loss", f"returned {got}, expected a 0-dim tensor")
-            if disc is not None:
+
+            def disc_check() -> None:
                 kind = recipe.model.discriminator.loss
                 stage("discriminator", "to judge images", lambda: (
                     gan.discriminator_loss(kind, disc(x).float(), disc(recon).float()),
                     gan.generator_loss(kind, disc(recon).float())))
+
+            checks = [lambda i=i, f=f: loss_check(i, f) for i, f in enumerate(built.losses)]
+            checks += [disc_check] if disc is not None else []
+            for check in checks:
+                try:
+                    check()
+                except VqkitError as exc:
+                    problems.extend(exc.problems)
+            if problems:
+                raise VqkitError(problems)
     finally:
         random.setstate(py_state)
         np.random.set_state(np_state)
