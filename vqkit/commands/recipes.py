@@ -21,9 +21,11 @@ def configure_validate(p) -> None:
     p.add_argument("--json", action="store_true", help="print a JSON list of problems per recipe")
     p.add_argument(
         "--build", action="store_true",
-        help="also build every component (data sets, model, losses, discriminator, reset policy) without "
-        "training, so problems between components (decoder vs encoder factor, image size vs factor, a "
-        "loss that needs a discriminator, missing data or weight files) are reported too",
+        help="also build every component (data sets, model, losses, discriminator, reset policy) and push "
+        "one batch of the data's image shape through them without training (what `vqkit train` checks "
+        "before it creates a run), so problems between components (decoder vs encoder factor, image size "
+        "vs factor, discriminator or loss network, every unreadable image, a train split smaller than a "
+        "batch, missing data or weight files) are reported too",
     )
 
 
