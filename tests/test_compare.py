@@ -158,3 +158,25 @@ def test_plot_and_grid_images(runs, store, tmp_path, capsys):
     log_run(store, tmp_path, "no images", {"seed": 5}, {"eval/psnr": [(1, 1.0)]})
     assert main(["compare", "no images", "--tracking-uri", store, "--grid", str(grid)]) == 2
     assert "no reconstruction images" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [
+    ["compare", "deadbeef"],
+    ["compare", "--experiment", "sweep-demo"],
+    ["compare", "deadbeef", "--tracking-uri", "mlruns"],
+    ["eval", "deadbeef", "--no-log"],
+    ["eval", "deadbeef"],
+    ["sample", "deadbeef", "-o", "x.png"],
+    ["ui", "--print"],
+])
+def test_read_only_commands_never_create_a_store(argv, tmp_path, monkeypatch, capsys):
+    """A lookup in a folder with no store is one `vqkit: error:` line (exit 2) and leaves the
+    folder empty: no mlflow.db, no lock file, no mlruns/ (they were created before)."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.chdir(empty)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("vqkit: error: ") and "store" in err[0], err
+    assert sorted(p.name for p in empty.iterdir()) == []

@@ -147,7 +147,41 @@ class _request_timeout:
             os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = self.saved
 
 
-def _open_client(uri: str) -> Any:
+class NoStore(Exception):
+    """A read-only lookup found no tracking store at a local URI (nothing was created)."""
+
+    def __init__(self, uri: str, where: Path):
+        self.uri, self.where = uri, where
+        super().__init__(f"no MLflow tracking store at {uri} ({where} does not exist: nothing has been "
+                         "logged there; give --tracking-uri or set MLFLOW_TRACKING_URI)")
+
+
+def _local_store(uri: str) -> Path | None:
+    """The file or folder of a local store (sqlite database, file store), else ``None``."""
+    path = _sqlite_path(uri)
+    if path is not None:
+        return path
+    if uri.startswith("file:"):
+        from urllib.parse import unquote, urlparse
+
+        return Path(unquote(urlparse(uri).path))
+    if "://" not in uri and uri not in ("", "databricks") and not uri.startswith(("databricks", "uc:")):
+        return Path(uri)
+    return None
+
+
+def _store_missing(uri: str) -> Path | None:
+    """The path of a local store that does not exist (an empty sqlite file counts as
+    missing: MLflow would create its tables in it), else ``None``."""
+    path = _local_store(uri)
+    if path is None:
+        return None
+    if _sqlite_path(uri) is not None:
+        return None if path.is_file() and path.stat().st_size > 0 else path
+    return None if path.is_dir() else path
+
+
+def _open_client(uri: str, create: bool = True) -> Any:
     """An :class:`mlflow.MlflowClient` whose store is open.
 
     A sqlite store is created and migrated under an inter-process lock (``<db>.lock``):
@@ -155,8 +189,16 @@ def _open_client(uri: str) -> Any:
     that exists but cannot be opened (half-migrated, not a database, unreadable), or that
     cannot be created, raises :class:`~vqkit.errors.VqkitError` naming the file and
     MLflow's error. Other stores are contacted on first use.
+
+    ``create=False`` (every read-only lookup: ``vqkit compare``, ``eval``, ``sample``,
+    ``ui``): a local store (sqlite file, file-store folder) that does not exist raises
+    :class:`NoStore` and nothing is created, not even the lock file.
     """
     _configure_http_retries()
+    if not create:
+        missing = _store_missing(uri)
+        if missing is not None:
+            raise NoStore(uri, missing)
     from mlflow import MlflowClient
 
     _quiet_mlflow_logs()
@@ -791,7 +833,28 @@ def _short(exc: BaseException) -> str:
 
 # =========================================================================== reading runs back
 def _client(uri: str) -> Any:
-    return _open_client(uri)
+    """A client of an existing store, for reading (and logging into existing runs): a local
+    store that does not exist is a :class:`~vqkit.errors.VqkitError` and is not created."""
+    from vqkit.errors import VqkitError
+
+    try:
+        return _open_client(uri, create=False)
+    except NoStore as exc:
+        raise VqkitError(str(exc)) from None
+
+
+def _reader(uri: str, experiment: str | None) -> Any:
+    """:func:`_client`; a missing store, when an experiment is named, is reported as that
+    experiment missing (``vqkit sweep`` then starts one)."""
+    from vqkit.errors import VqkitError
+
+    try:
+        return _open_client(uri, create=False)
+    except NoStore as exc:
+        if experiment is None:
+            raise VqkitError(str(exc)) from None
+        raise VqkitError(f"no MLflow experiment {experiment!r} at {uri} (no tracking store there: "
+                         f"{exc.where} does not exist)") from None
 
 
 def run_status(uri: str, run_id: str) -> str | None:
@@ -818,8 +881,11 @@ def download_checkpoint(uri: str, run_id: str, run_dir: str | os.PathLike) -> Pa
     from vqkit.errors import VqkitError
 
     try:
-        client = _client(uri)
+        client = _open_client(uri, create=False)
         run = client.get_run(run_id)
+    except NoStore as exc:
+        raise VqkitError(f"{run_id!r} is neither a checkpoint file, a run dir, nor an MLflow run at {uri} "
+                         f"(no tracking store there: {exc.where} does not exist)") from None
     except Exception as exc:
         raise VqkitError(
             f"{run_id!r} is neither a checkpoint file, a run dir, nor an MLflow run at {uri} "
@@ -849,7 +915,7 @@ def fetch_runs(uri: str, run_ids: Iterable[str] = (), experiment: str | None = N
     from vqkit.errors import VqkitError
 
     try:
-        client = _client(uri)
+        client = _reader(uri, experiment)
         runs = []
         if experiment is not None:
             exp = client.get_experiment_by_name(experiment)
@@ -972,7 +1038,7 @@ def search_runs(uri: str, experiment: str | None = None, filter_string: str = ""
     from vqkit.errors import VqkitError, suggest
 
     try:
-        client = _client(uri)
+        client = _reader(uri, experiment)
         if experiment is not None:
             exp = client.get_experiment_by_name(experiment)
             if exp is None:
