@@ -34,7 +34,7 @@ def log_run(store, tmp_path, name, params, history, experiment="cmp", tags=None,
         g = torch.Generator().manual_seed(seed)
         x = torch.rand(4, 1, 8, 8, generator=g) * 2 - 1
         path = save_recon_grid(x, x.flip(0), tmp_path / "img" / name / f"recon_{step:06d}.png")
-        t.log_artifact(path, "images")
+        t.log_image_grid(path, "reconstructions", step)
     assert t.finish()
     return run_id
 
@@ -180,3 +180,17 @@ def test_read_only_commands_never_create_a_store(argv, tmp_path, monkeypatch, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("vqkit: error: ") and "store" in err[0], err
     assert sorted(p.name for p in empty.iterdir()) == []
+
+
+def test_image_grids_leave_mlflow_images_folder_to_log_image(tmp_path, store):
+    """MLflow's UI parses every file directly in images/ as a log_image file (key+step+N+
+    timestamp+T+uuid[+compressed].ext); one other file hides all of the run's images. A grid
+    logged by the tracker goes to grids/ by name and to images/ only through log_image."""
+    from mlflow import MlflowClient
+
+    run_id = log_run(store, tmp_path, "grid run", {"seed": 0}, {"eval/psnr": [(5, 1.0)]}, images=[(5, 1)])
+    client = MlflowClient(store)
+    assert [a.path for a in client.list_artifacts(run_id, "grids")] == ["grids/recon_000005.png"]
+    names = [a.path.split("/", 1)[1] for a in client.list_artifacts(run_id, "images")]
+    assert names and all(n.startswith("reconstructions+step+5+timestamp+") for n in names), names
+    assert client.get_run(run_id).data.tags.get("mlflow.loggedImages")

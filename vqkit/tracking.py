@@ -65,6 +65,13 @@ REQUEST_TIMEOUT_S = 5.0
 #: ``workflowType=machine_learning`` parameter that selects "Model training".
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
+#: MLflow's artifact folder of ``log_image`` files. Its UI parses every file name directly in
+#: it as ``<key>+step+<n>+timestamp+<t>+<uuid>[+compressed].<ext>``; any other file there
+#: (vqkit's ``images/recon_<step>.png`` until now) makes the parse fail for the whole run, and
+#: the image grid then shows "No logged images" for it. Named PNG grids go to :data:`GRIDS_DIR`.
+MLFLOW_IMAGES_DIR = "images"
+#: Artifact folder of the named PNG grids (``recon_<step>.png``, ``samples_<step>.png``).
+GRIDS_DIR = "grids"
 #: The run description shown by MLflow's UI.
 DESCRIPTION_TAG = "mlflow.note.content"
 
@@ -416,6 +423,13 @@ class Tracker:
         if self.enabled:
             self._push({"op": "image", "path": str(Path(local_path).resolve()), "key": key,
                         "step": int(step), "ts": int(time.time() * 1000)})
+
+    def log_image_grid(self, local_path: str | os.PathLike, key: str, step: int) -> None:
+        """A PNG grid both as MLflow image ``key`` at ``step`` (``images/``: the UI's image grid
+        and step slider) and as the named artifact ``grids/<file name>``, never a file of its
+        own in ``images/`` (see :data:`MLFLOW_IMAGES_DIR`)."""
+        self.log_artifact(local_path, GRIDS_DIR)
+        self.log_image(local_path, key, step)
 
     def log_dataset(self, name: str, digest: str, source: Mapping[str, Any], context: str,
                     profile: Mapping[str, Any] | None = None) -> None:
@@ -1235,3 +1249,22 @@ def log_missing_metrics(uri: str, run_id: str, metrics: Mapping[str, float], ste
         raise VqkitError(f"cannot log to MLflow run {run_id} at {uri}: {_short(exc)}") from None
     log_to_run(uri, run_id, {k: v for k, v in metrics.items() if k not in have}, step, tags)
     return have
+
+
+#: where ``vqkit ui`` serves a local store (its default --host and --port)
+UI_DEFAULT_BASE = "http://127.0.0.1:5000"
+
+
+def ui_base(uri: str) -> str:
+    """The address of the UI that shows store ``uri``: the server itself for an http(s)
+    store, else what ``vqkit ui`` serves it at by default."""
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else UI_DEFAULT_BASE
+
+
+def compare_url(base: str, run_ids: Iterable[str], experiment_ids: Iterable[str]) -> str:
+    """MLflow's compare-runs page of ``run_ids`` (params, metrics and charts of those runs side
+    by side: a sweep's children, which the experiment's run list shows folded under their
+    parent), in "Model training" mode."""
+    runs = json.dumps(list(run_ids), separators=(",", ":"))
+    exps = json.dumps(sorted({str(e) for e in experiment_ids}), separators=(",", ":"))
+    return f"{base.rstrip('/')}/#/compare-runs?runs={runs}&experiments={exps}&workflowType=machine_learning"

@@ -195,18 +195,24 @@ def plot_metrics(uri: str, runs: Sequence[dict[str, Any]], metrics: Sequence[str
 
 def recon_grid(uri: str, runs: Sequence[dict[str, Any]], path: str | Path) -> Path:
     """The test images (top row) and each run's reconstructions of them at its last logged
-    step, one labelled row per run, from the runs' ``images/recon_<step>.png`` artifacts."""
+    step, one labelled row per run, from the runs' ``grids/recon_<step>.png`` artifacts
+    (``images/recon_<step>.png`` in runs logged before the grids moved out of MLflow's
+    ``images/`` folder)."""
     from PIL import Image, ImageDraw, ImageFont
 
-    from vqkit.tracking import download_artifact, list_artifacts
+    from vqkit.tracking import GRIDS_DIR, MLFLOW_IMAGES_DIR, download_artifact, list_artifacts
 
     strips: list[tuple[str, Image.Image]] = []
     originals = None
     missing = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, r in enumerate(runs):
-            pngs = sorted(p for p in list_artifacts(uri, r["run_id"], "images")
-                          if Path(p).name.startswith("recon_") and p.endswith(".png"))
+            pngs = []
+            for folder in (GRIDS_DIR, MLFLOW_IMAGES_DIR):  # grids/; images/ in older runs
+                pngs = sorted(p for p in list_artifacts(uri, r["run_id"], folder)
+                              if Path(p).name.startswith("recon_") and p.endswith(".png"))
+                if pngs:
+                    break
             if not pngs:
                 missing.append(_run_label(r))
                 continue
@@ -221,7 +227,7 @@ def recon_grid(uri: str, runs: Sequence[dict[str, Any]], path: str | Path) -> Pa
             step = Path(pngs[-1]).stem.split("_")[-1].lstrip("0") or "0"
             strips.append((f"{r['run_name'] or r['run_id'][:8]} (step {step})", bottom))
     if missing:
-        raise VqkitError(f"--grid: no reconstruction images (images/recon_*.png) in run(s) {', '.join(missing)}")
+        raise VqkitError(f"--grid: no reconstruction images (grids/recon_*.png) in run(s) {', '.join(missing)}")
     assert originals is not None
     rows = [("test images", originals), *strips]
     font = ImageFont.load_default(size=16)
