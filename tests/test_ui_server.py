@@ -108,3 +108,37 @@ def test_each_stop_signal_reaches_the_whole_server_group(sig, tmp_path):
             proc.wait()
         proc.stdout.close()
         stop_leftovers(group)
+
+
+def test_ui_prints_the_compare_page_of_each_sweeps_children(store, tmp_path, capsys):
+    """A sweep shows in MLflow's run list as one folded parent row: `vqkit ui` also prints the
+    compare-runs page of its children (the form docs/comparisons.md uses)."""
+    import io
+
+    from vqkit.cli import main
+    from vqkit.tracking import Tracker
+
+    parent = Tracker(store, "swept", "tiny sweep K", stderr=io.StringIO())
+    pid = parent.start()
+    parent.attach(tmp_path / "parent")
+    parent.set_tags({"vqkit.sweep.role": "parent"})
+    kids = []
+    for name in ("K=8", "K=16"):
+        t = Tracker(store, "swept", name, stderr=io.StringIO())
+        kids.append(t.start())
+        t.attach(tmp_path / name)
+        t.set_tags({"mlflow.parentRunId": pid})
+        assert t.finish()
+    assert parent.finish()
+    lone = Tracker(store, "swept", "lone run", stderr=io.StringIO())
+    lone_id = lone.start()
+    lone.attach(tmp_path / "lone")
+    assert lone.finish()
+
+    assert main(["ui", "--print", "--tracking-uri", store, "--port", "5171"]) == 0
+    err = capsys.readouterr().err
+    (line,) = [x for x in err.splitlines() if "compare-runs" in x]
+    assert "tiny sweep K" in line and "2 children" in line
+    url = line.split()[-1]
+    assert url.startswith("http://127.0.0.1:5171/#/compare-runs?runs=[") and url.endswith("workflowType=machine_learning")
+    assert all(f'"{k}"' in url for k in kids) and pid not in url and lone_id not in url

@@ -34,7 +34,27 @@ def links(uri: str, base: str, run: dict | None = None) -> list[str]:
 
     if run is not None:
         return [f"{run.get('experiment')}: {ui_url(base, run['experiment_id'], run['run_id'])}"]
-    return [f"{name}: {ui_url(base, exp_id)}" for exp_id, name in experiments(uri) if name != "Default"]
+    return [f"{name}: {ui_url(base, exp_id)}" for exp_id, name in experiments(uri) if name != "Default"] + sweep_links(uri, base)
+
+
+def sweep_links(uri: str, base: str) -> list[str]:
+    """For each sweep (a parent run with nested children), MLflow's compare-runs page of its
+    children: the experiment's run list shows a sweep as one folded parent row."""
+    from vqkit.tracking import compare_url, search_runs
+
+    runs = search_runs(uri)
+    by_id = {r["run_id"]: r for r in runs}
+    children: dict[str, list[dict]] = {}
+    for r in runs:
+        parent = r["tags"].get("mlflow.parentRunId")
+        if parent in by_id and by_id[parent]["tags"].get("vqkit.sweep.role") == "parent":
+            children.setdefault(parent, []).append(r)
+    out = []
+    for parent, kids in children.items():
+        kids.sort(key=lambda r: (r["run_name"] or "", r["run_id"]))
+        url = compare_url(base, [r["run_id"] for r in kids], [r["experiment_id"] for r in kids])
+        out.append(f"sweep {by_id[parent]['run_name']!r} ({parent[:8]}), its {len(kids)} children side by side: {url}")
+    return out
 
 
 def run_ui(args) -> int:
