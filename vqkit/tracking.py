@@ -57,12 +57,13 @@ SENT = "tracking_buffer.sent"
 #: ``$MLFLOW_HTTP_REQUEST_TIMEOUT`` is set); artifact uploads get this plus 1 s per 20 MB
 REQUEST_TIMEOUT_S = 5.0
 
-#: Experiment tag of MLflow 3's UI (``mlflow/server/js``: ``ExperimentKind``): an experiment
-#: marked ``custom_model_development`` is a model-training experiment, which the UI opens on
-#: its runs, not on the GenAI overview. Set when vqkit creates (or first logs to) an
-#: experiment. MLflow 3.17's UI lets its global "GenAI / Model training" switch (GenAI by
-#: default, kept per browser) override the tag; :func:`ui_url` adds the
-#: ``workflowType=machine_learning`` parameter that selects "Model training".
+#: Experiment tag of MLflow 3 (``ExperimentKind``): ``custom_model_development`` marks a
+#: model-training experiment; set when vqkit creates (or first logs to) an experiment. MLflow
+#: 3.17's UI does not read it to pick the experiment page's view: its workflow navigation
+#: (compiled in as on) takes the "GenAI / Model training" switch instead, i.e. the URL
+#: parameter ``workflowType``, else the browser's local storage ``mlflow.workflowType_v1``
+#: (default ``"genai"``); no store-side value exists. :func:`ui_url` therefore adds
+#: ``workflowType=machine_learning``.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 #: MLflow's artifact folder of ``log_image`` files. Its UI parses every file name directly in
