@@ -353,7 +353,8 @@ def curves(results: dict, path: Path) -> None:
             ax.set_title(f"{title}, {test_name} test")
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    if axes[0][0].get_legend_handles_labels()[0]:
+        axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
 
