@@ -135,6 +135,11 @@ def test_sweep_nests_children_and_a_rerun_skips_finished_ones(workdir, capsys):
     c = client(uri)
     assert {"summary.md", "summary.csv", "recipe.yaml"} <= {a.path for a in c.list_artifacts(parent.info.run_id)}
     assert "K=8" in out and "quantizer.params.codebook_size" in out
+    # the children side by side in MLflow's UI (the run list folds them under the parent)
+    url = next(line for line in out.splitlines() if "compare-runs" in line).split()[-1]
+    assert url.startswith("http://127.0.0.1:5000/#/compare-runs?runs=[")
+    assert all(f'"{r.info.run_id}"' in url for r in children)
+    assert f'experiments=["{parent.info.experiment_id}"]' in url and url.endswith("workflowType=machine_learning")
     # each child got half the threads: its own log says which command it ran
     logs = sorted((workdir / "runs" / parent.info.run_id / "children").glob("*.log"))
     assert len(logs) == 2 and "MLflow run" in logs[0].read_text()

@@ -320,7 +320,17 @@ class Sweep:
 
         print(f"vqkit: compare them with: vqkit compare {parent_id[:8]} --sort {plan.metrics[0]}", file=self.out)
         print(f"vqkit: see them in MLflow's UI: {ui_command(self.uri)}", file=self.out, flush=True)
+        self._print_compare_url(parent_id)
         return 0
+
+    def _print_compare_url(self, parent_id: str) -> None:
+        """The MLflow page with every child side by side (the run list folds them under the parent)."""
+        from vqkit.tracking import compare_url, ui_base
+
+        children = self._search(f"tags.`{PARENT_TAG}` = '{parent_id}'")
+        if children:
+            url = compare_url(ui_base(self.uri), [r["run_id"] for r in children], [r["experiment_id"] for r in children])
+            print(f"vqkit: its {len(children)} children side by side in MLflow's UI: {url}", file=self.out, flush=True)
 
     def _log_search_state(self, tracker, search) -> None:
         """The search's state files (e.g. the Optuna study) as artifacts ``search/...`` of the
