@@ -142,3 +142,21 @@ def test_compare_shows_differing_params_and_final_metrics(tmp_path, store, capsy
     assert [r["metrics"]["eval/psnr"] for r in rows] == [20.0, 22.5]
     assert main(["compare", "--experiment", "nope", "--tracking-uri", store]) == 2
     assert "no MLflow experiment 'nope'" in capsys.readouterr().err
+
+
+def test_a_run_with_system_metrics_has_them_in_the_store(tmp_path, monkeypatch):
+    """`tracking.system_metrics: true` on a real (tiny) training run: its system/* metrics
+    (psutil: CPU, memory) are in the sqlite store afterwards."""
+    from mlflow import MlflowClient
+
+    from vqkit.testing.sweeps import write_recipe
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    recipe = write_recipe(tmp_path, tracking={"experiment": "sysm", "system_metrics": True})
+    assert main(["train", str(recipe), "--quiet", "--set", "train.steps=6"]) == 0
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("sysm").experiment_id])
+    system = {k for k in run.data.metrics if k.startswith("system/")}
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system, system

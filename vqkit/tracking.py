@@ -999,13 +999,16 @@ def context_tags(source: str | None, entry_point: str) -> dict[str, str]:
 
 class SystemMetrics:
     """MLflow's system metrics monitor (CPU, memory, disk, network, GPU through psutil /
-    pynvml) logging ``system/*`` metrics to a run every ``interval_s`` seconds from a thread.
+    pynvml) logging ``system/*`` metrics to a run every ``interval_s`` seconds from a thread
+    (default: ``$MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL``, else 10).
     Does nothing when the run does not exist yet (store unreachable)."""
 
-    def __init__(self, uri: str, run_id: str | None, interval_s: float = 10.0):
+    def __init__(self, uri: str, run_id: str | None, interval_s: float | None = None):
         self._monitor = None
         if run_id is None:
             return
+        if interval_s is None:  # MLflow's own setting, else its default of 10 s
+            interval_s = float(os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL") or 10.0)
         try:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
