@@ -367,6 +367,30 @@ def _merge(base: Any, over: Any, path: Path_ = ()) -> Any:
 MAX_EXTENDS_DEPTH = 32
 
 
+#: ``extends: vqkit:NAME`` names a recipe shipped with vqkit (its ``recipes/`` folder, package data)
+SHIPPED_PREFIX = "vqkit:"
+
+
+def shipped_recipes_dir() -> Path:
+    """The recipes shipped with vqkit: ``vqkit/recipes`` of the installed package (package
+    data; in a checkout, a link to the repository's ``recipes/``)."""
+    return Path(__file__).resolve().parent / "recipes"
+
+
+def shipped_recipe(ref: str, problems: list[Problem], where: dict) -> Path | None:
+    """The file of ``extends: vqkit:NAME`` (NAME relative to the shipped recipes, e.g.
+    ``quickstart.yaml``, ``quantizers/fashion-mnist.yaml``), or ``None`` after adding a
+    located problem with the shipped names."""
+    name = ref[len(SHIPPED_PREFIX):]
+    root = shipped_recipes_dir()
+    path = root / name
+    if ".." not in Path(name).parts and not os.path.isabs(name) and path.is_file():
+        return path
+    names = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.yaml")) if root.is_dir() else []
+    problems.append(Problem(f"no recipe {name!r} ships with vqkit" + suggest(name, names), path="extends", **where))
+    return None
+
+
 def _read_with_extends(
     path: Path, loc: _Loc, problems: list[Problem], chain: tuple[Path, ...] = ()
 ) -> Any:
@@ -391,7 +415,11 @@ def _read_with_extends(
             parent = None
         else:
             parent_path = (path.parent / parent_ref) if not os.path.isabs(parent_ref) else Path(parent_ref)
-            if not parent_path.exists():
+            if parent_ref.startswith(SHIPPED_PREFIX):
+                parent_path = shipped_recipe(parent_ref, problems, own.find(("extends",)))
+            if parent_path is None:
+                parent = None
+            elif not parent_path.exists():
                 problems.append(
                     Problem(f"recipe file not found: {parent_path}", path="extends", **own.find(("extends",)))
                 )
