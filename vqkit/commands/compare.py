@@ -102,9 +102,10 @@ def runs_table(uri: str, runs: Sequence[dict[str, Any]], metrics: Sequence[str],
         if reverse:
             sign = -sign
 
-        def key(i):
+        def key(i):  # ties: by run name, then id (the same order whatever order the runs came in)
             v = values[i][label]
-            return (v is None or math.isnan(v), sign * v if v is not None and not math.isnan(v) else 0.0)
+            return (v is None or math.isnan(v), sign * v if v is not None and not math.isnan(v) else 0.0,
+                    runs[i]["run_name"] or "", runs[i]["run_id"])
 
         order.sort(key=key)
     return Comparison([runs[i] for i in order], params, [_metric_label(m) for m in metrics],
@@ -158,6 +159,17 @@ def render(comp: Comparison, fmt: str = "table") -> str:
 
 
 # =========================================================================== plots
+#: line styles and (hollow) markers of the runs in a plot: runs with identical results stay
+#: visible (a line drawn exactly over another differs in dashes and markers); 12 distinct pairs
+LINE_STYLES = ("-", "--", ":", "-.")
+MARKERS = ("o", "s", "^", "D", "v", "x")
+
+
+def run_style(i: int) -> tuple[str, str]:
+    """``(linestyle, marker)`` of the ``i``-th run of a plot."""
+    return LINE_STYLES[i % len(LINE_STYLES)], MARKERS[i % len(MARKERS)]
+
+
 def plot_metrics(uri: str, runs: Sequence[dict[str, Any]], metrics: Sequence[str], path: str | Path) -> Path:
     """One panel per metric, its values over steps, one line per run (legend: run names)."""
     import matplotlib
@@ -176,8 +188,9 @@ def plot_metrics(uri: str, runs: Sequence[dict[str, Any]], metrics: Sequence[str
             points = metric_history(uri, r["run_id"], metric)
             if points:
                 steps, vals = zip(*points)
-                ax.plot(steps, vals, marker="o" if len(points) <= 12 else None, markersize=3,
-                        label=r["run_name"] or r["run_id"][:8])
+                linestyle, marker = run_style(i)
+                ax.plot(steps, vals, linestyle=linestyle, marker=marker, markersize=4, fillstyle="none",
+                        markevery=max(1, len(points) // 12), label=r["run_name"] or r["run_id"][:8])
         ax.set_title(metric)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
