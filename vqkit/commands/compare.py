@@ -184,7 +184,7 @@ def plot_metrics(uri: str, runs: Sequence[dict[str, Any]], metrics: Sequence[str
     rows = math.ceil(len(metrics) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.6 * rows), squeeze=False)
     for ax, metric in zip(axes.flat, metrics):
-        for r in runs:
+        for i, r in enumerate(runs):
             points = metric_history(uri, r["run_id"], metric)
             if points:
                 steps, vals = zip(*points)
