@@ -265,9 +265,9 @@ async def screenshot(cdp_port: int, url: str, names: list[str], view: str, key: 
                                  f"the menu of the {key!r} image chart", then=("[role=menuitem]", "Configure"))
                 await page.click('[role=menuitem]', timeout, "the chart menu's Configure item", text="Configure",
                                  then=(switch, None))
-                await page.click(switch, timeout, "the chart's 'Show run parameters' switch",
-                                 then=(switch + '[aria-checked="false"]', None))
-                await page.click('[role=dialog] button', timeout, "the Save button", text="Save")
+                await page.click(switch, timeout, "the chart's 'Show run parameters' switch")
+                await page.click('[data-testid="experiment-view-compare-runs-chart-modal-confirm"]', timeout,
+                                 "the chart dialog's 'Save changes' button")
                 await page.click('[data-component-id="fullscreen_button_chartcard"]', timeout,
                                  f"the full-screen button of the {key!r} image chart")
                 dialog = IMAGE_DIALOG % {"names": names_js, "key": json.dumps(key)}
