@@ -188,10 +188,12 @@ def test_prior_train_logs_links_and_resumes_bit_for_bit(autoencoder, workdir, st
     assert all(0 < v < 4.01 + 1.0 for v in bpd)  # 16 codes: 4 bits/dim is uniform
     assert client.get_metric_history(run.info.run_id, "prior/train_bpd")
     run_dir = workdir / "runs" / run.info.run_id
-    with Image.open(run_dir / "images" / "samples_000006.png") as grid:
+    with Image.open(run_dir / "grids" / "samples_000006.png") as grid:
         assert grid.width > 64 and grid.height > 64
-    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "images")}
-    assert "images/samples_000006.png" in artifacts
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "grids")}
+    assert "grids/samples_000006.png" in artifacts
+    images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
+    assert images and all(p.startswith("images/samples+step+") for p in images), images
 
     # stop after 3 steps, resume by run dir: the same final state as the straight run
     args = type("A", (), {"recipe": write(workdir, "b.yaml", prior_recipe(ae_dir, store)), "overrides": [],

@@ -240,7 +240,7 @@ def test_sweep_against_a_real_mlflow_server(workdir, mlflow_template, capsys, mo
         assert child.data.tags["mlflow.note.content"] == "a *tiny* sweep"
         images = [a.path for a in c.list_artifacts(child.info.run_id, "images")]
         assert any(p.startswith("images/reconstructions+step+4+") for p in images)
-        assert "images/recon_000004.png" in images
+        assert [a.path for a in c.list_artifacts(child.info.run_id, "grids")] == ["grids/recon_000004.png"]
         run = c.get_run(child.info.run_id)
         inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
         assert set(inputs) == {"train", "test"} and inputs["train"].name == "fashion-mnist"

@@ -6,7 +6,7 @@ logits, natural log), reported as **bits per dimension**, one dimension being on
 the grid: ``bpd = nll / ln 2``. ``prior/train_bpd`` is averaged over the logged window,
 ``prior/test_bpd`` is computed on the first ``eval.num_samples`` test grids.
 
-Sample grids (``images/samples_<step>.png``, and MLflow's image log under key
+Sample grids (``grids/samples_<step>.png``, and MLflow's image log under key
 ``samples``) are drawn with a generator seeded by the recipe seed, so the grids of one
 run differ only by training; they never touch the global RNG (resume stays exact).
 """
@@ -249,10 +249,8 @@ class PriorFamily(Family):
         from vqkit.prior.images import save_grid
 
         images, columns = self.sample_images(self.cfg.eval.grid_samples, self.cfg.seed)
-        path = save_grid(images, columns, run_dir / "images" / f"samples_{step:06d}.png")
-        tracker.log_artifact(path, "images")
-        if hasattr(tracker, "log_image"):  # MLflow's image log (steps slider in the UI)
-            tracker.log_image(path, "samples", step)
+        path = save_grid(images, columns, run_dir / "grids" / f"samples_{step:06d}.png")
+        tracker.log_image_grid(path, "samples", step)  # grids/, and MLflow's image log (step slider)
 
     # ------------------------------------------------------------------ the end
     def finish(self, run_dir: Path, tracker: Any) -> dict[str, float]:

@@ -437,9 +437,9 @@ class AutoencoderFamily(Family):
                 return
             finally:
                 self.model.train(was)
-        path = save_recon_grid(x, recon, run_dir / "images" / f"recon_{step:06d}.png")
-        tracker.log_artifact(path, "images")
-        tracker.log_image(path, RECON_KEY, step)  # MLflow's image grid / step slider
+        path = save_recon_grid(x, recon, run_dir / "grids" / f"recon_{step:06d}.png")
+        # grids/recon_<step>.png, and MLflow's image grid / step slider (images/ holds only those)
+        tracker.log_image_grid(path, RECON_KEY, step)
 
     def after_loop(self) -> None:
         if self.debug_state_dir:

@@ -426,7 +426,7 @@ class TrainLoop:
                 {"run_id": forked_from, "checkpoint": str(self.resume_path), "step": self.step})})
         self.ckpt_dir = run_dir / "checkpoints"
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        for folder in (self.ckpt_dir, run_dir / "images"):  # temp files of a killed process
+        for folder in (self.ckpt_dir, run_dir / "grids", run_dir / "images"):  # a killed process's temp files
             ckpt.remove_temp_files(folder)
 
         tracker.log_params(self.recipe.flat_params())
