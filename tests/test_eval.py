@@ -155,8 +155,8 @@ def test_eval_reports_the_frechet_distance(workdir, store, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["num_samples"] == 520
     assert result[f"eval/{FD_METRIC}"] > 0 and 0 < result["eval/lpips"] < 1
-    run = client(store).get_run(run_id)
-    assert run.data.metrics[f"eval/{FD_METRIC}"] == pytest.approx(result[f"eval/{FD_METRIC}"])
+    run = client(store).get_run(run_id)  # 520 images, not the recipe's eval.num_samples: eval_n520/
+    assert run.data.metrics[f"eval_n520/{FD_METRIC}"] == pytest.approx(result[f"eval/{FD_METRIC}"])
     assert json.loads(run.data.tags["vqkit.eval.backbones"])[FD_METRIC].startswith("vgg16 imagenet relu5_3")
     # fewer test images than the Fréchet distance needs: one error line, exit 2
     assert main(["eval", run_id, "--metrics", FD_METRIC, "--num-samples", "100"]) == 2

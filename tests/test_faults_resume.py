@@ -382,3 +382,52 @@ def test_a_signal_during_a_training_step_waits_for_the_step_and_its_metrics(work
     assert ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir / "checkpoints"))["step"] == 5
     assert main(["train", "--resume", str(run_dir), "--quiet"]) == 0
     _assert_every_step_once(store)
+
+
+def test_a_second_signal_inside_a_step_interrupts_at_once_without_a_partial_checkpoint(workdir, store, capsys,
+                                                                                       monkeypatch):
+    """Two signals inside one step: the second interrupts there; the weights may hold part
+    of the update, so no checkpoint is written and the resume starts from the newest one
+    (step 3), logging every step once."""
+    from vqkit.train.autoencoder import AutoencoderFamily
+
+    original_step = AutoencoderFamily.train_step
+
+    def step(self, x, step):
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return original_step(self, x, step)
+
+    monkeypatch.setattr(AutoencoderFamily, "train_step", step)
+    assert main(["train", "tiny.yaml", "--quiet"]) == 130
+    assert "interrupted inside step 5 (a second signal)" in capsys.readouterr().err
+    monkeypatch.setattr(AutoencoderFamily, "train_step", original_step)
+    (run_dir,) = (workdir / "runs").iterdir()
+    assert ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir / "checkpoints"))["step"] == 3
+    assert main(["train", "--resume", str(run_dir), "--quiet"]) == 0
+    _assert_every_step_once(store)
+
+
+def test_resuming_a_run_another_process_is_training_is_refused(workdir, store, capsys):
+    """The run lock is held (another `vqkit train` on that run dir): a resume does not train
+    alongside it in the same folder and MLflow run."""
+    from vqkit.runtime import hold_run_lock
+
+    assert main(["train", "tiny.yaml", "--quiet", "--set", "train.steps=3"]) == 0
+    (run_dir,) = (workdir / "runs").iterdir()
+    lock = subprocess.Popen([sys.executable, "-c", "import sys, time; from vqkit.runtime import hold_run_lock; "
+                             "l = hold_run_lock(sys.argv[1]); print(l is not None, flush=True); time.sleep(120)",
+                             str(run_dir)], stdout=subprocess.PIPE, text=True, env=_env())
+    try:
+        assert lock.stdout.readline().strip() == "True"
+        capsys.readouterr()
+        assert main(["train", "--resume", str(run_dir), "--quiet", "--set", "train.steps=6"]) == 2
+        assert "is being trained by another process right now" in capsys.readouterr().err
+    finally:
+        lock.kill()
+        lock.wait()
+        lock.stdout.close()
+    free = hold_run_lock(run_dir)  # free again once that process is gone
+    assert free is not None
+    free.release()

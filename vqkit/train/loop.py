@@ -116,14 +116,16 @@ class _HeldSignals:
     """SIGINT and SIGTERM held while a training step updates the weights and logs its
     metrics, then raised as KeyboardInterrupt: a checkpoint written on interrupt holds whole
     steps. A second signal while held interrupts at once (a step that hangs stays
-    interruptible)."""
+    interruptible), and ``forced`` tells the loop that the weights may hold part of a step."""
 
     def __init__(self) -> None:
         self.held: list[int] = []
         self.previous: dict[int, Any] | None = None
+        self.forced = False
 
     def _handler(self, signum, frame):
         if self.held:
+            self.forced = True
             raise KeyboardInterrupt
         self.held.append(signum)
 
@@ -417,16 +419,21 @@ class TrainLoop:
         if not dist.is_main:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        from vqkit.runtime import hold_run_lock
+        from vqkit.runtime import RUN_LOCK, hold_run_lock
 
         self._run_lock = hold_run_lock(run_dir)  # `--resume` tells a live run from a dead one by it
+        if self._run_lock is None and os.access(run_dir, os.W_OK):
+            raise VqkitError(
+                f"{run_dir} is being trained by another process right now (it holds {run_dir / RUN_LOCK}); "
+                "wait for it to end or stop it, then resume"
+            )
         tracker.attach(run_dir)
         if forked_from is not None:
             tracker.set_tags({"vqkit.resumed_from": json.dumps(
                 {"run_id": forked_from, "checkpoint": str(self.resume_path), "step": self.step})})
         self.ckpt_dir = run_dir / "checkpoints"
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        for folder in (self.ckpt_dir, run_dir / "grids", run_dir / "images"):  # a killed process's temp files
+        for folder in (self.ckpt_dir, run_dir / "grids"):  # a killed process's temp files
             ckpt.remove_temp_files(folder)
 
         tracker.log_params(self.recipe.flat_params())
@@ -581,7 +588,11 @@ class TrainLoop:
             self.say(f"vqkit: stopped at step {exc.step}: pruned by the sweep's search; checkpoint {path}")
         except KeyboardInterrupt:
             status = "KILLED"
-            if self.step > start and dist.is_main and _finite_params(*self.family.modules()):
+            if getattr(getattr(self, "_signals", None), "forced", False):  # a second signal inside a step
+                self.say(f"vqkit: interrupted inside step {self.step + 1} (a second signal): its update may "
+                         f"be partial, so no checkpoint is written; continue from the newest one with "
+                         f"`{self.entry_point} --resume {self.run_dir}`")
+            elif self.step > start and dist.is_main and _finite_params(*self.family.modules()):
                 try:
                     path = self.save(collective=False)
                 except OSError as exc:  # e.g. the disk filled up: the newest checkpoint stays
@@ -688,7 +699,7 @@ class TrainLoop:
         n_window = 0
         data_s = step_s = 0.0
         batches = fam.batches(start, stop)
-        signals = _HeldSignals()
+        signals = self._signals = _HeldSignals()
         try:
             if getattr(self, "_catch_up", None):
                 self._do_pending(self._catch_up)
