@@ -681,7 +681,7 @@ def train_argv(recipe_path: str, overrides: Sequence[str], parent_run_id: str,
 
 # the body of a child wherever a launcher runs it, in a module that imports no torch (a Ray
 # worker or a Slurm job unpickles it before the child's own `vqkit train` starts)
-from vqkit.launching import FORWARDED_PREFIXES, child_environment, run_child  # noqa: E402,F401
+from vqkit.launching import child_environment, run_child  # noqa: E402,F401
 
 
 class SchedulerLauncher(Launcher):

@@ -338,7 +338,8 @@ class Sweep:
         try:
             for path in search.artifacts():
                 tracker.log_artifact(path, "search")
-        except OSError as exc:  # e.g. a full disk: the study itself is intact, only its copy is missing
+        except Exception as exc:  # noqa: BLE001 - a full disk, a locked study: the study itself is intact,
+            # only its copy is missing; the parent run must still end (this runs in the sweep's finally)
             print(f"vqkit: warning: the search's state was not copied to the parent run: {exc}", file=self.err)
             return
         tracker.flush()

@@ -108,9 +108,9 @@ def nothing_to_resume(run_dir: Path) -> None:
 def _mark_dead_run(uri: str, run_id: str) -> tuple[bool, int | None]:
     """``(marked, last logged step)``: a RUNNING run whose process is gone and that has no
     checkpoint is ended KILLED with ``vqkit.failure``."""
-    from vqkit.tracking import _open_client
+    from vqkit.tracking import _client
 
-    client = _open_client(uri)
+    client = _client(uri)  # a lookup: a moved or deleted store is an error, never created
     run = client.get_run(run_id)
     steps = [m.step for m in client.get_metric_history(run_id, "loss/total")]
     step = max(steps) if steps else None

@@ -464,9 +464,9 @@ def missing_plugin_error(exc: VqkitError, state: dict[str, Any]) -> VqkitError:
     if not unknown or not uri or not run_id:
         return exc
     try:
-        from vqkit.tracking import _open_client
+        from vqkit.tracking import _client
 
-        tags = _open_client(uri).get_run(run_id).data.tags
+        tags = _client(uri).get_run(run_id).data.tags  # a lookup: never creates a store
     except Exception:  # noqa: BLE001 - the hint is a courtesy; the error stands without it
         return exc
     problems = []

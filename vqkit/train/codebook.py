@@ -375,7 +375,6 @@ class StagedCodebookManager:
                                        _SplitMonitor(monitors, int(quantizer.codebook_size)), dist)
             self.managers = []
         else:
-            monitors = None
             self.managers = [
                 CodebookManager(_StageView(quantizer, s), policies[s], reset_cfg,
                                 CodebookMonitor(quantizer.codebook_size), dist)
