@@ -8,6 +8,7 @@ import warnings
 import pytest
 
 from tests import plugin_examples as ex
+from tests.trainkit import all_tensors_equal
 from vqkit.cli import main
 from vqkit.errors import VqkitError
 from vqkit.plugins import PluginWarning, build_registry, get_registry
@@ -356,22 +357,7 @@ def test_multi_codebook_quantizer_trains_with_resets_per_code_book(tmp_path, sto
     resumed = load_checkpoint(latest_checkpoint(first.run_dir / "checkpoints"))
     assert resumed["step"] == 6
     for key in ("model", "codebook"):
-        _assert_same(state[key], resumed[key], key)
-
-
-def _assert_same(a, b, where):
-    if isinstance(a, dict):
-        assert set(a) == set(b), where
-        for k in a:
-            _assert_same(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_same(x, y, f"{where}.{i}")
-    elif hasattr(a, "shape"):
-        assert a.dtype == b.dtype and a.shape == b.shape and bool((a == b).all()), where
-    else:
-        assert a == b, where
+        all_tensors_equal(state[key], resumed[key], key)
 
 
 def test_not_implemented_at_run_time_is_a_user_error_naming_the_component(tmp_path, store, capsys, use_registry):
