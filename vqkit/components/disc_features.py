@@ -28,6 +28,7 @@ from torch.func import functional_call
 from vqkit import hookimpl
 from vqkit.errors import VqkitError
 from vqkit.interfaces import Discriminator, Params, PerceptualLoss
+from vqkit.lpips.model import normalize_channels
 
 __all__ = ["DiscriminatorFeatures", "frozen_features"]
 
@@ -57,11 +58,6 @@ def frozen_features(discriminator: nn.Module, x: torch.Tensor) -> list[torch.Ten
     tensors = {f"d.{n}": p.detach() for n, p in d.named_parameters()}
     tensors.update({f"d.{n}": b.clone() for n, b in d.named_buffers()})
     return functional_call(_Features(d), tensors, (x,), strict=True)
-
-
-def _unit(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
-    """``x`` divided by its norm over channels (dim 1), as LPIPS normalizes features."""
-    return x / torch.sqrt((x * x).sum(dim=1, keepdim=True) + eps)
 
 
 class DiscriminatorFeatures(PerceptualLoss):
@@ -153,7 +149,7 @@ class DiscriminatorFeatures(PerceptualLoss):
         for i, w in self._selection(len(fake)):
             f, r = fake[i].float(), real[i].float()
             if self.params.normalize:
-                f, r = _unit(f), _unit(r)
+                f, r = normalize_channels(f), normalize_channels(r)
             total = total + w * distance(f, r)
         return total
 
