@@ -21,18 +21,29 @@ the test crops are tiled into one mosaic (headers amortised; the 64-px crops ali
 JPEG's 8/16-px blocks and WebP's 16-px macroblocks) and encoded at the highest quality
 whose file fits that budget.
 
+With ``--long``, the study at five times the length instead,
+``vqkit sweep recipes/perceptual/long.yaml`` (experiment ``perceptual-long``: the four
+losses with the discriminator features as tuned, that tuning with weight 0.1, and seeds 1
+and 2 of pixel-only and the tuned features, 1500 steps each), written under
+``<out>/long/``, with ``seeds.md`` (mean and spread over the three seeds, and the paired
+per-seed differences). Every run is evaluated on the same test crops (the data's seed 0),
+whatever its own seed.
+
 Written under ``--out``: ``results.json`` (every number, run ids, wall times), ``table.md``,
 ``tuning.md``, ``curves.png`` (metrics over steps per loss), ``grid-in-source.png`` and
 ``grid-out-of-source.png`` (the same test crops reconstructed by each final model and the
-codecs). The in-source LPIPS and FD of every checkpoint are also logged into its run
-(``eval/lpips``, ``eval/fd_vgg16_relu5_3`` at the checkpoint's step), so
-``vqkit compare PARENT_RUN --plot OUT.png`` shows them over steps.
+codecs). Every evaluation is also logged into its run under the study's own prefix,
+``study/<test set>/<metric>`` at the checkpoint's step (never ``eval/*``, which are the
+recipe's own evaluation settings; a (key, step) already in the run is not logged again), so
+``vqkit compare PARENT_RUN --metrics study/in-source/lpips --plot OUT.png`` shows them over
+steps.
 
 Reproduce (from the repository root; needs ``apt-get install plasma-workspace-wallpapers``
 and ``vqkit weights fetch lpips``)::
 
     python benchmarks/perceptual_study.py --tune        # runs (or resumes) the sweeps, then evaluates
     python benchmarks/perceptual_study.py --no-train    # evaluate the runs that exist so far
+    python benchmarks/perceptual_study.py --long --steps 500 1000 1500   # the 1500-step study
 
 Runs are tracked in ``<work>/mlflow.db`` (``--work``, default ``runs/bench-perceptual``);
 ``vqkit compare --experiment perceptual --tracking-uri sqlite:///<work>/mlflow.db`` shows them.
@@ -59,7 +70,21 @@ LABELS = {
     "disc-features": "L1 + disc. features + GAN",
     "disc-features-lpips": "L1 + LPIPS + disc. features + GAN",
 }
-COLOURS = {"pixel": "tab:gray", "lpips": "tab:blue", "disc-features": "tab:orange", "disc-features-lpips": "tab:green"}
+COLOURS = {"pixel": "tab:gray", "lpips": "tab:blue", "disc-features": "tab:orange", "disc-features-lpips": "tab:green",
+           "long-pixel": "tab:gray", "long-lpips": "tab:blue", "long-disc-features-tuned": "tab:orange",
+           "long-disc-features-tuned-lpips": "tab:green", "long-disc-features-tuned-w0.1": "tab:red"}
+#: the long study's children (recipes/perceptual/long.yaml): label; seed repeats are
+#: evaluated at their final checkpoint only and summarised in seeds.md
+LONG_LABELS = {
+    "long-pixel": "pixel L1",
+    "long-lpips": "L1 + LPIPS + GAN",
+    "long-disc-features-tuned": "L1 + disc. features (normalized) + GAN",
+    "long-disc-features-tuned-lpips": "L1 + LPIPS + disc. features (normalized) + GAN",
+    "long-disc-features-tuned-w0.1": "L1 + 0.1 x disc. features (normalized) + GAN",
+}
+#: seed repeats: base run -> its repeats (seed 0 is the base run)
+LONG_SEEDS = {"long-pixel": ["long-pixel-seed1", "long-pixel-seed2"],
+              "long-disc-features-tuned": ["long-disc-features-tuned-seed1", "long-disc-features-tuned-seed2"]}
 METRICS = ["psnr", "ssim", "lpips", "fd_vgg16_relu5_3"]
 #: the out-of-source test set: scikit-image photographs (none of them is in the training data)
 OUT_OF_SOURCE = {"name": "natural-patches", "params": {
@@ -77,6 +102,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "perceptual", help="where results and figures go")
     p.add_argument("--no-train", action="store_true", help="only evaluate the runs that exist")
     p.add_argument("--tune", action="store_true", help="also run and evaluate the tuning sweep")
+    p.add_argument("--long", action="store_true",
+                   help="the 1500-step study (recipes/perceptual/long.yaml) instead; results under <out>/long")
     p.add_argument("--tune-runs", nargs="+", default=None, metavar="NAME",
                    help="with --tune: evaluate only these tuning runs (default: all)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per child (default: the sweep's split)")
@@ -118,7 +145,8 @@ def run_sweeps(args, uri: str) -> None:
     """Run (or resume: the same command skips finished children) the study's sweep and,
     with ``--tune``, the tuning sweep, one after the other."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
-    for recipe in ["study.yaml"] + (["tune-disc-features.yaml"] if args.tune else []):
+    recipes = ["long.yaml"] if args.long else ["study.yaml"] + (["tune-disc-features.yaml"] if args.tune else [])
+    for recipe in recipes:
         cmd = [sys.executable, "-m", "vqkit.cli", "sweep", str(RECIPES / recipe)]
         if args.threads:
             cmd += ["--set", f"sweep.launcher={{name: local, params: {{threads: {args.threads}}}}}"]
@@ -185,12 +213,13 @@ class Evaluator:
             from vqkit.recipe import recipe_from_dict
             from vqkit.train.build import build_datasets
 
+            d = recipe.to_dict()
+            d["seed"] = 0  # the same test crops for every run, whatever the run's own seed
             if name == "out-of-source":
-                d = recipe.to_dict()
                 data = json.loads(json.dumps(OUT_OF_SOURCE))
                 data["params"]["image_size"] = recipe.model.data.params["image_size"]
                 d["data"] = data
-                recipe = recipe_from_dict(d, "out-of-source")
+            recipe = recipe_from_dict(d, name)
             _, test = build_datasets(recipe)
             self.sets[name] = (test, MetricSet(METRICS, cache_real=True))
         return self.sets[name]
@@ -289,7 +318,7 @@ def evaluate_codec(fmt: str, test, metric_set, num_samples: int, bpp: float) -> 
 
 # ----------------------------------------------------------------------------- figures and tables
 def _label(v: str) -> str:
-    return LABELS.get(v) or CODECS.get(v) or v
+    return LABELS.get(v) or LONG_LABELS.get(v) or CODECS.get(v) or v
 
 
 def grid(runs: dict, step: int, test_name: str, evaluator: Evaluator, path: Path, bpp: float, num_samples: int) -> None:
@@ -415,9 +444,46 @@ def tuning_table(results: dict, step: int) -> str:
     return "\n".join(lines)
 
 
+def _mean_sd(values: list[float]) -> str:
+    import statistics
+
+    if len(values) < 2:
+        return f"{values[0]:.4g} (1 seed)" if values else "–"
+    return f"{statistics.mean(values):.4g} ± {statistics.stdev(values):.2g}"
+
+
+def seeds_table(results: dict, step: int) -> str:
+    """Seeds 0, 1, 2 of pixel-only and the tuned discriminator features at ``step``: mean ±
+    sample standard deviation of each metric, and the paired difference (tuned − pixel,
+    same seed: same initialisation and training crops) per seed."""
+    keys = [("eval/psnr", "PSNR (dB)"), ("eval/ssim", "SSIM"), ("eval/lpips", "LPIPS-AlexNet"),
+            ("eval/fd_vgg16_relu5_3", "FD VGG16 relu5_3")]
+    runs = {**results["runs"], **results["seeds"]}
+
+    def evals(base: str, test_name: str) -> list[dict | None]:
+        return [runs.get(v, {}).get("evals", {}).get(test_name, {}).get(str(step)) for v in [base] + LONG_SEEDS[base]]
+
+    lines = []
+    for test_name in ("in-source", "out-of-source"):
+        lines += [f"**{test_name} test**, step {step}: mean ± standard deviation over seeds 0, 1, 2", "",
+                  "| run | " + " | ".join(t for _, t in keys) + " | seeds |", "|---|" + "---|" * (len(keys) + 1)]
+        per = {base: evals(base, test_name) for base in LONG_SEEDS}
+        for base, es in per.items():
+            got = [e for e in es if e]
+            lines.append(f"| {_label(base)} | " + " | ".join(_mean_sd([e[k] for e in got]) for k, _ in keys)
+                         + f" | {len(got)} |")
+        a, b = per["long-disc-features-tuned"], per["long-pixel"]
+        pairs = [(x, y) for x, y in zip(a, b) if x and y]
+        lines.append("| tuned − pixel, paired by seed | " + " | ".join(
+            _mean_sd([x[k] - y[k] for x, y in pairs]) + " (" + ", ".join(f"{x[k] - y[k]:+.3g}" for x, y in pairs) + ")"
+            for k, _ in keys) + f" | {len(pairs)} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def collect(args, uri: str, variant: str, experiment: str, cache: Path, evaluator: Evaluator, final_only: bool) -> dict | None:
     """Evaluate (or read from the cache) the checkpoints of one run; ``None`` without a run."""
-    from vqkit.tracking import _client, find_run_dir
+    from vqkit.tracking import _client, find_run_dir, log_missing_metrics
 
     run = find_run(uri, variant, experiment)
     if run is None:
@@ -431,7 +497,7 @@ def collect(args, uri: str, variant: str, experiment: str, cache: Path, evaluato
     ckpts = checkpoints(run_dir)
     if final_only and ckpts:
         ckpts = ckpts[-1:]
-    prefix = variant if experiment == "perceptual" else f"tune-{variant}"
+    prefix = f"tune-{variant}" if experiment == "perceptual-tuning" else variant
     for step, ckpt in ckpts:
         info["checkpoints"][str(step)] = str(ckpt)
         for test_name in ("in-source", "out-of-source"):
@@ -448,9 +514,9 @@ def collect(args, uri: str, variant: str, experiment: str, cache: Path, evaluato
                     e = evaluator(ckpt, test_name, args.num_samples)
                 e.update(run_id=run["run_id"], variant=prefix, model_sha256=digest, step=step)
                 f.write_text(json.dumps(e, indent=1, sort_keys=True))
-                if test_name == "in-source":  # into the run, so `vqkit compare --plot` shows it over steps
-                    for key in ("eval/lpips", "eval/fd_vgg16_relu5_3"):
-                        client.log_metric(run["run_id"], key, float(e[key]), step=step)
+                # into the run under the study's prefix, so `vqkit compare --plot` shows it over steps
+                log_missing_metrics(uri, run["run_id"], {
+                    f"study/{test_name}/{m}": float(e[f"eval/{m}"]) for m in METRICS}, step)
                 print(f"{prefix} step {step} {test_name}: " + " ".join(
                     f"{k}={e[k]:.4g}" for k in sorted(e) if isinstance(e[k], (int, float))), flush=True)
             if f.is_file():
@@ -470,15 +536,27 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+    if args.long:
+        args.out = args.out / "long"
     cache = args.out / "evals"  # one file per evaluation (several processes may evaluate side by side)
-    cache.mkdir(exist_ok=True)
+    cache.mkdir(parents=True, exist_ok=True)
     evaluator = Evaluator()
-    results: dict = {"runs": {}, "tuning": {}, "codecs": {}}
-    for v in args.variants:
+    results: dict = {"runs": {}, "tuning": {}, "codecs": {}, "seeds": {}}
+    if args.long:
+        for v in LONG_LABELS:
+            info = collect(args, uri, v, "perceptual-long", cache, evaluator, final_only=False)
+            if info is not None:
+                results["runs"][v] = info
+        for repeats in LONG_SEEDS.values():
+            for v in repeats:
+                info = collect(args, uri, v, "perceptual-long", cache, evaluator, final_only=True)
+                if info is not None:
+                    results["seeds"][v] = info
+    for v in ([] if args.long else args.variants):
         info = collect(args, uri, v, "perceptual", cache, evaluator, final_only=False)
         if info is not None:
             results["runs"][v] = info
-    if args.tune or (args.report_only and any(cache.glob("tune-*.json"))):
+    if not args.long and (args.tune or (args.report_only and any(cache.glob("tune-*.json")))):
         for name in tuning_variants():
             if args.tune_runs is not None and name not in args.tune_runs:
                 continue
@@ -510,6 +588,9 @@ def main(argv: list[str] | None = None) -> int:
         print("no step evaluated for every run yet")
         return 0
     (args.out / "table.md").write_text(table(results, step))
+    if args.long:
+        (args.out / "seeds.md").write_text(seeds_table(results, step))
+        print(seeds_table(results, step))
     if results["tuning"]:
         (args.out / "tuning.md").write_text(tuning_table(results, step))
         print(tuning_table(results, step))
