@@ -231,13 +231,24 @@ def parse_links(texts: Iterable[str]) -> list[tuple[str, ...]]:
     return [tuple(k.strip() for k in text.split(",") if k.strip()) for text in texts]
 
 
+#: a grid key whose values name the children themselves
+RUN_NAME_KEY = "tracking.run_name"
+
+
 def child_spec(index: int, values: Mapping[str, Any], base_overrides: Sequence[str] = (),
-               base_run_name: str | None = None, choices: Mapping[str, Sequence[Any]] | None = None) -> ChildSpec:
+               base_run_name: str | None = None, choices: Mapping[str, Sequence[Any]] | None = None,
+               named_by: Sequence[str] = ()) -> ChildSpec:
     """The child of one combination: named for its values, its recipe = the sweep's
-    overrides, then the values, then its run name (and no sweep block)."""
-    name = values_name(values, choices)
-    if base_run_name:
-        name = f"{base_run_name} {name}"
+    overrides, then the values, then its run name (and no sweep block). A grid value of
+    ``tracking.run_name`` is the child's name, followed by the values of the keys not
+    linked with it (``named_by``: the keys of its link group), so names stay unique."""
+    if RUN_NAME_KEY in values:
+        rest = {k: v for k, v in values.items() if k not in {RUN_NAME_KEY, *named_by}}
+        name = " ".join([str(values[RUN_NAME_KEY])] + ([values_name(rest, choices)] if rest else []))
+    else:
+        name = values_name(values, choices)
+        if base_run_name:
+            name = f"{base_run_name} {name}"
     sets = [f"{k}={json.dumps(v)}" for k, v in values.items()]
     run_name = f"tracking.run_name={json.dumps(name)}"
     return ChildSpec(index, name, dict(values), (*base_overrides, *sets, run_name, "sweep=null"))
@@ -325,8 +336,9 @@ class SweepPlan:
 
     def child(self, index: int, values: Mapping[str, Any]) -> ChildSpec:
         """The child of a search's values (a linked key's choice spread over its keys)."""
+        named_by = next((keys for keys in self.links.values() if RUN_NAME_KEY in keys), ())
         return child_spec(index, unlink(values, self.links), self.base_overrides,
-                          self.base.model.tracking.run_name, self.grid)
+                          self.base.model.tracking.run_name, self.grid, named_by)
 
 
 def unlink(values: Mapping[str, Any], links: Mapping[str, Sequence[str]]) -> dict[str, Any]:
