@@ -81,13 +81,26 @@ def test_grid_expansion_and_names():
     assert grid_labels(["encoder.params.channels", "decoder.params.channels", "train.lr"]) == {
         "encoder.params.channels": "encoder.ch", "decoder.params.channels": "decoder.ch", "train.lr": "lr"}
     assert grid_labels(["losses.0.weight", "losses.1.weight"]) == {
-        "losses.0.weight": "0.w", "losses.1.weight": "1.w"}
+        "losses.0.weight": "losses[0].w", "losses.1.weight": "losses[1].w"}
     # a plain `vqkit train --set` run is named for its overrides (tracking keys left out)
     assert overrides_name("quickstart", ["train.steps=300", "train.lr=2.0e-3", "tracking.experiment=x"]) == \
         "quickstart steps=300 lr=0.002"
     assert overrides_name("quickstart", []) == "quickstart"
     with pytest.raises(VqkitError, match="expects KEY.PATH=V1,V2"):
         parse_grid(["reset.name"])
+
+
+def test_a_key_through_a_list_index_is_named_with_its_list():
+    """``losses.1.start_step=0`` names ``losses[1].start=0``, never the bare ``1.start=0``
+    or ``start=0``: the index keeps its list, alone or beside other keys."""
+    assert overrides_name("r", ["losses.1.start_step=0"]) == "r losses[1].start=0"
+    assert overrides_name("r", ["losses.1.start_step=0", "losses.2.start_step=5", "train.steps=8"]) == \
+        "r losses[1].start=0 losses[2].start=5 steps=8"
+    assert overrides_name("r", ["losses.1.name=lpips", "losses.0.params.net=vgg"]) == \
+        "r losses[1]=lpips losses[0].net=vgg"
+    assert overrides_name("r", ["encoder.params.channels.0=8"]) == "r ch[0]=8"
+    children = expand_grid(parse_grid(["losses.1.weight=0.1,1"]))
+    assert [c.name for c in children] == ["losses[1].w=0.1", "losses[1].w=1"]
 
 
 def test_every_child_is_validated_before_any_runs(workdir, capsys):

@@ -68,20 +68,35 @@ UNNAMED_PREFIXES = ("tracking.", "sweep")
 # =========================================================================== naming
 def _label_parts(key: str) -> list[str]:
     """``reset.name`` -> ``['reset']``; ``quantizer.params.codebook_size`` ->
-    ``['quantizer', 'K']``: the key without ``params``, a trailing ``name`` naming its block."""
+    ``['quantizer', 'K']``: the key without ``params``, a trailing ``name`` naming its block,
+    a list index joined to its list (``losses.1.start_step`` -> ``['losses[1]', 'start']``)."""
     parts = [p for p in key.split(".") if p != "params"]
     if len(parts) > 1 and parts[-1] == "name":
         parts = parts[:-1]
-    if parts:
-        parts[-1] = ALIASES.get(parts[-1], parts[-1])
-    return parts
+    joined: list[str] = []
+    for p in parts:
+        if p.isdigit() and joined:
+            joined[-1] += f"[{p}]"
+        else:
+            joined.append(p)
+    if joined:
+        base, bracket, rest = joined[-1].partition("[")
+        joined[-1] = ALIASES.get(base, base) + bracket + rest
+    return joined
+
+
+def _min_depth(parts: Sequence[str]) -> int:
+    """How many trailing parts a label needs at least: through the last list index, so an
+    index is never shown without its list (``losses[1].start``, not ``start`` or ``1.start``)."""
+    indexed = [i for i, p in enumerate(parts) if p.endswith("]")]
+    return len(parts) - indexed[-1] if indexed else 1
 
 
 def grid_labels(keys: Sequence[str]) -> dict[str, str]:
     """A short, unique label for each key: its last part (aliased), with more of the path
-    only where two keys would otherwise share a label."""
+    where two keys would otherwise share a label, and always through its last list index."""
     parts = {k: _label_parts(k) for k in keys}
-    depth = {k: 1 for k in keys}
+    depth = {k: min(_min_depth(parts[k]), len(parts[k])) or 1 for k in keys}
     while True:
         labels = {k: ".".join(parts[k][-depth[k]:]) for k in keys}
         clashes = [k for k in keys if list(labels.values()).count(labels[k]) > 1 and depth[k] < len(parts[k])]
