@@ -22,6 +22,7 @@ from torch import nn
 
 from vqkit.errors import Problem, VqkitError
 from vqkit.train.loop import Family, NonFiniteLoss, TrainLoop
+from vqkit.train.objective import optimizer_step
 
 __all__ = ["PriorFamily", "CodeData", "resolve_autoencoder", "build_prior", "grid_labels"]
 
@@ -201,16 +202,14 @@ class PriorFamily(Family):
             raise NonFiniteLoss(f"step {step + 1}: loss/total={float(loss.detach()):.4g}")
         self.scaler.scale(loss).backward()
         terms = {"loss/total": loss.detach(), "prior/train_bpd": loss.detach() / LN2}
-        clip = self.cfg.train.grad_clip
-        if clip is not None:
-            if self.scaler.is_enabled():
-                self.scaler.unscale_(self.opt)
-            norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
-            if not self.scaler.is_enabled() and not bool(torch.isfinite(norm)):
+
+        def check(norm: torch.Tensor) -> None:
+            if not bool(torch.isfinite(norm)):
                 raise NonFiniteLoss(f"gradient norm is {float(norm)} at step {step + 1}")
-            terms["train/grad_norm"] = norm.detach()
-        self.scaler.step(self.opt)
-        self.scaler.update()
+
+        norm = optimizer_step(self.opt, self.params, self.scaler, self.cfg.train.grad_clip, check_norm=check)
+        if norm is not None:
+            terms["train/grad_norm"] = norm
         self.sched.step()
         return terms
 
