@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -148,7 +149,18 @@ def test_sweep_nests_children_and_a_rerun_skips_finished_ones(workdir, capsys):
     c = client(uri)
     assert {"summary.md", "summary.csv", "recipe.yaml"} <= {a.path for a in c.list_artifacts(parent.info.run_id)}
     assert "K=8" in out and "quantizer.params.codebook_size" in out
-    # the children side by side in MLflow's UI (the run list folds them under the parent)
+    # the children listed flat in MLflow's UI (unfiltered, the run list folds them under the
+    # parent): the link's search filter and sort key, run through MLflow's own search, give
+    # exactly the children by name
+    link = next(line for line in out.splitlines() if "children in MLflow's UI" in line).split()[-1]
+    page, _, query = urllib.parse.urlsplit(link).fragment.partition("?")
+    assert link.startswith("http://127.0.0.1:5000/#/") and page == f"/experiments/{parent.info.experiment_id}/runs"
+    query = dict(urllib.parse.parse_qsl(query, strict_parsing=True))
+    assert query["workflowType"] == "machine_learning" and query["compareRunsMode"] == "CHART"
+    listed = client(uri).search_runs([parent.info.experiment_id], query["searchFilter"],
+                                     order_by=[f"{query['orderByKey']} {'ASC' if query['orderByAsc'] == 'true' else 'DESC'}"])
+    assert [r.info.run_name for r in listed] == ["K=16", "K=8"]
+    # and side by side on the compare page
     url = next(line for line in out.splitlines() if "compare-runs" in line).split()[-1]
     assert url.startswith("http://127.0.0.1:5000/#/compare-runs?runs=[")
     assert all(f'"{r.info.run_id}"' in url for r in children)

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import urllib.parse
 import urllib.request
 
 import psutil
@@ -110,10 +111,13 @@ def test_each_stop_signal_reaches_the_whole_server_group(sig, tmp_path):
         stop_leftovers(group)
 
 
-def test_ui_prints_the_compare_page_of_each_sweeps_children(store, tmp_path, capsys):
-    """A sweep shows in MLflow's run list as one folded parent row: `vqkit ui` also prints the
-    compare-runs page of its children (the form docs/comparisons.md uses)."""
+def test_ui_prints_the_pages_of_each_sweeps_children(store, tmp_path, capsys):
+    """A sweep shows in MLflow's run list as one folded parent row: `vqkit ui` also prints,
+    for each sweep, the run list filtered to its children (listed flat) and the compare-runs
+    page of them (the forms docs/comparisons.md uses)."""
     import io
+
+    from mlflow import MlflowClient
 
     from vqkit.cli import main
     from vqkit.tracking import Tracker
@@ -137,8 +141,21 @@ def test_ui_prints_the_compare_page_of_each_sweeps_children(store, tmp_path, cap
 
     assert main(["ui", "--print", "--tracking-uri", store, "--port", "5171"]) == 0
     err = capsys.readouterr().err
-    (line,) = [x for x in err.splitlines() if "compare-runs" in x]
+    # the experiment's runs filtered to the children (listed flat, by name): the link's filter
+    # run through MLflow's own search gives exactly them
+    (line,) = [x for x in err.splitlines() if "/runs?searchFilter=" in x]
     assert "tiny sweep K" in line and "2 children" in line
+    link = line.split()[-1]
+    page, _, query = urllib.parse.urlsplit(link).fragment.partition("?")
+    assert link.startswith("http://127.0.0.1:5171/#/") and page.endswith("/runs")
+    query = dict(urllib.parse.parse_qsl(query, strict_parsing=True))
+    assert query["workflowType"] == "machine_learning" and query["compareRunsMode"] == "CHART"
+    client = MlflowClient(store)
+    exp_id = client.get_run(pid).info.experiment_id
+    assert page == f"/experiments/{exp_id}/runs"
+    listed = client.search_runs([exp_id], query["searchFilter"], order_by=[f"{query['orderByKey']} ASC"])
+    assert [r.info.run_id for r in listed] == [kids[1], kids[0]]  # "K=16" < "K=8"
+    (line,) = [x for x in err.splitlines() if "compare-runs" in x]
     url = line.split()[-1]
     assert url.startswith("http://127.0.0.1:5171/#/compare-runs?runs=[") and url.endswith("workflowType=machine_learning")
     assert all(f'"{k}"' in url for k in kids) and pid not in url and lone_id not in url

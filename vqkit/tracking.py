@@ -1272,3 +1272,21 @@ def compare_url(base: str, run_ids: Iterable[str], experiment_ids: Iterable[str]
     runs = json.dumps(list(run_ids), separators=(",", ":"))
     exps = json.dumps(sorted({str(e) for e in experiment_ids}), separators=(",", ":"))
     return f"{base.rstrip('/')}/#/compare-runs?runs={runs}&experiments={exps}&workflowType=machine_learning"
+
+
+def children_url(base: str, experiment_id: str, parent_run_id: str, charts: bool = True) -> str:
+    """The experiment page listing the children of sweep ``parent_run_id`` flat, by name.
+
+    MLflow's run list nests child runs under their parent, folded, whenever it is neither
+    filtered nor sorted by anything but start time (3.17's bundled UI: ``nestChildren``); this
+    page filters it to the children (``searchFilter`` ``tags.`mlflow.parentRunId` = '<id>'``)
+    and sorts them by run name, in "Model training" mode, on the chart view (``charts``: line
+    charts of every metric and the ``reconstructions`` image chart, one colour per child) or
+    the table. Nothing is written to the store: it is the filter a user would type."""
+    from urllib.parse import quote, urlencode
+
+    query = {"searchFilter": f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
+             "orderByKey": "tags.`mlflow.runName`", "orderByAsc": "true",
+             "compareRunsMode": "CHART" if charts else "TABLE", "workflowType": "machine_learning"}
+    return (f"{base.rstrip('/')}/#/experiments/{quote(str(experiment_id), safe='')}/runs?"
+            + urlencode(query, quote_via=quote))

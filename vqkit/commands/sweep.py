@@ -324,13 +324,19 @@ class Sweep:
         return 0
 
     def _print_compare_url(self, parent_id: str) -> None:
-        """The MLflow page with every child side by side (the run list folds them under the parent)."""
-        from vqkit.tracking import compare_url, ui_base
+        """MLflow's pages of the children: the experiment's run list filtered to them (listed
+        flat, by name, on the chart view: the unfiltered list folds them under the parent) and
+        the compare-runs page (their params and metrics side by side)."""
+        from vqkit.tracking import children_url, compare_url, ui_base
 
-        children = self._search(f"tags.`{PARENT_TAG}` = '{parent_id}'")
+        children = sorted(self._search(f"tags.`{PARENT_TAG}` = '{parent_id}'"),
+                          key=lambda r: (r["run_name"] or "", r["run_id"]))
         if children:
-            url = compare_url(ui_base(self.uri), [r["run_id"] for r in children], [r["experiment_id"] for r in children])
-            print(f"vqkit: its {len(children)} children side by side in MLflow's UI: {url}", file=self.out, flush=True)
+            base = ui_base(self.uri)
+            charts = children_url(base, children[0]["experiment_id"], parent_id)
+            url = compare_url(base, [r["run_id"] for r in children], [r["experiment_id"] for r in children])
+            print(f"vqkit: its {len(children)} children in MLflow's UI (charts and images): {charts}", file=self.out)
+            print(f"vqkit: their params and metrics side by side: {url}", file=self.out, flush=True)
 
     def _log_search_state(self, tracker, search) -> None:
         """The search's state files (e.g. the Optuna study) as artifacts ``search/...`` of the

@@ -38,9 +38,10 @@ def links(uri: str, base: str, run: dict | None = None) -> list[str]:
 
 
 def sweep_links(uri: str, base: str) -> list[str]:
-    """For each sweep (a parent run with nested children), MLflow's compare-runs page of its
-    children: the experiment's run list shows a sweep as one folded parent row."""
-    from vqkit.tracking import compare_url, search_runs
+    """For each sweep (a parent run with nested children), the experiment's run list filtered
+    to its children (listed flat; unfiltered, the list shows a sweep as one folded parent
+    row) and MLflow's compare-runs page of them."""
+    from vqkit.tracking import children_url, compare_url, search_runs
 
     runs = search_runs(uri)
     by_id = {r["run_id"]: r for r in runs}
@@ -52,8 +53,10 @@ def sweep_links(uri: str, base: str) -> list[str]:
     out = []
     for parent, kids in children.items():
         kids.sort(key=lambda r: (r["run_name"] or "", r["run_id"]))
+        charts = children_url(base, by_id[parent]["experiment_id"], parent)
         url = compare_url(base, [r["run_id"] for r in kids], [r["experiment_id"] for r in kids])
-        out.append(f"sweep {by_id[parent]['run_name']!r} ({parent[:8]}), its {len(kids)} children side by side: {url}")
+        out.append(f"sweep {by_id[parent]['run_name']!r} ({parent[:8]}), its {len(kids)} children: {charts}")
+        out.append(f"  their params and metrics side by side: {url}")
     return out
 
 
