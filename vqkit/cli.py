@@ -16,7 +16,7 @@ import warnings
 from typing import Sequence
 
 from vqkit import __version__
-from vqkit.errors import EXIT_USER_ERROR, PluginWarning, Problem, VqkitError, suggest
+from vqkit.errors import EXIT_USER_ERROR, PluginWarning, Problem, RecipeWarning, VqkitError, suggest
 
 #: (command, module in vqkit.commands, one-line help)
 COMMANDS: list[tuple[str, str, str]] = [
@@ -78,17 +78,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _plugin_warnings_as_lines() -> None:
-    """Show plugin warnings as one ``vqkit: warning:`` line on stderr, no source lines."""
+    """Show plugin and recipe warnings as one ``vqkit: warning:`` line on stderr, no source
+    lines, each text once per command."""
     original = warnings.showwarning
 
     def show(message, category, filename, lineno, file=None, line=None):
-        if issubclass(category, PluginWarning):
+        if issubclass(category, (PluginWarning, RecipeWarning)):
             print(f"vqkit: warning: {message}", file=sys.stderr)
         else:
             original(message, category, filename, lineno, file, line)
 
     warnings.showwarning = show
     warnings.simplefilter("default", PluginWarning)
+    warnings.simplefilter("default", RecipeWarning)
 
 
 def _main(argv: Sequence[str] | None) -> int:

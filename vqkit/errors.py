@@ -60,3 +60,8 @@ def suggest(name: str, choices: Iterable[str]) -> str:
 
 class PluginWarning(UserWarning):
     """A plugin could not be loaded and was skipped."""
+
+
+class RecipeWarning(UserWarning):
+    """A recipe validates but a setting cannot do what it says (e.g. a reset that never
+    fires); shown as one located ``vqkit: warning:`` line, once per command."""

@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import hashlib
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -17,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from vqkit import yamlsafe
-from vqkit.errors import Problem, VqkitError, suggest
+from vqkit.errors import Problem, RecipeWarning, VqkitError, suggest
 from vqkit.plugins import NOUNS, get_registry
 
 SCHEMA_VERSION = 1
@@ -559,6 +560,8 @@ class Recipe:
         self.model = model
         self.source = source
         self._params = component_params
+        #: located settings that validate but cannot take effect (see :func:`schedule_warnings`)
+        self.warnings: list[Problem] = []
 
     @property
     def kind(self) -> str:
@@ -736,7 +739,36 @@ def validate_data(data: Any, loc: _Loc, source: str, components: tuple[str, ...]
     if problems:
         raise VqkitError(problems)
     assert model is not None
-    return Recipe(model, params, source)
+    recipe = Recipe(model, params, source)
+    recipe.warnings = schedule_warnings(model, registry, loc)
+    return recipe
+
+
+def schedule_warnings(model: RecipeModel, registry: Any, loc: _Loc | None = None) -> list[Problem]:
+    """Settings that validate but never take effect, each located at its key: a reset
+    policy that is never called because ``reset.every`` (or ``reset.start_step``) puts its
+    first call past the last step, or because ``reset.stop_step`` comes before it (the
+    trainer calls it after 0-based step ``s`` when ``s >= start_step``, ``(s + 1) % every
+    == 0`` and ``s <= stop_step``; :func:`vqkit.train.codebook.reset_due`)."""
+    loc = loc or _Loc()
+    rc, steps = model.reset, model.train.steps
+    if rc.name not in registry.names("reset_policies"):  # read without its block (MODEL_BLOCKS)
+        return []
+    if getattr(registry.get("reset_policies", rc.name).cls, "never_resets", False):
+        return []
+    first = -(-(rc.start_step + 1) // rc.every) * rc.every - 1  # 0-based step of the first call
+    who = f"reset policy {rc.name!r} never runs"
+    out: list[Problem] = []
+    if first >= steps:
+        key = "every" if rc.every > steps else "start_step"
+        said = f"{rc.every} > train.steps {steps}" if key == "every" else f"{rc.start_step}"
+        out.append(Problem(f"{said}: {who} (its first call would be at step {first}; steps run 0 to {steps - 1})",
+                           path=f"reset.{key}", **loc.find(("reset", key), value=True)))
+    elif rc.stop_step is not None and rc.stop_step < first:
+        out.append(Problem(f"{rc.stop_step} comes before the first reset (at step {first}: every {rc.every} steps "
+                           f"from start_step {rc.start_step}): {who}",
+                           path="reset.stop_step", **loc.find(("reset", "stop_step"), value=True)))
+    return out
 
 
 def _provider(entry: Any) -> str:
@@ -879,7 +911,10 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
     data = _read_with_extends(Path(path), loc, problems)
     if problems:
         raise VqkitError(_in_order(problems, loc))
-    return _override_and_validate(data, loc, str(path), overrides)
+    recipe = _override_and_validate(data, loc, str(path), overrides)
+    for problem in recipe.warnings:  # one line per command: same text, same place -> shown once
+        warnings.warn(str(problem), RecipeWarning, stacklevel=1)
+    return recipe
 
 
 def recipe_from_dict(

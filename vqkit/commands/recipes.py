@@ -47,12 +47,14 @@ def run_validate(args) -> int:
                     _check_data(built)
                 except VqkitError as exc:  # locate build problems in the recipe file
                     raise VqkitError([dataclasses.replace(p, file=p.file or path) for p in exc.problems]) from None
-            report.append({"recipe": path, "ok": True, "problems": []})
+            report.append({"recipe": path, "ok": True, "problems": [],
+                           "warnings": [w.to_json() for w in recipe.warnings]})
             if not args.json:
                 print(f"{path}: ok")
         except VqkitError as exc:
             failed = True
-            report.append({"recipe": path, "ok": False, "problems": [p.to_json() for p in exc.problems]})
+            report.append({"recipe": path, "ok": False, "problems": [p.to_json() for p in exc.problems],
+                           "warnings": []})
             if not args.json:
                 for problem in exc.problems:
                     print(f"vqkit: error: {problem}", file=sys.stderr)
