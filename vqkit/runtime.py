@@ -2,15 +2,18 @@
 
 * :func:`cpu_friendly_threads`: idle OpenMP threads sleep instead of spinning.
 * :func:`keep_freed_memory`: glibc's ``malloc`` keeps freed memory for reuse.
+* :func:`sigterm_as_interrupt`: SIGTERM ends a run or a sweep as Ctrl-C does.
 """
 from __future__ import annotations
 
 import ctypes
 import os
 import platform
+import signal
 import sys
+import threading
 
-__all__ = ["cpu_friendly_threads", "keep_freed_memory", "KEEP_FREED_MEMORY_ENV"]
+__all__ = ["cpu_friendly_threads", "keep_freed_memory", "sigterm_as_interrupt", "KEEP_FREED_MEMORY_ENV"]
 
 #: Set to ``0`` to leave glibc's allocator settings alone.
 KEEP_FREED_MEMORY_ENV = "VQKIT_KEEP_FREED_MEMORY"
@@ -62,6 +65,19 @@ def keep_freed_memory() -> bool:
     mallopt.restype = ctypes.c_int
     ok = mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) == 1
     return mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1 and ok
+
+
+def sigterm_as_interrupt():
+    """Turn SIGTERM (schedulers, ``kill``) into KeyboardInterrupt, so a training run or a sweep
+    ends as on Ctrl-C (a run checkpoints); returns the previous handler, for the caller to
+    restore (``None`` outside the main thread, where nothing is changed)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, handler)
 
 
 # =========================================================================== the run lock

@@ -17,11 +17,11 @@ import json
 import math
 import signal
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
 from vqkit.errors import Problem, VqkitError
+from vqkit.runtime import sigterm_as_interrupt
 from vqkit.train.trial import PRUNED_TAG, TRIAL_TAG
 
 PARENT_TAG = "mlflow.parentRunId"
@@ -241,7 +241,7 @@ class Sweep:
         done: list[str] = []
         seen = 0
         launcher = None
-        previous = _sigterm_as_interrupt()
+        previous = sigterm_as_interrupt()
         try:
             launcher = self.launcher or plan.make_launcher(self.out)
             while True:
@@ -449,13 +449,3 @@ class Sweep:
         fig.savefig(plot)
         plt.close(fig)
         return [table, plot]
-
-
-def _sigterm_as_interrupt():
-    if threading.current_thread() is not threading.main_thread():
-        return None
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    return signal.signal(signal.SIGTERM, handler)

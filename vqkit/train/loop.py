@@ -52,6 +52,7 @@ from torch import nn
 from vqkit import __version__
 from vqkit.errors import VqkitError
 from vqkit.recipe import Recipe
+from vqkit.runtime import sigterm_as_interrupt
 from vqkit.train import checkpoint as ckpt
 from vqkit.train.distributed import DistContext, init_distributed
 from vqkit.train.trial import PRUNED_TAG, StopTrial
@@ -96,20 +97,6 @@ def _finite_params(*modules: nn.Module | None) -> bool:
             if t.is_floating_point() and not torch.isfinite(t).all():
                 return False
     return True
-
-
-def _sigterm_as_interrupt():
-    """Turn SIGTERM (schedulers, ``kill``) into KeyboardInterrupt so the run checkpoints and
-    ends cleanly; returns the previous handler (``None`` outside the main thread)."""
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return None
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    return signal.signal(signal.SIGTERM, handler)
 
 
 class _HeldSignals:
@@ -571,7 +558,7 @@ class TrainLoop:
         self.say(f"vqkit: {self.tracker.describe()}")
         self.say(f"vqkit: run dir {self.run_dir}")
         status = "FAILED"
-        previous_term = _sigterm_as_interrupt()
+        previous_term = sigterm_as_interrupt()
         try:
             self._loop(start, stop)
             status = "FINISHED" if self.step >= tc.steps else "RUNNING"
