@@ -219,7 +219,8 @@ class AutoencoderFamily(Family):
             self.model_ddp = self.model
 
         self.data = StepBatches(
-            self.built.train_data, tc.batch_size, cfg.seed, dist.rank, dist.world_size, tc.num_workers
+            self.built.train_data, tc.batch_size, cfg.seed, dist.rank, dist.world_size, tc.num_workers,
+            note=None if self.loop.quiet else self.loop.say,
         )
         # a fixed set of test images for the reconstruction grids: the first ones of the test
         # split built with seed 0, so every run of a data set shows the same images

@@ -21,14 +21,24 @@ before its batches are read.
 """
 from __future__ import annotations
 
-from typing import Iterator
+import os
+from typing import Callable, Iterator
 
 import torch
 
 from vqkit.errors import Problem, VqkitError
 from vqkit.interfaces import Dataset
 
-__all__ = ["StepBatches", "read_batch"]
+__all__ = ["StepBatches", "read_batch", "usable_cpus"]
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one, as
+    PyTorch's DataLoader counts them), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
 
 def read_batch(dataset: Dataset, indices: list[int] | torch.Tensor) -> torch.Tensor:
@@ -101,17 +111,26 @@ class StepBatches:
         batch_size: images per step per rank.
         seed: recipe seed.
         rank, world_size: this process's place in the process group.
-        num_workers: data-loader worker processes (0: read in this process).
+        num_workers: data-loader worker processes (0: read in this process); more than
+            :func:`usable_cpus` start only that many (the batches are the same: the order is
+            the sampler's), said once through ``note``.
+        note: called with one line when the workers are capped (``None``: said nowhere).
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, seed: int, rank: int = 0,
-                 world_size: int = 1, num_workers: int = 0):
+                 world_size: int = 1, num_workers: int = 0, note: Callable[[str], None] | None = None):
         self.dataset = dataset
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.rank = int(rank)
         self.world_size = int(world_size)
         self.num_workers = int(num_workers)
+        cpus = usable_cpus()
+        if self.num_workers > cpus:
+            if note is not None:
+                note(f"vqkit: note: train.num_workers is {self.num_workers} but this process may use "
+                     f"{cpus} CPU{'s' if cpus != 1 else ''}: {cpus} data-loader worker{'s' if cpus != 1 else ''}")
+            self.num_workers = cpus
         n = len(dataset)
         global_batch = self.batch_size * self.world_size
         self.steps_per_epoch = n // global_batch
