@@ -47,14 +47,24 @@ class VqkitError(Exception):
         super().__init__("\n".join(str(p) for p in self.problems))
 
 
-def suggest(name: str, choices: Iterable[str]) -> str:
-    """' (did you mean 'x'? valid: a, b, c)' for an unknown ``name``."""
+def closest(name: str, choices: Iterable[str], cutoff: float = 0.6) -> str | None:
+    """The choice most like ``name`` (difflib's ratio of at least ``cutoff``), or ``None``."""
+    close = difflib.get_close_matches(name, sorted(set(choices)), n=1, cutoff=cutoff)
+    return close[0] if close else None
+
+
+def suggest(name: str, choices: Iterable[str], *, label: str = "valid", always_list: bool = True) -> str:
+    """' (did you mean 'x'? valid: a, b, c)' for an unknown ``name``.
+
+    ``label`` names the list of choices; with ``always_list=False`` the list is given only
+    when no choice is close (`` (did you mean 'x'?)`` or `` (valid: a, b, c)``)."""
     choices = sorted(set(choices))
-    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
+    close = closest(name, choices)
     parts = []
-    if close:
-        parts.append(f"did you mean {close[0]!r}?")
-    parts.append("valid: " + (", ".join(choices) if choices else "(none registered)"))
+    if close is not None:
+        parts.append(f"did you mean {close!r}?")
+    if close is None or always_list:
+        parts.append(f"{label}: " + (", ".join(choices) if choices else "(none registered)"))
     return " (" + " ".join(parts) + ")"
 
 

@@ -320,12 +320,10 @@ def _unknown_hooks(plugin: object, pm: pluggy.PluginManager) -> list[str]:
 
 
 def _hook_hint(name: str) -> str:
-    """`` (did you mean 'vqkit_register_x'?)`` for a misspelt hook name (empty if none is close)."""
-    import difflib
-
-    known = sorted(n for n in dir(hookspecs) if n.startswith("vqkit_"))
-    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else f" (hooks: {', '.join(known)})"
+    """`` (did you mean 'vqkit_register_x'?)`` for a misspelt hook name (`` (hooks: ...)`` if
+    none is close)."""
+    known = [n for n in dir(hookspecs) if n.startswith("vqkit_")]
+    return suggest(name, known, label="hooks", always_list=False)
 
 
 def _check_blocked(blocked: set[str], eps: list[md.EntryPoint], registry: Registry) -> None:

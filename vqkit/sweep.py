@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence, TextIO
 
 import yaml
 
-from vqkit.errors import Problem, VqkitError
+from vqkit.errors import Problem, VqkitError, closest
 from vqkit.interfaces import Launcher
 
 __all__ = [
@@ -615,8 +615,6 @@ def _link_space(space: dict[str, Any], recipe_links: Sequence[Sequence[str]], fl
     """The space with each linked group of grid keys made one key (``quantizer+reset``) whose
     choices are the keys' values zipped: ``{quantizer: v_i, reset: r_i}``. Every problem of
     every group at once, located at its ``sweep.link`` entry or ``--link`` flag."""
-    import difflib
-
     from vqkit.interfaces import Dimension
 
     lines = _link_locations(recipe_path)
@@ -633,9 +631,9 @@ def _link_space(space: dict[str, Any], recipe_links: Sequence[Sequence[str]], fl
             bad.append(f"a link needs two or more grid keys (KEY,KEY[,...]), got {list(group)}")
         for key in group:
             if key not in space:
-                close = difflib.get_close_matches(key, list(space), n=1)
+                close = closest(key, space)
                 bad.append(f"{key!r} is not a key of the sweep's grid (give its values in sweep.grid or with "
-                           f"--grid {key}=V1,V2)" + (f"; did you mean {close[0]!r}?" if close else ""))
+                           f"--grid {key}=V1,V2)" + (f"; did you mean {close!r}?" if close else ""))
             elif not space[key].is_choice:
                 bad.append(f"{key!r} is a range; only lists of values can be linked")
             elif key in seen:

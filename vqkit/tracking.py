@@ -1117,15 +1117,15 @@ def _hexish(text: str) -> bool:
 def _id_hint(ref: str, pool: list[dict[str, Any]]) -> str:
     """' (did you mean 'a1b2c3d4'? (run name))' when hex ``ref`` is one typo away from the
     start of a run id, else ''."""
-    import difflib
+    from vqkit.errors import closest
 
     if not _hexish(ref):
         return ""
     heads = {r["run_id"][:len(ref)]: r for r in pool}
-    close = difflib.get_close_matches(ref.lower(), list(heads), n=1, cutoff=0.7)
-    if not close:
+    close = closest(ref.lower(), heads, cutoff=0.7)
+    if close is None:
         return ""
-    run = heads[close[0]]
+    run = heads[close]
     return f" (did you mean {run['run_id'][:max(8, len(ref))]!r}? run {run['run_name']!r})"
 
 
