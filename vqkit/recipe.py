@@ -9,10 +9,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import importlib.metadata as md
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -197,9 +198,24 @@ class SweepConfig(_Block):
     )
 
 
+class Requirement(_Block):
+    dist: str = Field(description="a distribution, as a pip requirement (`vqkit-fsq`, `vqkit-fsq>=0.1`)")
+    install: Optional[str] = Field(None, description="how to install it (default: pip install 'DIST')")
+
+
+#: ``requires:`` (autoencoder and prior recipes): the plugin distributions the recipe's
+#: components come from, checked when it is loaded; not part of the normalized recipe
+REQUIRES_FIELD = Field(
+    default_factory=list,
+    description="distributions the recipe's components come from: `vqkit-fsq>=0.1`, or "
+    "{dist: ..., install: ...} with the line that installs it; checked when the recipe is loaded",
+)
+
+
 class RecipeModel(_Block):
     vqkit: Literal[1] = Field(description="recipe schema version")
     name: str = Field(description="experiment name")
+    requires: list[Union[str, Requirement]] = REQUIRES_FIELD
     seed: int = Field(0, description="global seed")
     data: ComponentRef
     encoder: ComponentRef
@@ -575,7 +591,7 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         """The normalized recipe: every default filled in, component params included."""
-        data = self.model.model_dump(mode="json")
+        data = self.model.model_dump(mode="json", exclude={"requires"})
         for path, params in self._params.items():
             target: Any = data
             for p in path:
@@ -711,6 +727,8 @@ def validate_data(data: Any, loc: _Loc, source: str, components: tuple[str, ...]
                 refs.append((("sweep", block), kind, sweep[block]))
     if components is not None:
         refs = [r for r in refs if r[0][0] in components]
+    required, missing = requirement_problems(data.get("requires"), loc)
+    problems.extend(required)
     for path, kind, ref in refs:
         name = ref.get("name")
         if not isinstance(name, str):
@@ -718,7 +736,7 @@ def validate_data(data: Any, loc: _Loc, source: str, components: tuple[str, ...]
         if name not in registry.names(kind) or registry.clash_message(kind, name):
             problems.append(
                 Problem(
-                    registry.clash_message(kind, name) or registry.unknown_message(kind, name),
+                    registry.clash_message(kind, name) or registry.unknown_message(kind, name) + _missing_hint(missing),
                     path=_dotted(path + ("name",)),
                     **loc.find(path + ("name",), value=True),
                 )
@@ -742,6 +760,44 @@ def validate_data(data: Any, loc: _Loc, source: str, components: tuple[str, ...]
     recipe = Recipe(model, params, source)
     recipe.warnings = schedule_warnings(model, registry, loc)
     return recipe
+
+
+def requirement_problems(requires: Any, loc: _Loc) -> tuple[list[Problem], list[str]]:
+    """Check a recipe's ``requires:`` against the installed distributions: a problem at
+    ``requires.N`` for each one that is not installed, not the version required, or not a
+    requirement (with its install line), and the names of those not installed."""
+    from packaging.requirements import InvalidRequirement, Requirement as Req
+
+    problems: list[Problem] = []
+    missing: list[str] = []
+    for i, item in enumerate(requires if isinstance(requires, list) else []):
+        text = item.get("dist") if isinstance(item, dict) else item
+        if not isinstance(text, str):
+            continue  # the schema reports it
+        where = {"path": f"requires.{i}", **loc.find(("requires", i) + (("dist",) if isinstance(item, dict) else ()),
+                                                     value=True)}
+        try:
+            req = Req(text)
+        except InvalidRequirement:
+            problems.append(Problem(f"{text!r} is not a requirement (a distribution name with an optional version, "
+                                    "e.g. vqkit-fsq>=0.1)", **where))
+            continue
+        install = item.get("install") if isinstance(item, dict) else None
+        how = f" (install it: {install if isinstance(install, str) and install else 'pip install ' + repr(text)})"
+        try:
+            version = md.version(req.name)
+        except md.PackageNotFoundError:
+            missing.append(req.name)
+            problems.append(Problem(f"distribution {req.name!r} is not installed{how}", **where))
+            continue
+        if req.specifier and not req.specifier.contains(version, prereleases=True):
+            problems.append(Problem(f"distribution {req.name!r} is {version}, the recipe requires {text}{how}", **where))
+    return problems, missing
+
+
+def _missing_hint(missing: list[str]) -> str:
+    """What an unknown component of a recipe whose ``requires:`` are not all installed adds."""
+    return f"; the recipe requires {', '.join(missing)}: not installed" if missing else ""
 
 
 def schedule_warnings(model: RecipeModel, registry: Any, loc: _Loc | None = None) -> list[Problem]:
@@ -858,6 +914,7 @@ class PriorRecipeModel(_Block):
     vqkit: Literal[1] = Field(description="recipe schema version")
     kind: Literal["prior"] = Field(description="`prior`: a model of an autoencoder's codes")
     name: str = Field(description="experiment name")
+    requires: list[Union[str, Requirement]] = REQUIRES_FIELD
     seed: int = Field(0, description="global seed")
     autoencoder: AutoencoderRef
     prior: PriorRef
@@ -883,12 +940,14 @@ def _validate_prior(data: dict, loc: _Loc, source: str) -> Recipe:
     except ValidationError as exc:
         problems.extend(_pydantic_problems(exc, (), loc, PriorRecipeModel))
     params: dict[Path_, BaseModel] = {}
+    required, missing = requirement_problems(data.get("requires"), loc)
+    problems.extend(required)
     ref = data.get("prior")
     registry = get_registry()
     if isinstance(ref, dict) and isinstance(ref.get("name"), str):
         name = ref["name"]
         if name not in registry.names("priors"):
-            problems.append(Problem(registry.unknown_message("priors", name), path="prior.name",
+            problems.append(Problem(registry.unknown_message("priors", name) + _missing_hint(missing), path="prior.name",
                                     **loc.find(("prior", "name"), value=True)))
         elif isinstance(ref.get("params") or {}, dict):
             entry = registry.get("priors", name)

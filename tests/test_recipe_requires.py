@@ -1,0 +1,79 @@
+"""A recipe's ``requires:`` names the distributions its components come from: a missing
+or too-old one is a located error with its install line, and an unknown component of such a
+recipe names the distributions that are missing, e.g. the quantizer comparison sweep without
+``vqkit-fsq`` and ``vqkit-residual``."""
+from __future__ import annotations
+
+import importlib.metadata as md
+import json
+from pathlib import Path
+
+from vqkit.cli import main
+from vqkit.plugins import build_registry
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "quantizers" / "fashion-mnist.yaml"
+
+
+def errors(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("vqkit: error:")]
+
+
+def test_the_quantizer_sweep_without_its_plugins_names_them(capsys, use_registry, monkeypatch):
+    gone = {"vqkit-fsq", "vqkit-residual"}
+    use_registry(build_registry(entry_points=[
+        ep for ep in md.entry_points(group="vqkit") if ep.dist is None or ep.dist.name not in gone]))
+    real_version = md.version
+
+    def version(name):
+        if name in gone:
+            raise md.PackageNotFoundError(name)
+        return real_version(name)
+
+    monkeypatch.setattr(md, "version", version)
+    code = main(["sweep", str(RECIPE), "--dry-run"])
+    lines = errors(capsys.readouterr().err)
+    assert code == 2
+    text = RECIPE.read_text().splitlines()
+    row = next(i + 1 for i, t in enumerate(text) if t.startswith("requires:"))
+    # the recipe's requires are checked first: two lines, each with its install line
+    assert lines == [
+        f"vqkit: error: {RECIPE}:{row + 1}:{text[row].index('vqkit-fsq') + 1}: requires.0: distribution 'vqkit-fsq' is not installed "
+        "(install it: pip install -e plugins/vqkit-fsq)",
+        f"vqkit: error: {RECIPE}:{row + 2}:{text[row + 1].index('vqkit-residual') + 1}: requires.1: distribution 'vqkit-residual' is not installed "
+        "(install it: pip install -e plugins/vqkit-residual)",
+    ]
+    # a child's unknown quantizer (a grid value) names them too
+    code = main(["validate", str(RECIPE), "--set", "quantizer={name: fsq}", "--set", "reset={name: none}"])
+    lines = errors(capsys.readouterr().err)
+    assert code == 2 and len(lines) == 3 and lines[2].endswith(
+        "quantizer.name: unknown quantizer 'fsq' (valid: vq); the recipe requires vqkit-fsq, vqkit-residual: "
+        "not installed"), lines
+
+
+def test_a_third_party_recipe_names_its_distribution(tmp_path, capsys):
+    quickstart = (ROOT / "recipes" / "quickstart.yaml").read_text()
+    path = tmp_path / "third.yaml"
+    path.write_text(quickstart.replace("name: quickstart\n", "name: third\nrequires: [vqkit-moonbeam>=1.2]\n")
+                    .replace("{name: vq,", "{name: moonbeam,"))
+    assert main(["validate", str(path), "--json"]) == 2
+    problems = json.loads(capsys.readouterr().out)[0]["problems"]
+    assert [(p["path"], p["message"]) for p in problems] == [
+        ("requires.0", "distribution 'vqkit-moonbeam' is not installed (install it: pip install 'vqkit-moonbeam>=1.2')"),
+        ("quantizer.name", "unknown quantizer 'moonbeam' (valid: fsq, residual, vq); "
+                           "the recipe requires vqkit-moonbeam: not installed"),
+    ]
+    # an installed distribution of the wrong version; a requirement that is not one
+    path.write_text(quickstart.replace("name: quickstart\n", "name: third\nrequires: ['vqkit-fsq>=99', 'a b']\n"))
+    assert main(["validate", str(path)]) == 2
+    assert errors(capsys.readouterr().err) == [
+        f"vqkit: error: {path}:7:12: requires.0: distribution 'vqkit-fsq' is {md.version('vqkit-fsq')}, the recipe "
+        "requires vqkit-fsq>=99 (install it: pip install 'vqkit-fsq>=99')",
+        f"vqkit: error: {path}:7:29: requires.1: 'a b' is not a requirement (a distribution name with an optional "
+        "version, e.g. vqkit-fsq>=0.1)",
+    ]
+    # satisfied: validates, and the normalized recipe (params, hash) does not carry the key
+    path.write_text(quickstart.replace("name: quickstart\n", "name: third\nrequires: [vqkit-fsq>=0.1]\n"))
+    assert main(["validate", str(path)]) == 0
+    assert main(["explain", str(path)]) == 0
+    assert "requires" not in capsys.readouterr().out
