@@ -256,7 +256,7 @@ class Sweep:
                     run = existing.get(str(trial.number))
                     outcome = _outcome(run, plan.objective.metric)
                     if outcome is not None and outcome.status in ("finished", "pruned"):
-                        done.append(child.name)
+                        done.append(child.name + (f" (pruned at step {outcome.step})" if outcome.status == "pruned" else ""))
                         search.tell(trial, outcome)
                         continue
                     if plan.adaptive:  # chosen now: its recipe is checked before it runs
@@ -273,10 +273,14 @@ class Sweep:
                     asked[job.name] = trial
                 codes: dict[str, int] = {}
 
-                def on_done(job, code, codes=codes):
+                def on_done(job, code, codes=codes, asked=asked):
                     codes[job.name] = code
-                    print(f"vqkit: sweep: {job.name}: " + ("finished" if code == 0 else f"exit code {code}"),
-                          file=self.err, flush=True)
+                    said = "finished" if code == 0 else f"exit code {code}"
+                    if code == 0 and plan.search.cls.prunes:  # a pruned child exits 0 too: its run says
+                        run = self._children(parent_id).get(str(asked[job.name].number)) or {}
+                        step = run.get("tags", {}).get(PRUNED_TAG)
+                        said = f"pruned at step {step}" if step is not None else said
+                    print(f"vqkit: sweep: {job.name}: {said}", file=self.err, flush=True)
 
                 if jobs:
                     launcher.launch(jobs, on_done)
@@ -296,7 +300,8 @@ class Sweep:
                 if not plan.adaptive:
                     break
             if done:
-                print(f"vqkit: sweep: {len(done)} of {seen} already finished, skipped: " + ", ".join(done), file=self.err)
+                how = "finished or pruned" if any(" (pruned at step " in d for d in done) else "finished"
+                print(f"vqkit: sweep: {len(done)} of {seen} already {how}, skipped: " + ", ".join(done), file=self.err)
             status = "FINISHED" if not failed else "FAILED"
         except KeyboardInterrupt:
             status = "KILLED"
