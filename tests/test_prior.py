@@ -182,6 +182,15 @@ def test_prior_train_logs_links_and_resumes_bit_for_bit(autoencoder, workdir, st
     run = runs[0]
     assert run.data.tags["vqkit.autoencoder.run_id"] == autoencoder.run_id
     assert run.data.tags["mlflow.parentRunId"] == autoencoder.run_id  # same experiment: nested
+    # tagged like an autoencoder run: each component (the prior's, and the frozen autoencoder's
+    # it decodes with) and only the distributions they come from, not every one installed
+    from vqkit import __version__
+
+    assert run.data.tags["vqkit.component.prior"] == f"transformer (vqkit {__version__})"
+    assert run.data.tags["vqkit.component.prior.plugin"] == "transformer_prior"
+    assert run.data.tags["vqkit.component.autoencoder.quantizer"] == f"vq (vqkit {__version__})"
+    assert run.data.tags["vqkit.component.autoencoder.data"] == f"fashion-mnist (vqkit {__version__})"
+    assert run.data.tags["vqkit.plugins"] == f"vqkit=={__version__}"
     assert run.data.params["prior.params.dim"] == "16" and run.data.params["kind"] == "prior"
     bpd = [m.value for m in client.get_metric_history(run.info.run_id, "prior/test_bpd")]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "prior/test_bpd")] == [3, 6]

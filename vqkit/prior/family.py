@@ -153,10 +153,10 @@ class PriorFamily(Family):
         self.ae_run = {k: ae_state_run.get(k) for k in ("run_id", "tracking_uri", "experiment", "run_dir")}
 
     def tags(self) -> dict[str, Any]:
-        from vqkit.plugins import get_registry
+        from vqkit.train.build import component_tags
 
-        tags = {
-            "vqkit.plugins": ", ".join(get_registry().distributions()),
+        tags = {  # vqkit.plugins: the distributions of the prior and of the autoencoder's model
+            **component_tags(self.loop.recipe, frozen={"autoencoder": self.ae_recipe}),
             "vqkit.autoencoder.checkpoint": str(self.ae_path),
             "vqkit.autoencoder.sha256": self.codes.sha256,
             "vqkit.prior.grid": "x".join(str(g) for g in self.codes.grid),

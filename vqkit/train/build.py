@@ -375,18 +375,22 @@ def check_parts_meet(built: Built) -> None:
             m.training = flag
 
 
-def _used_entries(recipe: Recipe) -> list[tuple[str, Any]]:
-    """``(block, registry entry)`` of every component the recipe uses (``losses.<i>``)."""
+def _used_entries(recipe: Recipe, blocks: tuple[str, ...] | None = None) -> list[tuple[str, Any]]:
+    """``(block, registry entry)`` of every component the recipe uses (``losses.<i>``; a
+    ``kind: prior`` recipe: ``prior``); ``blocks``: only those (e.g. ``MODEL_BLOCKS``)."""
     from vqkit.recipe import COMPONENT_BLOCKS
 
     m = recipe.model
+    if recipe.kind == "prior":
+        return [("prior", get_registry().get("priors", m.prior.name))]
     out = []
     for block, kind in COMPONENT_BLOCKS.items():
         ref = getattr(m, block)
-        if ref is not None:
+        if ref is not None and (blocks is None or block in blocks):
             out.append((block, get_registry().get(kind, ref.name)))
-    for i, ref in enumerate(m.losses):
-        out.append((f"losses.{i}", get_registry().get("perceptual_losses", ref.name)))
+    if blocks is None or "losses" in blocks:
+        for i, ref in enumerate(m.losses):
+            out.append((f"losses.{i}", get_registry().get("perceptual_losses", ref.name)))
     return out
 
 
@@ -395,14 +399,21 @@ def _describe(entry: Any) -> str:
     return f"{entry.name} ({dist}{' ' + entry.version if entry.version else ''})"
 
 
-def component_tags(recipe: Recipe) -> dict[str, str]:
+def component_tags(recipe: Recipe, frozen: dict[str, Recipe] | None = None) -> dict[str, str]:
     """MLflow tags naming where each component of the run came from:
     ``vqkit.component.<block> = name (distribution version)``, plus
     ``vqkit.component.<block>.plugin`` (the entry point) and ``vqkit.plugins``: the
-    distributions the run used (``dist==version``, sorted)."""
+    distributions the run used (``dist==version``, sorted). ``frozen``: trained models the
+    run also uses, by name (a prior's ``{"autoencoder": its recipe}``): their model
+    components are tagged ``vqkit.component.<name>.<block>`` and count as used."""
+    from vqkit.recipe import MODEL_BLOCKS
+
     tags: dict[str, str] = {}
     used = set()
-    for block, entry in _used_entries(recipe):
+    entries = list(_used_entries(recipe))
+    for name, other in (frozen or {}).items():
+        entries += [(f"{name}.{block}", entry) for block, entry in _used_entries(other, MODEL_BLOCKS)]
+    for block, entry in entries:
         tags[f"vqkit.component.{block}"] = _describe(entry)
         tags[f"vqkit.component.{block}.plugin"] = entry.plugin
         if entry.distribution:
