@@ -4,16 +4,26 @@ Starts ``mlflow server`` on the given store (127.0.0.1, one worker, job executio
 opens the experiment in headless Chromium driven through the DevTools protocol, waits until
 the page shows what is asked for, saves a PNG and stops both processes by their PIDs.
 
-Views (``--view``):
+Views (``--view``), each the page of a link ``vqkit sweep`` and ``vqkit ui`` print:
 
-* ``images``: the experiment's Chart view with the sweep's children listed flat (a search
-  filter on ``mlflow.parentRunId``: MLflow nests child runs only when the run list is neither
-  filtered nor sorted) and the image-grid card of the ``reconstructions`` images logged with
-  ``mlflow.log_image(key=..., step=...)``: the same test images as reconstructed by each run,
-  with MLflow's step slider. The screenshot is the image card (``--full`` for the page).
-* ``compare``: MLflow's compare page of the children.
+* ``images``: the experiment's Chart view with the sweep's children listed flat
+  (:func:`vqkit.tracking.children_url`: a search filter on ``mlflow.parentRunId``, sorted by
+  run name; MLflow nests child runs, folded under the parent, only when the run list is
+  neither filtered nor sorted) and, full screen, the image chart of the ``reconstructions``
+  images logged with ``mlflow.log_image(key=..., step=...)``: the same test images as
+  reconstructed by each run, labelled with the run's name, at the last step with images (set
+  in the chart's "Edit chart" dialog, where "Show run parameters" is switched off; MLflow
+  creates the chart at step 0, where there are none). The screenshot is clipped to the title,
+  the run names and the images (``--full`` for the viewport).
+* ``charts`` / ``table``: that page as the link opens it (chart or table view).
+* ``compare``: MLflow's compare-runs page of the children (:func:`vqkit.tracking.compare_url`).
 
-Both pages open in MLflow's "Model training" mode (``workflowType=machine_learning`` in the
+MLflow Assistant's side panel, which opens by itself on a browser's first visit, is kept
+closed (its local-storage keys are set before the page loads). The page is a single-page app:
+instead of a fixed virtual-time budget, each step waits (``--timeout``) until the page shows
+what it needs (the run names, the chart's menu, the step box, every run's image).
+
+Every page opens in MLflow's "Model training" mode (``workflowType=machine_learning`` in the
 URL): MLflow 3.17's UI takes the mode from the URL, else from the browser's local storage
 (``mlflow.workflowType_v1``, "genai" by default), never from the experiment's tags.
 
@@ -40,7 +50,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -105,15 +114,12 @@ def sweep_runs(uri: str, experiment: str, parent: str | None) -> tuple[str, dict
 
 
 def page_url(base: str, experiment_id: str, parent_id: str, children: list[dict], view: str) -> str:
+    """The page of ``view``: the links ``vqkit sweep`` and ``vqkit ui`` print."""
+    from vqkit.tracking import children_url, compare_url
+
     if view == "compare":
-        query = {"runs": json.dumps([c["run_id"] for c in children]),
-                 "experiments": json.dumps([experiment_id]), "workflowType": "machine_learning"}
-        return f"{base}/#/compare-runs?" + urllib.parse.urlencode(query, quote_via=urllib.parse.quote)
-    query = {"searchFilter": f"tags.`mlflow.parentRunId` = '{parent_id}'",
-             "orderByKey": "tags.`mlflow.runName`", "orderByAsc": "true",
-             "compareRunsMode": "CHART", "workflowType": "machine_learning"}
-    return (f"{base}/#/experiments/{experiment_id}/runs?"
-            + urllib.parse.urlencode(query, quote_via=urllib.parse.quote))
+        return compare_url(base, [c["run_id"] for c in children], [experiment_id])
+    return children_url(base, experiment_id, parent_id, charts=view in ("images", "charts"))
 
 
 # =========================================================================== DevTools protocol
@@ -129,7 +135,7 @@ class Page:
         my_id = self.next_id
         await self.ws.send_json({"id": my_id, "method": method, "params": params})
         while True:
-            msg = await self.ws.receive_json(timeout=60)
+            msg = await self.ws.receive_json(timeout=300)  # a busy page (many charts, a loaded CPU) answers late
             if msg.get("id") == my_id:
                 if "error" in msg:
                     raise RuntimeError(f"{method}: {msg['error']}")
@@ -199,6 +205,15 @@ class Page:
         raise SystemExit(f"timed out after {timeout:.0f} s waiting for {what} at {href}; the page says:\n{text}")
 
 
+# Run before the app's own scripts: MLflow Assistant's side panel stays closed (it opens by
+# itself on a browser's first visit and covers a third of the page).
+BEFORE_LOAD = r"""
+try {
+  localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true');
+  localStorage.setItem('mlflow.assistant.panelOpen_v1', 'false');
+} catch (e) {}
+"""
+
 # Types the image key into the chart view's "Search metric charts" box, as a user would.
 SEARCH_CHARTS = r"""
 (() => {
@@ -211,18 +226,17 @@ SEARCH_CHARTS = r"""
 })()
 """
 
-# Clicks the element with this data-component-id (true when there was one).
-CLICK = r"""
-(() => {
-  const el = document.querySelector('[data-component-id=%(id)s]');
-  if (!el) return false;
-  el.click();
-  return true;
-})()
-"""
+# The "Edit chart" dialog of an image chart: its step box (a number input whose max is the
+# last step with images). MLflow creates the chart at step 0, where vqkit logs no images
+# ("No image logged at this step": what made the full-screen view blank).
+STEP_BOX = "[role=dialog] input[type=number]"
+STEP_SLIDER = "[role=dialog] [role=slider]"
+# The "Show run parameters" switch: the <button role=switch> inside the component (a click at
+# the centre of the component's box lands beside it and toggles nothing).
+PARAMS_SWITCH = '[data-component-id="mlflow.charts.image_grid_configure.show_run_params"] button[role=switch]'
 
-# The full-screen image chart: the dialog showing every run's name and its loaded images;
-# its box (for the clip) once every run has one.
+# The full-screen image chart, once every run's name shows and every run's image for `key`
+# has loaded: the box around the chart's title, the run names and the images (for the clip).
 IMAGE_DIALOG = r"""
 (() => {
   const names = %(names)s;
@@ -231,14 +245,39 @@ IMAGE_DIALOG = r"""
   const imgs = [...dialog.querySelectorAll('img')].filter(
       i => i.complete && i.naturalWidth > 0 && decodeURIComponent(i.src).includes(%(key)s));
   if (imgs.length < names.length) return null;
-  const r = dialog.getBoundingClientRect();
-  return {x: r.left, y: r.top, width: r.width, height: r.height, images: imgs.length};
+  const own = e => [...e.childNodes].filter(n => n.nodeType === 3).map(n => n.textContent).join('').trim();
+  const labels = [...dialog.querySelectorAll('*')].filter(e => names.includes(own(e)));
+  const title = [...dialog.querySelectorAll('*')].find(e => own(e) === %(key)s);
+  if (labels.length < names.length) return null;
+  // each image with the grey box it is centred in, each run's name, the chart's title
+  const grey = i => { for (let e = i, n = 0; e && n < 4; e = e.parentElement, n++)
+    if (getComputedStyle(e).backgroundColor !== 'rgba(0, 0, 0, 0)') return e; return i; };
+  const boxes = imgs.map(grey);
+  const rects = [...boxes, ...labels, ...(title ? [title] : [])].map(e => e.getBoundingClientRect());
+  const x = Math.min(...rects.map(r => r.left)), y = Math.min(...rects.map(r => r.top));
+  const right = Math.max(...rects.map(r => r.right)), bottom = Math.max(...rects.map(r => r.bottom));
+  return {x: x - 12, y: y - 12, width: right - x + 24, height: bottom - y + 24, images: imgs.length,
+          sizes: imgs.map(i => [i.naturalWidth, i.naturalHeight])};
 })()
 """
 
 
+async def set_step(page: "Page", timeout: float) -> int:
+    """Moves the open "Edit chart" dialog's step to the last step with images (typed into its
+    step box, as a user would; the box applies on blur) and returns it."""
+    box = await page.wait_for(f"(() => {{ const b = document.querySelector({json.dumps(STEP_BOX)}); "
+                              "return b && b.max ? b.max : null; })()", timeout, "the chart's step box")
+    last = int(float(box))
+    await page.js(f"(() => {{ const b = document.querySelector({json.dumps(STEP_BOX)}); b.focus(); b.select(); }})()")
+    await page.call("Input.insertText", text=str(last))
+    await page.js(f"document.querySelector({json.dumps(STEP_BOX)}).blur()")
+    await page.wait_for(f"document.querySelector({json.dumps(STEP_SLIDER)})?.getAttribute('aria-valuenow') === "
+                        f"{json.dumps(str(last))}", timeout, f"the chart's step slider at step {last}")
+    return last
+
+
 async def screenshot(cdp_port: int, url: str, names: list[str], view: str, key: str, out: Path,
-                     width: int, height: int, full: bool, timeout: float) -> dict:
+                     width: int, height: int, scale: float, full: bool, timeout: float) -> dict:
     import aiohttp
 
     async with aiohttp.ClientSession() as session:
@@ -248,34 +287,41 @@ async def screenshot(cdp_port: int, url: str, names: list[str], view: str, key: 
         async with session.ws_connect(target["webSocketDebuggerUrl"], max_msg_size=0) as ws:
             page = Page(ws)
             await page.call("Emulation.setDeviceMetricsOverride", width=width, height=height,
-                            deviceScaleFactor=1, mobile=False)
+                            deviceScaleFactor=scale, mobile=False)
             await page.call("Page.enable")
+            await page.call("Page.addScriptToEvaluateOnNewDocument", source=BEFORE_LOAD)
             await page.call("Page.navigate", url=url)
             names_js = json.dumps(names)
             await page.wait_for(f"!!document.body && {names_js}.every(n => document.body.innerText.includes(n))",
                                 timeout, "the run names")
-            clip = None
-            await page.js(CLICK % {"id": json.dumps("mlflow.assistant.chat_panel.close")})
+            clip, step = None, None
             if view == "images":
-                # only the image chart (its key in "Search metric charts"), then full screen
+                # only the image chart (its key in "Search metric charts")
                 await page.wait_for(SEARCH_CHARTS % {"key": json.dumps(key)}, timeout, "the chart search box")
-                # the chart's menu > Configure > "Show run parameters" off > Save
-                switch = '[data-component-id="mlflow.charts.image_grid_configure.show_run_params"]'
+                # the chart's menu > Configure > step: the last one, "Show run parameters" off > Save
                 await page.click('[data-testid="experiment-view-compare-runs-card-menu"]', timeout,
                                  f"the menu of the {key!r} image chart", then=("[role=menuitem]", "Configure"))
                 await page.click('[role=menuitem]', timeout, "the chart menu's Configure item", text="Configure",
-                                 then=(switch, None))
-                await page.click(switch, timeout, "the chart's 'Show run parameters' switch")
+                                 then=(PARAMS_SWITCH, None))
+                step = await set_step(page, timeout)
+                if await page.js(f"document.querySelector({json.dumps(PARAMS_SWITCH)}).ariaChecked") != "false":
+                    await page.click(PARAMS_SWITCH, timeout, "the chart's 'Show run parameters' switch",
+                                     then=(PARAMS_SWITCH + '[aria-checked="false"]', None))
                 await page.click('[data-testid="experiment-view-compare-runs-chart-modal-confirm"]', timeout,
                                  "the chart dialog's 'Save changes' button")
                 await page.click('[data-component-id="fullscreen_button_chartcard"]', timeout,
                                  f"the full-screen button of the {key!r} image chart")
                 dialog = IMAGE_DIALOG % {"names": names_js, "key": json.dumps(key)}
                 await page.wait_for(dialog, timeout, f"the {key!r} images of every run")
+                await page.call("Input.dispatchMouseEvent", type="mouseMoved", x=width - 2, y=height - 2)  # no hover
                 await asyncio.sleep(1.0)  # late images paint
                 box = await page.js(dialog)
                 clip = {"x": box["x"], "y": box["y"], "width": box["width"], "height": box["height"], "scale": 1}
             else:
+                if view == "charts":  # the line charts drawn (each card shows a spinner until then)
+                    await page.wait_for("document.querySelectorAll('.js-plotly-plot .main-svg').length >= 3",
+                                        timeout, "the line charts")
+                await page.call("Input.dispatchMouseEvent", type="mouseMoved", x=width - 2, y=height - 2)  # no hover
                 await asyncio.sleep(2.0)
             params = {"format": "png"}
             if clip is not None and not full:
@@ -283,7 +329,7 @@ async def screenshot(cdp_port: int, url: str, names: list[str], view: str, key: 
             shot = await page.call("Page.captureScreenshot", **params)
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_bytes(base64.b64decode(shot["data"]))
-            return {"url": url, "clip": clip}
+            return {"url": url, "clip": clip, "step": step}
 
 
 # =========================================================================== main
@@ -293,11 +339,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--experiment", required=True, help="the experiment of the sweep")
     p.add_argument("--parent", default=None, help="the sweep's parent run (id, id prefix or name; "
                    "default: the experiment's newest sweep)")
-    p.add_argument("--view", choices=("images", "compare"), default="images")
+    p.add_argument("--view", choices=("images", "charts", "table", "compare"), default="images")
     p.add_argument("--key", default="reconstructions", help="the mlflow.log_image key shown (images view)")
     p.add_argument("--out", required=True, type=Path, help="PNG to write")
     p.add_argument("--width", type=int, default=1600)
     p.add_argument("--height", type=int, default=1000)
+    p.add_argument("--scale", type=float, default=2.0, help="device pixels per CSS pixel (default 2)")
     p.add_argument("--full", action="store_true", help="the whole viewport, not only the image chart")
     p.add_argument("--port", type=int, default=0, help="port of mlflow server (default: a free one)")
     p.add_argument("--chromium", default=shutil.which("chromium") or shutil.which("chromium-browser") or "chromium")
@@ -343,8 +390,9 @@ def main(argv: list[str] | None = None) -> int:
             cdp_port = int(active.read_text().split()[0])
             url = page_url(base, experiment_id, parent["run_id"], children, args.view)
             info = asyncio.run(screenshot(cdp_port, url, names, args.view, args.key, args.out,
-                                          args.width, args.height, args.full, args.timeout))
-            print(f"wrote {args.out} from {info['url']}", file=sys.stderr)
+                                          args.width, args.height, args.scale, args.full, args.timeout))
+            print(f"wrote {args.out} from {info['url']}" + (f" (step {info['step']})" if info["step"] else ""),
+                  file=sys.stderr)
         finally:
             stop(browser, "chromium")
             stop(server, "mlflow server")
