@@ -330,12 +330,38 @@ class TrainLoop:
             print(text, file=self.err, flush=True)
 
     # ------------------------------------------------------------------ setup
+    def _match_threads(self) -> None:
+        """A resume on CPU continues with the run's CPU thread count (the checkpoint's
+        ``threads``): another count sums convolutions and matrix products in another order,
+        so the run would not continue bit for bit. Kept when the user chose a count
+        (``OMP_NUM_THREADS``) or the run's is more than this machine has, with a warning."""
+        saved = (self.resume or {}).get("threads")
+        now = torch.get_num_threads()
+        if not saved or saved == now or self.device.type != "cpu":
+            return
+        from vqkit.train.data import usable_cpus
+
+        def threads(n: int) -> str:
+            return f"{n} CPU thread{'s' if n != 1 else ''}"
+
+        chosen = os.environ.get("OMP_NUM_THREADS")
+        if chosen or saved > usable_cpus():
+            why = f"OMP_NUM_THREADS={chosen}" if chosen else f"this machine has {usable_cpus()} CPUs"
+            self.say(f"vqkit: warning: the run trained with {threads(saved)}, this process uses {now} ({why}): "
+                     "the resumed run is not bit-identical to an uninterrupted one")
+            return
+        torch.set_num_threads(int(saved))
+        if not self.quiet:
+            self.say(f"vqkit: note: resuming with the run's {threads(saved)} (this process had {now}), so that "
+                     "it continues bit for bit; set OMP_NUM_THREADS to choose another count")
+
     def _setup(self) -> None:
         fam = self.family
         if not fam.distributed and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise VqkitError(f"{fam.name} training runs in one process (no --nproc / torchrun)")
         self.dist = dist = init_distributed(self.cfg.train.device)
         self.device = dist.device
+        self._match_threads()
         seed_everything(self.cfg.seed)
         fam.setup(self)
         if self.resume is not None:
@@ -499,6 +525,7 @@ class TrainLoop:
             "recipe": self.recipe.to_dict(),
             **self.family.state_dict(),
             "rng": ckpt.capture_rng(),
+            "threads": torch.get_num_threads(),  # a CPU resume matches it (_match_threads)
             "run": {
                 "run_id": getattr(self.tracker, "run_id", None),
                 "local_id": getattr(self.tracker, "local_id", None),
