@@ -77,3 +77,15 @@ def test_a_third_party_recipe_names_its_distribution(tmp_path, capsys):
     assert main(["validate", str(path)]) == 0
     assert main(["explain", str(path)]) == 0
     assert "requires" not in capsys.readouterr().out
+
+
+def test_an_unknown_component_names_the_plugins_that_are_blocked(capsys, use_registry, monkeypatch):
+    """Installed but blocked (VQKIT_DISABLE_PLUGINS): the unknown component says which
+    plugins, of which distributions, are blocked, rather than only 'unknown'."""
+    monkeypatch.setenv("VQKIT_DISABLE_PLUGINS", "fsq,residual")
+    use_registry(build_registry())
+    code = main(["validate", str(RECIPE), "--set", "quantizer={name: fsq}", "--set", "reset={name: none}"])
+    lines = errors(capsys.readouterr().err)
+    assert code == 2 and len(lines) == 1 and lines[0].endswith(
+        "quantizer.name: unknown quantizer 'fsq' (valid: vq); blocked by VQKIT_DISABLE_PLUGINS: fsq (vqkit-fsq), "
+        "residual (vqkit-residual)"), lines

@@ -166,6 +166,10 @@ class Registry:
         broken = [p.name for p in self.plugins if p.status == "broken"]
         if broken:
             msg += f"; broken plugins not loaded: {', '.join(broken)} (see `vqkit plugins`)"
+        blocked = [f"{p.name} ({p.distribution})" if p.distribution else p.name
+                   for p in self.plugins if p.status == "blocked"]
+        if blocked:
+            msg += f"; blocked by {DISABLE_ENV}: {', '.join(blocked)}"
         return msg
 
     def distributions(self) -> list[str]:
