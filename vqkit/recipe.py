@@ -766,7 +766,8 @@ def requirement_problems(requires: Any, loc: _Loc) -> tuple[list[Problem], list[
     """Check a recipe's ``requires:`` against the installed distributions: a problem at
     ``requires.N`` for each one that is not installed, not the version required, or not a
     requirement (with its install line), and the names of those not installed."""
-    from packaging.requirements import InvalidRequirement, Requirement as Req
+    from packaging.requirements import InvalidRequirement
+    from packaging.requirements import Requirement as Req
 
     problems: list[Problem] = []
     missing: list[str] = []
