@@ -34,13 +34,14 @@ from torch import nn
 from vqkit.errors import VqkitError
 from vqkit.interfaces import Dataset
 from vqkit.model import VQModel
+from vqkit.tracking import GRIDS_DIR
 from vqkit.train import objective
 from vqkit.train.build import Built, build_all, component_tags, loss_keys, not_implemented_error
 from vqkit.train.data import StepBatches, read_batch
 from vqkit.train.loop import Family, NonFiniteLoss, TrainLoop, _make_optimizer, _retarget
 from vqkit.train.schedule import make_scheduler
 
-__all__ = ["AutoencoderFamily", "evaluate", "save_recon_grid", "dataset_fingerprint", "RECON_KEY"]
+__all__ = ["AutoencoderFamily", "evaluate", "save_recon_grid", "save_recon_pairs", "dataset_fingerprint", "RECON_KEY"]
 
 #: MLflow image key of the reconstruction grids (``mlflow.log_image(key=, step=)``).
 RECON_KEY = "reconstructions"
@@ -113,21 +114,38 @@ def dataset_fingerprint(ds: Dataset, samples: int = 256) -> tuple[str, dict[str,
     return h.hexdigest()[:16], profile
 
 
+def _to_uint8(t: torch.Tensor) -> np.ndarray:
+    """Float ``(N, C, H, W)`` in ``[-1, 1]`` (clamped), ``C`` 1 or 3 -> uint8 ``(N, H, W, 3)``."""
+    t = ((t.detach().float().cpu().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+    if t.shape[1] == 1:
+        t = t.expand(-1, 3, -1, -1)
+    return t.permute(0, 2, 3, 1).numpy()
+
+
+def _save_png(grid: np.ndarray, tile_height: int, path: Path) -> Path:
+    """Write ``grid`` as a PNG, enlarged (nearest neighbour) so that a tile of ``tile_height``
+    pixels is at least 64 pixels high; atomically."""
+    from PIL import Image
+
+    image = Image.fromarray(grid)
+    scale = max(1, math.ceil(64 / tile_height))
+    if scale > 1:
+        image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG")
+    tmp.replace(path)
+    return path
+
+
 def save_recon_grid(originals: torch.Tensor, reconstructions: torch.Tensor, path: Path) -> Path:
-    """PNG grid: originals in the top row, their reconstructions below.
+    """PNG grid: originals in the top row, their reconstructions below (the named artifact
+    ``grids/recon_<step>.png`` that ``vqkit compare --grid`` stacks).
 
     Both float ``(N, C, H, W)`` in ``[-1, 1]`` (clamped), ``C`` 1 or 3. Small images are
     enlarged (nearest neighbour) to at least 64 pixels high. Written atomically.
     """
-    from PIL import Image
-
-    def to_uint8(t: torch.Tensor) -> np.ndarray:
-        t = ((t.detach().float().cpu().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
-        if t.shape[1] == 1:
-            t = t.expand(-1, 3, -1, -1)
-        return t.permute(0, 2, 3, 1).numpy()
-
-    top, bottom = to_uint8(originals), to_uint8(reconstructions)
+    top, bottom = _to_uint8(originals), _to_uint8(reconstructions)
     n, h, w, _ = top.shape
     pad = 2
     grid = np.full((2 * h + 3 * pad, n * w + (n + 1) * pad, 3), 255, dtype=np.uint8)
@@ -136,15 +154,42 @@ def save_recon_grid(originals: torch.Tensor, reconstructions: torch.Tensor, path
         for i in range(n):
             x = pad + i * (w + pad)
             grid[y:y + h, x:x + w] = images[i]
-    image = Image.fromarray(grid)
-    scale = max(1, math.ceil(64 / h))
-    if scale > 1:
-        image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    tmp.replace(path)
-    return path
+    return _save_png(grid, h, path)
+
+
+#: Gap in pixels (before enlarging) between an original and its reconstruction, and between
+#: two pairs, in :func:`save_recon_pairs`.
+PAIR_GAP, PAIRS_GAP = 1, 4
+
+
+def recon_pairs_layout(n: int) -> tuple[int, int]:
+    """``(pairs per row, rows)`` of :func:`save_recon_pairs` for ``n`` pairs: ``ceil(sqrt(n))``
+    pairs a row (16 pairs: 4 x 4, i.e. 8 tiles wide and 4 high)."""
+    cols = max(1, math.ceil(math.sqrt(n)))
+    return cols, max(1, math.ceil(n / cols))
+
+
+def save_recon_pairs(originals: torch.Tensor, reconstructions: torch.Tensor, path: Path) -> Path:
+    """PNG of the pairs (original, its reconstruction) side by side, the pairs in rows of
+    :func:`recon_pairs_layout` (16 pairs: 4 x 4), ``PAIR_GAP`` white pixels inside a pair and
+    ``PAIRS_GAP`` between pairs and around the sheet; the image given to ``mlflow.log_image``.
+
+    Nearly square, so that MLflow's image chart, which shows a thumbnail of at most 256
+    pixels a side, shows each image at about 256 / 8 pixels instead of 256 / 16 for the
+    2-row strip of :func:`save_recon_grid`. Same input, enlargement and atomic write.
+    """
+    orig, recon = _to_uint8(originals), _to_uint8(reconstructions)
+    n, h, w, _ = orig.shape
+    cols, rows = recon_pairs_layout(n)
+    pair_w = 2 * w + PAIR_GAP
+    grid = np.full((rows * h + (rows + 1) * PAIRS_GAP, cols * pair_w + (cols + 1) * PAIRS_GAP, 3),
+                   255, dtype=np.uint8)
+    for i in range(n):
+        y = PAIRS_GAP + (i // cols) * (h + PAIRS_GAP)
+        x = PAIRS_GAP + (i % cols) * (pair_w + PAIRS_GAP)
+        grid[y:y + h, x:x + w] = orig[i]
+        grid[y:y + h, x + w + PAIR_GAP:x + pair_w] = recon[i]
+    return _save_png(grid, h, path)
 
 
 # =========================================================================== the family
@@ -438,9 +483,13 @@ class AutoencoderFamily(Family):
                 return
             finally:
                 self.model.train(was)
+        # grids/recon_<step>.png (2 rows, what `vqkit compare --grid` stacks), and for MLflow's
+        # image chart / step slider (images/ holds only those) the same pairs nearly square,
+        # from the run dir's images/ (kept until sent)
         path = save_recon_grid(x, recon, run_dir / "grids" / f"recon_{step:06d}.png")
-        # grids/recon_<step>.png, and MLflow's image grid / step slider (images/ holds only those)
-        tracker.log_image_grid(path, RECON_KEY, step)
+        tracker.log_artifact(path, GRIDS_DIR)
+        pairs = save_recon_pairs(x, recon, run_dir / "images" / f"{RECON_KEY}_{step:06d}.png")
+        tracker.log_image(pairs, RECON_KEY, step)
 
     def after_loop(self) -> None:
         if self.debug_state_dir:
