@@ -1,8 +1,10 @@
 """What runs where a launcher places a sweep's child (a Ray worker, a Slurm job, a pool
-process): :func:`run_child`, and the driver's environment every child gets
-(:func:`child_environment`). Standard library only: unpickling :func:`run_child` in a fresh
-job process costs no torch import (the child's own ``vqkit train`` imports what it needs).
-Launchers use these through :class:`vqkit.sweep.SchedulerLauncher`."""
+process): :func:`run_child`, the driver's environment every child gets
+(:func:`child_environment`), and a child process's whole environment, its CPU threads
+included (:func:`process_environment`, also the ``local`` launcher's). Standard library
+only: unpickling :func:`run_child` in a fresh job process costs no torch import (the child's
+own ``vqkit train`` imports what it needs). Launchers use these through
+:class:`vqkit.sweep.SchedulerLauncher`."""
 from __future__ import annotations
 
 import os
@@ -10,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-__all__ = ["FORWARDED_PREFIXES", "child_environment", "run_child"]
+__all__ = ["FORWARDED_PREFIXES", "child_environment", "process_environment", "run_child"]
 
 #: prefixes of the driver's environment variables every child gets wherever it runs (where
 #: it logs: ``MLFLOW_TRACKING_URI``; how vqkit behaves: ``VQKIT_*``)
@@ -24,16 +26,28 @@ def child_environment(job: Any, environ: Mapping[str, str] | None = None) -> dic
     return {**{k: v for k, v in environ.items() if k.startswith(FORWARDED_PREFIXES)}, **job.env}
 
 
+def process_environment(env: Mapping[str, str], threads: int | None) -> dict[str, str]:
+    """The whole environment of a child process started here: this machine's environment,
+    ``env`` laid over it, ``threads`` (when given) as ``OMP_NUM_THREADS`` and
+    ``MKL_NUM_THREADS``, and ``PYTHONUNBUFFERED=1`` (its output comes line by line)."""
+    full = dict(os.environ)
+    full.update(env)
+    if threads is not None:
+        full["OMP_NUM_THREADS"] = full["MKL_NUM_THREADS"] = str(max(1, int(threads)))
+    full["PYTHONUNBUFFERED"] = "1"
+    return full
+
+
 def run_child(argv: Sequence[str], env: Mapping[str, str], cwd: str | None, threads: int | None,
               log: str | None = None) -> tuple[int, str]:
     """Run one child's command where a launcher placed it (a Ray worker, a Slurm job, ...) and
     return ``(exit code, output)``.
 
     The command's Python is the driver's when that path exists here, else this process's own;
-    ``env`` is laid over this machine's environment; ``threads`` sets ``OMP_NUM_THREADS``;
-    the working directory is ``cwd`` when it exists here. With ``log`` the output goes to
-    that file (on a file system the driver shares) and ``""`` is returned; without, it is
-    returned. When this call is interrupted (``KeyboardInterrupt``: a cancelled Ray task or
+    ``env`` is laid over this machine's environment and ``threads`` sets ``OMP_NUM_THREADS``
+    (:func:`process_environment`); the working directory is ``cwd`` when it exists here.
+    With ``log`` the output goes to that file (on a file system the driver shares) and ``""``
+    is returned; without, it is returned. When this call is interrupted (``KeyboardInterrupt``: a cancelled Ray task or
     local submitit job) the child gets SIGTERM, so it checkpoints and stops, and the
     interruption goes on (Slurm's ``scancel`` and time limit signal every process of the job,
     the child included)."""
@@ -42,11 +56,7 @@ def run_child(argv: Sequence[str], env: Mapping[str, str], cwd: str | None, thre
     argv = list(argv)
     if argv and not os.path.exists(argv[0]):
         argv[0] = sys.executable
-    full = dict(os.environ)
-    full.update(env)
-    if threads is not None:
-        full["OMP_NUM_THREADS"] = full["MKL_NUM_THREADS"] = str(max(1, int(threads)))
-    full["PYTHONUNBUFFERED"] = "1"
+    full = process_environment(env, threads)
     if log:
         Path(log).parent.mkdir(parents=True, exist_ok=True)
     out = open(log, "a", encoding="utf-8") if log else subprocess.PIPE
