@@ -1255,8 +1255,11 @@ def log_missing_metrics(uri: str, run_id: str, metrics: Mapping[str, float], ste
     return have
 
 
-#: where ``vqkit ui`` serves a local store (its default --host and --port)
-UI_DEFAULT_BASE = "http://127.0.0.1:5000"
+#: ``vqkit ui``'s default --host and --port
+UI_DEFAULT_HOST = "127.0.0.1"
+UI_DEFAULT_PORT = 5000
+#: where ``vqkit ui`` serves a local store by default
+UI_DEFAULT_BASE = f"http://{UI_DEFAULT_HOST}:{UI_DEFAULT_PORT}"
 
 
 def ui_base(uri: str) -> str:

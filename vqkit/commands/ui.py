@@ -10,12 +10,14 @@ from vqkit.errors import Problem, VqkitError
 
 
 def configure_ui(p) -> None:
+    from vqkit.tracking import UI_DEFAULT_HOST, UI_DEFAULT_PORT
+
     p.add_argument("target", nargs="?", metavar="RUN_DIR",
                    help="a run dir: open the store its run logged to (default: --tracking-uri)")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=5000, help="port (default: 5000)")
+    p.add_argument("--host", default=UI_DEFAULT_HOST, help=f"address to listen on (default: {UI_DEFAULT_HOST})")
+    p.add_argument("--port", type=int, default=UI_DEFAULT_PORT, help=f"port (default: {UI_DEFAULT_PORT})")
     p.add_argument("--print", dest="print_only", action="store_true",
                    help="print the mlflow command instead of running it")
 
