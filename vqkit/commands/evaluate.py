@@ -70,7 +70,13 @@ def run_eval(args) -> int:
     step = int(state.get("step", 0))
     logged_to = None
     keys = run_metric_keys(result, n, min(ec.num_samples, len(test)))
-    args.logged, args.kept = [], []
+    logged: list[str] = []  # the keys written to the run, and those it already had (kept)
+    kept: list[str] = []
+
+    def show(logged_to: str | None, note: str) -> None:
+        _print(path, step, n, result, logged_to, note, as_json=args.json,
+               data_recipe=data_recipe if args.overrides else None, logged=logged, kept=kept)
+
     if args.no_log:
         note = "not logged (--no-log)"
     elif args.overrides:
@@ -82,24 +88,24 @@ def run_eval(args) -> int:
 
         uri = args.tracking_uri or run.get("tracking_uri") or resolve_tracking_uri(None)
         try:
-            kept = log_missing_metrics(uri, run_id, {keys[k]: v for k, v in result.items()}, step, {
+            had = log_missing_metrics(uri, run_id, {keys[k]: v for k, v in result.items()}, step, {
                 "vqkit.eval.num_samples": n,
                 "vqkit.eval.metrics": json.dumps(metrics),
                 "vqkit.eval.backbones": json.dumps(metric_set.backbones, sort_keys=True),
                 "vqkit.eval.checkpoint": json.dumps({"file": path.name, "step": step}),
             })
         except VqkitError:
-            _print(args, path, step, n, data_recipe, result, None, "not logged (see the error below)")
+            show(None, "not logged (see the error below)")
             raise
         logged_to = run_id
-        args.kept = sorted(kept)
-        args.logged = sorted(set(keys.values()) - set(kept))
+        kept = sorted(had)
+        logged = sorted(set(keys.values()) - set(had))
         note = f"logged to MLflow run {run_id} at step {step} ({uri})"
         if kept:
-            note = (f"{', '.join(args.logged) or 'nothing new'} logged to MLflow run {run_id} at step {step} ({uri}); "
+            note = (f"{', '.join(logged) or 'nothing new'} logged to MLflow run {run_id} at step {step} ({uri}); "
                     f"already in the run at that step, kept as they are (the same measurement: this checkpoint, "
-                    f"{n} test images): {', '.join(args.kept)}")
-    _print(args, path, step, n, data_recipe, result, logged_to, note)
+                    f"{n} test images): {', '.join(kept)}")
+    show(logged_to, note)
     return 0
 
 
@@ -113,12 +119,15 @@ def run_metric_keys(result: dict[str, float], n: int, n_recipe: int) -> dict[str
     return {k: f"eval_n{n}/{k.removeprefix('eval/')}" for k in result}
 
 
-def _print(args, path, step, n, recipe, result, logged_to, note) -> None:
-    if args.json:
+def _print(path, step: int, n: int, result: dict[str, float], logged_to: str | None, note: str, *,
+           as_json: bool, data_recipe=None, logged: list[str], kept: list[str]) -> None:
+    """The results as a table and a ``vqkit:`` note, or (``as_json``) one JSON object, with the
+    evaluated data block when ``data_recipe`` (evaluated with ``--set``) is given."""
+    if as_json:
         out = {"checkpoint": str(path), "step": step, "num_samples": n, **result, "logged_to_run": logged_to,
-               "logged": getattr(args, "logged", []), "kept": getattr(args, "kept", [])}
-        if args.overrides:
-            out["data"] = recipe.to_dict()["data"]
+               "logged": logged, "kept": kept}
+        if data_recipe is not None:
+            out["data"] = data_recipe.to_dict()["data"]
         print(json.dumps(out, indent=2))
         return
     rows = [("checkpoint", str(path)), ("step", step), ("num_samples", n)]
