@@ -346,7 +346,8 @@ def grid(runs: dict, step: int, test_name: str, evaluator: Evaluator, path: Path
         y, q, _ = codec_roundtrip(full, fmt, bpp)
         rows.append(y[idx])
         labels.append(f"{_label(fmt)} q={q}")
-    scale, pad, label_w = 2, 2, 200
+    scale, pad = 2, 2
+    label_w = max(200, 7 * max(map(len, labels)) + 12)  # Pillow's default font: ~6 px per character
     n, _, h, w = rows[0].shape
     img = Image.new("RGB", (label_w + n * (w * scale + pad), len(rows) * (h * scale + pad)), "white")
     draw = ImageDraw.Draw(img)
