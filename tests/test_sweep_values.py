@@ -120,3 +120,24 @@ def test_a_linked_sweep_runs_children_named_for_their_blocks(workdir, capsys):
     assert by_name["quantizer=vq(K=8,ema=default) reset=none"].data.params["reset.name"] == "none"
     assert parent.data.params["sweep.link"] == '[["quantizer", "reset"]]'
     assert parent.info.run_name == "tiny sweep quantizer+reset"
+
+
+# =========================================================================== tracking.run_name in a grid
+def dry_run_names(workdir, capsys, sweep: dict) -> list[str]:
+    recipe = write(workdir, {**TINY_RECIPE, "sweep": sweep}, "named.yaml")
+    assert main(["sweep", str(recipe), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    return [line.split("  ", 1)[1] for line in out.splitlines() if "/" in line.split("  ", 1)[0]]
+
+
+def test_linked_run_names_name_the_children(workdir, capsys):
+    """A grid value of ``tracking.run_name`` is the child's name, followed by the values of
+    the keys not linked with it (so no two children share a name), not ``run_name=... key=...``."""
+    names = dry_run_names(workdir, capsys, {
+        "grid": {"tracking.run_name": ["slow", "fast"], "train.lr": [0.001, 0.002], "reset.name": ["none", "jukebox"]},
+        "link": [["tracking.run_name", "train.lr"]]})
+    assert names == ["slow reset=none", "slow reset=jukebox", "fast reset=none", "fast reset=jukebox"]
+    names = dry_run_names(workdir, capsys, {
+        "grid": {"tracking.run_name": ["a-run", "b-run"], "train.lr": [0.001, 0.002]},
+        "link": [["tracking.run_name", "train.lr"]]})
+    assert names == ["a-run", "b-run"]
