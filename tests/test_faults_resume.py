@@ -431,3 +431,59 @@ def test_resuming_a_run_another_process_is_training_is_refused(workdir, store, c
     free = hold_run_lock(run_dir)  # free again once that process is gone
     assert free is not None
     free.release()
+
+
+#: a `vqkit train` child that sends itself SIGTERM at chosen instants: ``interrupt``: once
+#: inside step 5 (the run checkpoints step 5 on its way out) and again while that interrupt
+#: checkpoint is being written; ``periodic``: once while step 3's periodic checkpoint is
+#: being written. The signal lands after the temp file has its first 2000 bytes.
+_SIGNALLED_AT = r"""
+import os, signal, sys
+from vqkit.train import checkpoint as c
+from vqkit.train.autoencoder import AutoencoderFamily
+case = sys.argv[1]
+target = "step_00000005.pt" if case == "interrupt" else "step_00000003.pt"
+sent = []
+original_write = c._Recording.write
+def write(self, data):
+    n = original_write(self, data)
+    if target in self.f.name and self.f.tell() > 2000 and not sent:
+        sent.append(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+    return n
+c._Recording.write = write
+original_step = AutoencoderFamily.train_step
+def step(self, x, step):
+    if case == "interrupt" and step == 4:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return original_step(self, x, step)
+AutoencoderFamily.train_step = step
+from vqkit.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("case, step", [("interrupt", 5), ("periodic", 3)])
+def test_a_signal_during_a_checkpoint_write_waits_for_the_write(workdir, store, case, step):
+    """SIGTERM while a checkpoint is being written (the interrupt checkpoint, after a first
+    SIGTERM; or a periodic one) waits for the write: the file is complete and renamed, the
+    run ends KILLED with exit 130 and no traceback, no temp file is left, and the resume
+    continues from that checkpoint (was: KeyboardInterrupt inside `torch.save`, a traceback
+    ending in `RuntimeError: ... unexpected pos`, no checkpoint)."""
+    proc = subprocess.run([sys.executable, "-c", _SIGNALLED_AT, case, "train", "tiny.yaml", "--quiet"],
+                          cwd=workdir, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 130, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    (run_dir,) = (workdir / "runs").iterdir()
+    path = run_dir / "checkpoints" / f"step_{step:08d}.pt"
+    assert f"vqkit: interrupted at step {step}; checkpoint {path}" in proc.stderr, proc.stderr
+    assert not _temp_files(run_dir), _temp_files(run_dir)
+    assert ckpt.latest_checkpoint(run_dir / "checkpoints") == path
+    assert ckpt.load_checkpoint(path)["step"] == step  # complete: its digest verifies
+    client, run = _only_run(store)
+    assert run.info.status == "KILLED"
+    done = subprocess.run([sys.executable, "-m", "vqkit.cli", "train", "--resume", str(run_dir), "--quiet"],
+                          cwd=workdir, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    _assert_every_step_once(store)
+    assert not _temp_files(run_dir), _temp_files(run_dir)

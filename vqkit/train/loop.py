@@ -135,6 +135,29 @@ class _HeldSignals:
             raise KeyboardInterrupt
 
 
+@contextlib.contextmanager
+def _signals_held_while_writing() -> Iterator[list[int]]:
+    """SIGINT and SIGTERM held while a checkpoint is written: a signal that comes then waits
+    until the file is complete and renamed (tearing ``torch.save`` would leave no checkpoint
+    and a traceback). Yields the list of the signals that came; the caller acts on them."""
+    import threading
+
+    came: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield came
+        return
+
+    def handler(signum, frame):
+        came.append(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield came
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 def _retarget(sched: torch.optim.lr_scheduler.LambdaLR, lr: float, total_steps: int) -> None:
     """Make a restored scheduler follow the recipe's peak LR and length (a resumed run may
     change ``train.lr`` or ``train.steps``); a no-op when they are unchanged."""
@@ -538,7 +561,10 @@ class TrainLoop:
     def save(self, final: bool = False, collective: bool = True) -> Path | None:
         """Write a checkpoint of the current state (rank 0); never one with non-finite
         weights. Called on every rank (the weight check is collective) unless
-        ``collective`` is false (rank 0 alone, after an interrupt)."""
+        ``collective`` is false (rank 0 alone, after an interrupt). SIGINT/SIGTERM wait
+        while the file is written; one that came then interrupts once the checkpoint is
+        complete (not after ``final.pt``, nor in a save on the way out, ``collective``
+        false: the run ends anyway)."""
         if collective:
             self._check_weights()
         if not self.dist.is_main:
@@ -546,11 +572,22 @@ class TrainLoop:
         if not _finite_params(*self.family.modules()):
             raise NonFiniteLoss(f"model weights are NaN or infinite after step {self.step}")
         path = self.ckpt_dir / "final.pt" if final else ckpt.step_file(self.ckpt_dir, self.step)
-        ckpt.save_checkpoint(path, self.state())
-        ckpt.write_latest(self.ckpt_dir, path, self.step)
-        if not final:
-            ckpt.prune_checkpoints(self.ckpt_dir, self.cfg.train.keep_checkpoints)
-        self.last_good = path
+        with _signals_held_while_writing() as came:
+            ckpt.save_checkpoint(path, self.state())
+            ckpt.write_latest(self.ckpt_dir, path, self.step)
+            if not final:
+                ckpt.prune_checkpoints(self.ckpt_dir, self.cfg.train.keep_checkpoints)
+            self.last_good = path
+            self._saved_step = self.step
+        try:
+            self._log_checkpoint(path, final)
+        finally:
+            if came and collective and not final:  # after final.pt the run is complete: it ends FINISHED
+                raise KeyboardInterrupt
+        return path
+
+    def _log_checkpoint(self, path: Path, final: bool) -> None:
+        """The checkpoint just written, in MLflow (an artifact and the run's tag)."""
         if final:
             self.tracker.log_artifact(path, "checkpoints")
         else:  # one periodic checkpoint in MLflow, replaced at each save
@@ -561,7 +598,6 @@ class TrainLoop:
         self.tracker.set_tags(
             {"vqkit.last_checkpoint": json.dumps({"artifact": f"checkpoints/{artifact}", "step": self.step})}
         )
-        return path
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> TrainResult:
@@ -605,6 +641,10 @@ class TrainLoop:
             if getattr(getattr(self, "_signals", None), "forced", False):  # a second signal inside a step
                 self.say(f"vqkit: interrupted inside step {self.step + 1} (a second signal): its update may "
                          f"be partial, so no checkpoint is written; continue from the newest one with "
+                         f"`{self.entry_point} --resume {self.run_dir}`")
+            elif (self.step > start and getattr(self, "_saved_step", None) == self.step
+                  and self.last_good is not None):  # a signal during this step's checkpoint write
+                self.say(f"vqkit: interrupted at step {self.step}; checkpoint {self.last_good}; continue with "
                          f"`{self.entry_point} --resume {self.run_dir}`")
             elif self.step > start and dist.is_main and _finite_params(*self.family.modules()):
                 try:
