@@ -5,7 +5,8 @@ must agree.
   stands in for CUDA's) when only one rank's gradients overflow;
 * the non-finite check before a checkpoint, which every rank must make together;
 * the ``vq`` k-means initialisation, which must give every rank the same code-book
-  before its first search.
+  before its first search;
+* LeCam's anchors, moved by logits averaged over the ranks.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch
 import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 
+from vqkit import gan
 from vqkit.components.patchgan import PatchGAN
 from vqkit.components.vq import VectorQuantizer
 from vqkit.train import objective
@@ -57,7 +59,7 @@ def _disc_scaler(rank: int, dist: DistContext, out: str) -> None:
         g = torch.Generator().manual_seed(10 * step + rank)
         real, fake = torch.rand(2, 1, 12, 12, generator=g) * 2 - 1, torch.rand(2, 1, 12, 12, generator=g) * 2 - 1
         opt.zero_grad(set_to_none=True)
-        d_loss = objective.discriminator_objective(disc, "hinge", real, fake)
+        d_loss = objective.discriminator_objective(disc, "hinge", real, fake).total
         scaler.scale(d_loss).backward()
         if step == 0 and rank == 1:
             params[0].grad.view(-1)[0] = float("inf")  # an fp16 overflow on one rank only
@@ -105,6 +107,26 @@ def _kmeans_init(rank: int, dist: DistContext, out: str) -> None:
     torch.save(results, os.path.join(out, f"kmeans-rank{rank}.pt"))
 
 
+def _lecam(rank: int, dist: DistContext, out: str) -> None:
+    """Each rank's images differ; LeCam's anchors (moved by the mean logits) must not."""
+    torch.manual_seed(0)
+    disc = PatchGAN(PatchGAN.Params(n_layers=1, channels=4), channels=1)
+    anchors = gan.LeCamAnchors()
+    seen = []
+    for step in range(3):
+        real, fake = _lecam_batch(rank, step)
+        d = objective.discriminator_objective(disc, "hinge", real, fake, lecam=0.5, anchors=anchors,
+                                              lecam_decay=0.9, reduce=dist.all_reduce_mean)
+        seen.append(torch.stack([disc(real).mean(), disc(fake).mean()]).detach())
+        d.total.backward()  # the penalty is differentiable on every rank
+    torch.save({"anchors": anchors.state_dict(), "means": seen}, os.path.join(out, f"lecam-rank{rank}.pt"))
+
+
+def _lecam_batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 * rank + step)
+    return torch.rand(2, 1, 12, 12, generator=g) * 2 - 1, torch.rand(2, 1, 12, 12, generator=g) - 1
+
+
 def _kmeans_batch(rank: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(50 + rank)
     centres = torch.randn(8, 4, generator=g) * 5
@@ -119,7 +141,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     torch_dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
     try:
         dist = DistContext(rank, WORLD, rank, torch.device("cpu"), True)
-        for scenario in (_disc_scaler, _kmeans_init, _save_check):  # _save_check last: it may desync
+        for scenario in (_disc_scaler, _kmeans_init, _lecam, _save_check):  # _save_check last: it may desync
             scenario(rank, dist, out)
     finally:
         torch_dist.destroy_process_group()
@@ -176,3 +198,17 @@ def test_kmeans_init_is_one_codebook_fitted_on_all_ranks_batches(results, ema):
         torch.testing.assert_close(r0["codebook"], single.codebook())
     else:
         torch.testing.assert_close(r0["state"]["embed"], single.codebook())
+
+
+@pytest.mark.xdist_group("torchrun")
+def test_lecam_anchors_are_the_same_on_every_rank(results):
+    r0, r1 = _load(results, "lecam", 0), _load(results, "lecam", 1)
+    for key in r0["anchors"]:
+        assert torch.equal(r0["anchors"][key], r1["anchors"][key]), key
+    # the moving average, decay 0.9, of the mean logits averaged over both ranks
+    want = None
+    for m0, m1 in zip(r0["means"], r1["means"]):
+        mean = (m0 + m1) / 2
+        want = mean if want is None else 0.9 * want + 0.1 * mean
+    torch.testing.assert_close(torch.stack([r0["anchors"]["real"], r0["anchors"]["fake"]]), want)
+    assert int(r0["anchors"]["updates"]) == 3

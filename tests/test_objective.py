@@ -102,7 +102,7 @@ def test_discriminator_sees_detached_reconstructions(parts):
     model.zero_grad(set_to_none=True)
     for p in disc.parameters():
         p.requires_grad_(True)
-    d_loss = objective.discriminator_objective(disc, "hinge", x, got.reconstruction)
+    d_loss = objective.discriminator_objective(disc, "hinge", x, got.reconstruction).total
     d_loss.backward()
     assert all(p.grad is None for p in model.parameters()), "the discriminator's loss reached the autoencoder"
     assert all(p.grad is not None for p in disc.parameters())

@@ -63,6 +63,40 @@ def vqkit_register_perceptual_losses(register):
 '''
 
 
+# a discriminator whose backward cannot itself be differentiated (R1 needs that)
+ONCE_DISC = '''
+import torch
+from torch.autograd.function import once_differentiable
+from vqkit import hookimpl
+from vqkit.components.patchgan import PatchGAN
+
+
+class _Square(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 2 * x * grad
+
+
+class OnceDisc(PatchGAN):
+    """A PatchGAN whose input goes through a once-differentiable square."""
+
+    def forward(self, x):
+        return super().forward(_Square.apply(x))
+
+
+@hookimpl
+def vqkit_register_discriminators(register):
+    register("once", OnceDisc)
+'''
+
+
 def _recipe(tmp_path, store, **blocks):
     folder = tmp_path / "images"
     if not folder.is_dir():
@@ -185,3 +219,20 @@ def test_a_run_that_fails_after_it_was_created_is_tagged(tmp_path, store, capsys
     [run] = _runs(store)
     assert run.info.status == "FAILED"
     assert run.data.tags["vqkit.failure"] == "late: the loss server went away"
+
+
+def test_r1_on_a_discriminator_that_cannot_be_differentiated_twice(tmp_path, store, capsys, use_registry):
+    with install_fake_distribution(tmp_path / "d", "vqkit-once", "0.1.0", {"vqkit_once_mod": ONCE_DISC},
+                                   {"once": "vqkit_once_mod"}):
+        use_registry(build_registry())
+        disc = {"name": "once", "params": {"n_layers": 2}, "start_step": 0}
+        assert main(["validate", "--build", _recipe(tmp_path, store, discriminator=disc)]) == 0
+        recipe = _recipe(tmp_path, store, discriminator={**disc, "r1": 1.0})
+        assert main(["train", recipe, "--quiet"]) == 2
+        err = capsys.readouterr().err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(
+            "vqkit: error: discriminator: discriminator once (vqkit-once 0.1.0) failed to take R1's gradient "
+            "penalty (discriminator.r1: a second derivative)"), err
+        assert "once_differentiable" in err and "Traceback" not in err
+        assert _runs(store) == []

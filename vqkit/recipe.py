@@ -51,6 +51,19 @@ class DiscriminatorRef(ComponentRef):
         "decoder's last layer (VQGAN)"
     )
     lr: Optional[float] = Field(None, gt=0, description="discriminator LR (default: train.lr)")
+    r1: float = Field(
+        0.0, ge=0, description="R1 gradient penalty gamma: gamma/2 * E||grad_x D(x)||^2 on real images "
+        "added to the discriminator's loss (0: off; vqkit.gan)"
+    )
+    r1_every: int = Field(
+        1, ge=1, description="apply R1 every N discriminator steps, weighted N times (lazy "
+        "regularization, StyleGAN2)"
+    )
+    lecam: float = Field(
+        0.0, ge=0, description="LeCam regularization weight: anchors the discriminator's logits to "
+        "moving averages of its logits on real and fake images (0: off; vqkit.gan)"
+    )
+    lecam_decay: float = Field(0.99, ge=0, lt=1, description="decay of LeCam's moving averages")
 
 
 class ResetRef(ComponentRef):

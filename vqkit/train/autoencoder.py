@@ -11,7 +11,9 @@ Objective of the generator (encoder, quantizer, decoder), at step ``s``::
 ``convert`` maps ``[-1, 1]`` images to each loss's declared ``input_range``; ``lambda`` is
 the adaptive weight (ratio of gradient norms at the decoder's last layer, VQGAN) or 1.
 The discriminator is frozen during the generator pass and trained alongside with its own
-optimizer on real images vs detached reconstructions.
+optimizer on real images vs detached reconstructions, optionally with the R1 and LeCam
+regularisers (``discriminator.r1``, ``discriminator.lecam``; LeCam's anchors are
+checkpointed and, under torchrun, moved by the logits averaged over the ranks).
 
 Only parameters with ``requires_grad`` are optimized (LPIPS nets are frozen). Under
 torchrun the model is wrapped in DDP (buffers follow rank 0), the discriminator's gradients
@@ -232,6 +234,13 @@ class AutoencoderFamily(Family):
             # the discriminator's schedule (warm-up, decay) runs over its own active steps
             self.disc_sched = make_scheduler(self.disc_opt, tc, self._disc_steps())
 
+        # LeCam's moving averages of the discriminator's logits (checkpointed)
+        self.lecam_anchors = None
+        if self.disc is not None and self.disc_ref.lecam > 0:
+            from vqkit.gan import LeCamAnchors
+
+            self.lecam_anchors = LeCamAnchors().to(device)
+
         # mixed precision: bf16 autocast on CPU, fp16 autocast + GradScaler on CUDA
         self.scaler = loop.grad_scaler()
         self.disc_scaler = loop.grad_scaler()
@@ -315,6 +324,7 @@ class AutoencoderFamily(Family):
             },
             "scalers": {"generator": self.scaler.state_dict(), "discriminator": self.disc_scaler.state_dict()},
             "discriminator": self.disc.state_dict() if self.disc is not None else None,
+            "lecam": self.lecam_anchors.state_dict() if self.lecam_anchors is not None else None,
             "codebook": self.codebook.state_dict(),
             "data": {
                 "epoch": self.data.epoch_of(step) if hasattr(self, "data") else 0,
@@ -337,6 +347,8 @@ class AutoencoderFamily(Family):
                 if self.disc_opt is not None and state["optimizers"].get("discriminator") is not None:
                     self.disc_opt.load_state_dict(state["optimizers"]["discriminator"])
                     self.disc_sched.load_state_dict(state["schedulers"]["discriminator"])
+            if self.lecam_anchors is not None and state.get("lecam") is not None:
+                self.lecam_anchors.load_state_dict(state["lecam"])
             scalers = state.get("scalers") or {}
             if scalers.get("generator"):
                 self.scaler.load_state_dict(scalers["generator"])
@@ -401,12 +413,20 @@ class AutoencoderFamily(Family):
         if disc_on and self.disc_opt is not None:
             self._disc_trainable(True)
             self.disc_opt.zero_grad(set_to_none=True)
+            ref = self.disc_ref
+            r1_due = ref.r1 > 0 and (step - ref.start_step) % ref.r1_every == 0  # lazy R1
             with self.loop.autocast():
-                d_loss = objective.discriminator_objective(self.disc, self.disc_ref.loss, x, g.reconstruction)
-            terms["loss/gan_d"] = d_loss
-            if nonfinite(d_loss):
+                d = objective.discriminator_objective(
+                    self.disc, ref.loss, x, g.reconstruction,
+                    r1=ref.r1 / 2 * ref.r1_every if r1_due else 0.0,
+                    lecam=ref.lecam, anchors=self.lecam_anchors, lecam_decay=ref.lecam_decay,
+                    reduce=self.dist.all_reduce_mean if self.dist.enabled else None,
+                    grad_scale=self.disc_scaler.get_scale() if self.disc_scaler.is_enabled() else None,
+                )
+            terms.update(d.terms)
+            if nonfinite(d.total):
                 raise NonFiniteLoss(self._describe_terms(terms, step))
-            self.disc_scaler.scale(d_loss).backward()
+            self.disc_scaler.scale(d.total).backward()
             # no DDP wrapper: its gradients are averaged here
             self._clip_and_step(self.disc_opt, self.disc_params, self.disc_scaler, average=self.disc_params)
             self.disc_sched.step()

@@ -350,10 +350,27 @@ def check_parts_meet(built: Built) -> None:
                     stage.fail(f"losses.{i}", "to compute its loss", f"returned {got}, expected a 0-dim tensor")
 
             def disc_check() -> None:
-                kind = recipe.model.discriminator.loss
+                ref = recipe.model.discriminator
                 stage("discriminator", "to judge images", lambda: (
-                    gan.discriminator_loss(kind, disc(x).float(), disc(recon).float()),
-                    gan.generator_loss(kind, disc(recon).float())))
+                    gan.discriminator_loss(ref.loss, disc(x).float(), disc(recon).float()),
+                    gan.generator_loss(ref.loss, disc(recon).float())))
+                if ref.r1 > 0:  # R1 differentiates the discriminator twice
+                    stage("discriminator", "to take R1's gradient penalty (discriminator.r1: a second "
+                          "derivative)", lambda: r1_check(ref))
+
+            def r1_check(ref: Any) -> None:
+                with torch.enable_grad():
+                    real = x.clone().requires_grad_(True)
+                    penalty = gan.r1_penalty(real, disc(real))
+                    # backward, as a training step takes it (autograd.grad of the weights alone
+                    # can miss a once-differentiable op); the weights' .grad are put back
+                    params = list(disc.parameters())
+                    grads = [p.grad for p in params]
+                    try:
+                        penalty.backward()
+                    finally:
+                        for p, g in zip(params, grads):
+                            p.grad = g
 
             checks = [lambda i=i, f=f: loss_check(i, f) for i, f in enumerate(built.losses)]
             checks += [disc_check] if disc is not None else []

@@ -9,7 +9,8 @@ loop (:meth:`vqkit.train.loop.TrainLoop.state`):
 checkpoints written before the loop was shared), ``step`` (optimizer steps done),
 ``recipe`` (normalized recipe dict), ``rng`` (:func:`capture_rng`), ``run`` (MLflow run id
 / tracking URI / run dir), ``vqkit_version``, and the family's own: for an autoencoder
-``model``, ``optimizers``, ``schedulers``, ``scalers``, ``discriminator``, ``codebook``
+``model``, ``optimizers``, ``schedulers``, ``scalers``, ``discriminator``, ``lecam`` (LeCam's
+anchors, or None), ``codebook``
 (code-book manager: reset policy and monitor), ``data``, ``channels``, ``image_size``; for
 a prior ``model``, ``optimizers``, ``schedulers``, ``scalers``, ``prior``, ``autoencoder``.
 

@@ -11,7 +11,8 @@ Generator objective at step ``s`` (:func:`generator_objective`)::
 
 ``lambda`` is VQGAN's adaptive weight (:func:`vqkit.gan.adaptive_weight`, taken from the
 gradients of the *scaled* losses under mixed precision) or 1. The discriminator's loss
-(:func:`discriminator_objective`) sees the reconstructions detached.
+(:func:`discriminator_objective`) sees the reconstructions detached, and may carry the R1
+and LeCam regularisers (:mod:`vqkit.gan`).
 :func:`optimizer_step` averages gradients that no DDP wrapper averaged while they are
 still scaled, then unscales, clips and steps, so every rank of a process group agrees on
 whether the gradient scaler skips the step.
@@ -30,6 +31,7 @@ from vqkit.interfaces import QuantizerOutput
 from vqkit.train.distributed import DistContext
 
 __all__ = [
+    "DiscriminatorObjective",
     "GeneratorObjective",
     "average_gradients",
     "component_stats",
@@ -147,14 +149,72 @@ def generator_objective(
     return GeneratorObjective(total, terms, recon32, out, z_e)
 
 
+@dataclasses.dataclass
+class DiscriminatorObjective:
+    """What :func:`discriminator_objective` computed.
+
+    total: 0-dim float32, differentiable in the discriminator's parameters (backward it).
+    terms: 0-dim detached float32 terms, unweighted: ``loss/gan_d`` (the GAN loss alone),
+        ``gan/logits_real`` and ``gan/logits_fake`` (mean logits), ``loss/gan_r1`` (the
+        expectation of R1) on steps that apply R1, ``loss/gan_lecam`` and
+        ``gan/lecam_anchor_real``/``gan/lecam_anchor_fake`` with LeCam.
+    """
+
+    total: torch.Tensor
+    terms: dict[str, torch.Tensor]
+
+
 def discriminator_objective(
-    discriminator: nn.Module, kind: str, real: torch.Tensor, reconstruction: torch.Tensor
-) -> torch.Tensor:
+    discriminator: nn.Module,
+    kind: str,
+    real: torch.Tensor,
+    reconstruction: torch.Tensor,
+    *,
+    r1: float = 0.0,
+    lecam: float = 0.0,
+    anchors: gan.LeCamAnchors | None = None,
+    lecam_decay: float = 0.99,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    grad_scale: torch.Tensor | None = None,
+) -> DiscriminatorObjective:
     """The discriminator's loss ``kind`` on real images vs the reconstructions, which it
-    sees detached (no gradient reaches the autoencoder)."""
+    sees detached (no gradient reaches the autoencoder), plus its regularisers::
+
+        total = d_loss(D(x), D(x̂)) + r1 · E‖∇_x ΣD(x)‖² + lecam · R_LC(D(x), D(x̂); α)
+
+    Args:
+        r1: the R1 term's weight on this step (the recipe's ``γ/2``, times ``r1_every`` on
+            the steps that apply it, 0 on the others).
+        lecam: LeCam's weight; ``anchors`` (:class:`vqkit.gan.LeCamAnchors`) are updated
+            with this step's mean logits (decay ``lecam_decay``) before the penalty uses them.
+        reduce: averages a tensor over the ranks of a process group (the mean logits that
+            move the anchors), so every rank holds the same anchors; ``None``: one process.
+        grad_scale: the gradient scaler's scale under fp16 mixed precision (R1's gradient).
+    """
+    if r1 > 0:
+        real = real.detach().requires_grad_(True)
     logits_real = discriminator(real)
     logits_fake = discriminator(reconstruction.detach())
-    return gan.discriminator_loss(kind, logits_real.float(), logits_fake.float())
+    d_loss = gan.discriminator_loss(kind, logits_real.float(), logits_fake.float())
+    means = torch.stack([logits_real.detach().float().mean(), logits_fake.detach().float().mean()])
+    if reduce is not None:
+        means = reduce(means)
+    terms = {"loss/gan_d": d_loss.detach(), "gan/logits_real": means[0], "gan/logits_fake": means[1]}
+    total = d_loss
+    if r1 > 0:
+        penalty = gan.r1_penalty(real, logits_real, scale=grad_scale)
+        terms["loss/gan_r1"] = penalty.detach()
+        total = total + r1 * penalty
+    if lecam > 0:
+        if anchors is None:
+            raise ValueError("LeCam needs its anchors (vqkit.gan.LeCamAnchors)")
+        anchors.update(means[0], means[1], lecam_decay)
+        penalty = gan.lecam_penalty(logits_real, logits_fake, anchors.real, anchors.fake)
+        terms["loss/gan_lecam"] = penalty.detach()
+        terms["gan/lecam_anchor_real"] = anchors.real.detach().clone()
+        terms["gan/lecam_anchor_fake"] = anchors.fake.detach().clone()
+        total = total + lecam * penalty
+    return DiscriminatorObjective(total, terms)
 
 
 def average_gradients(params: Sequence[nn.Parameter], dist: DistContext | None) -> None:
