@@ -178,6 +178,75 @@ def _local_store(uri: str) -> Path | None:
     return None
 
 
+def _file_store_allowed() -> bool:
+    """Whether the installed MLflow opens file stores: MLflow 3.17 refuses them ("maintenance
+    mode") unless its own opt-in ``MLFLOW_ALLOW_FILE_STORE`` is true; releases without that
+    setting open them."""
+    try:
+        from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
+    except ImportError:
+        return True
+    return bool(MLFLOW_ALLOW_FILE_STORE.get())
+
+
+def _holds_runs(folder: Path) -> bool:
+    """Whether ``folder`` looks like a file store with something in it (experiment folders
+    ``0/``, ``123.../``, or its ``.trash/``): what ``mlflow migrate-filestore`` can copy."""
+    try:
+        return any(d.is_dir() and (d.name.isdigit() or d.name == ".trash") for d in folder.iterdir())
+    except OSError:
+        return False
+
+
+def file_store_problem(uri: str, ui: bool = False) -> str | None:
+    """The user error for ``uri`` when it names an MLflow file store (a plain path or a
+    ``file:`` URI) that the installed MLflow will not open (see :func:`_file_store_allowed`),
+    else ``None``. It names the sqlite store to use instead and, for a folder holding runs,
+    MLflow's own ``mlflow migrate-filestore`` command that copies them into one (to
+    ``mlflow.db`` next to the folder, or ``<folder name>.db`` when that exists); ``ui``: the
+    wording of ``vqkit ui`` (``mlflow server`` exits at start on such a store). A sqlite
+    database or another file given as a plain path is named for what it is (MLflow would
+    read it as a folder)."""
+    import shlex
+
+    if _sqlite_path(uri) is not None:
+        return None
+    path = _local_store(uri)
+    if path is None:
+        return None
+    path = path.resolve()
+    if path.is_file():
+        try:
+            with open(path, "rb") as f:
+                sqlite = f.read(16) == b"SQLite format 3\x00"
+        except OSError:
+            sqlite = False
+        if sqlite:
+            return (f"{uri} is a sqlite database given as a plain path, which MLflow reads as a file store "
+                    f"(a folder): give sqlite:///{path}")
+        return (f"{uri} is a file, not an MLflow tracking store (MLflow reads a plain path as a file-store "
+                "folder): give a store's URI, e.g. sqlite:///PATH/mlflow.db")
+    if _file_store_allowed():
+        return None
+    what = "an MLflow file store (a folder)" if path.is_dir() else "an MLflow file-store path (nothing is there)"
+    verb = "MLflow 3's UI does not serve (`mlflow server` exits at start on one)" if ui else \
+        "MLflow 3 no longer opens"
+    head = f"{uri} is {what}, which {verb}"
+    instead = f"sqlite:///{path.parent / 'mlflow.db'}"
+    if not path.is_dir():
+        return f"{head}: use a sqlite store, e.g. {instead}"
+    if not _holds_runs(path):
+        return f"{head}: use a sqlite store, e.g. {instead}"
+    db = path.parent / "mlflow.db"
+    if db.exists():
+        db = path.parent / f"{path.name}.db"
+    target = f"sqlite:///{db}"
+    then = f"`vqkit ui --tracking-uri {shlex.quote(target)}`" if ui else f"use {target}"
+    return (f"{head}: copy its runs into a sqlite store with `mlflow migrate-filestore --source "
+            f"{shlex.quote(str(path))} --target {shlex.quote(target)}`, then {then} (or set "
+            "MLFLOW_ALLOW_FILE_STORE=true to keep using the folder)")
+
+
 def _store_missing(uri: str) -> Path | None:
     """The path of a local store that does not exist (an empty sqlite file counts as
     missing: MLflow would create its tables in it), else ``None``."""
@@ -201,7 +270,15 @@ def _open_client(uri: str, create: bool = True) -> Any:
     ``create=False`` (every read-only lookup: ``vqkit compare``, ``eval``, ``sample``,
     ``ui``): a local store (sqlite file, file-store folder) that does not exist raises
     :class:`NoStore` and nothing is created, not even the lock file.
+
+    A file store that MLflow will not open is a :class:`~vqkit.errors.VqkitError` saying
+    what to use instead (:func:`file_store_problem`), never "unreachable".
     """
+    problem = file_store_problem(uri)
+    if problem is not None:
+        from vqkit.errors import VqkitError
+
+        raise VqkitError(problem)
     _configure_http_retries()
     if not create:
         missing = _store_missing(uri)
@@ -901,6 +978,8 @@ def download_checkpoint(uri: str, run_id: str, run_dir: str | os.PathLike) -> Pa
     except NoStore as exc:
         raise VqkitError(f"{run_id!r} is neither a checkpoint file, a run dir, nor an MLflow run at {uri} "
                          f"(no tracking store there: {exc.where} does not exist)") from None
+    except VqkitError:  # a store MLflow will not open: said as it is
+        raise
     except Exception as exc:
         raise VqkitError(
             f"{run_id!r} is neither a checkpoint file, a run dir, nor an MLflow run at {uri} "
@@ -1031,6 +1110,8 @@ class SystemMetrics:
 def _store_error(uri: str, exc: BaseException):
     from vqkit.errors import VqkitError
 
+    if isinstance(exc, VqkitError):  # already says what is wrong with the store
+        return exc
     return VqkitError(f"cannot read MLflow tracking store {uri}: {_short(exc)}")
 
 
@@ -1230,6 +1311,8 @@ def log_to_run(uri: str, run_id: str, metrics: Mapping[str, float], step: int,
     except Exception as exc:
         from vqkit.errors import VqkitError
 
+        if isinstance(exc, VqkitError):
+            raise
         raise VqkitError(f"cannot log to MLflow run {run_id} at {uri}: {_short(exc)}") from None
 
 

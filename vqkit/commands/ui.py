@@ -62,8 +62,20 @@ def sweep_links(uri: str, base: str) -> list[str]:
     return out
 
 
+def _servable(uri: str) -> str:
+    """``uri`` resolved; a file store that ``mlflow server`` would exit on is a user error
+    now, before any server starts (:func:`vqkit.tracking.file_store_problem`)."""
+    from vqkit.tracking import file_store_problem, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(uri)
+    problem = file_store_problem(uri, ui=True)
+    if problem is not None:
+        raise VqkitError(Problem(problem))
+    return uri
+
+
 def run_ui(args) -> int:
-    from vqkit.tracking import read_run_info, resolve_runs, resolve_tracking_uri
+    from vqkit.tracking import read_run_info, resolve_runs
 
     uri = args.tracking_uri
     run = None
@@ -71,12 +83,12 @@ def run_ui(args) -> int:
         info = read_run_info(args.target)
         if not info:
             raise VqkitError(Problem(f"{args.target} is not a vqkit run dir (no run.json)"))
-        uri = info["tracking_uri"]
+        uri = _servable(info["tracking_uri"])
         if info.get("run_id"):
             found = resolve_runs(uri, [info["run_id"]])[0]
             run = {"run_id": found["run_id"], "experiment_id": found["experiment_id"],
                    "experiment": info.get("experiment")}
-    uri = resolve_tracking_uri(uri)
+    uri = _servable(uri)
     if uri.startswith(("http://", "https://")):
         print(f"vqkit: {uri} is a tracking server: open it in a browser")
         for line in links(uri, uri, run):
