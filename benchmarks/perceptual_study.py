@@ -27,7 +27,11 @@ losses with the discriminator features as tuned, that tuning with weight 0.1, an
 and 2 of pixel-only and the tuned features, 1500 steps each), written under
 ``<out>/long/``, with ``seeds.md`` (mean and spread over the three seeds, and the paired
 per-seed differences). Every run is evaluated on the same test crops (the data's seed 0),
-whatever its own seed.
+whatever its own seed. ``--long`` also runs the regularisation round,
+``vqkit sweep recipes/perceptual/long-regularised.yaml`` (the tuned features with the
+PatchGAN regularised by LeCam or R1, same experiment and length) and its seed repeats,
+``long-regularised-seeds.yaml``; their final checkpoints are compared with pixel-only and
+the unregularised tuned run in ``regularised.md``.
 
 Written under ``--out``: ``results.json`` (every number, run ids, wall times), ``table.md``,
 ``tuning.md``, ``curves.png`` (metrics over steps per loss), ``grid-in-source.png`` and
@@ -43,7 +47,7 @@ and ``vqkit weights fetch lpips``)::
 
     python benchmarks/perceptual_study.py --tune        # runs (or resumes) the sweeps, then evaluates
     python benchmarks/perceptual_study.py --no-train    # evaluate the runs that exist so far
-    python benchmarks/perceptual_study.py --long --steps 500 1000 1500   # the 1500-step study
+    python benchmarks/perceptual_study.py --long --steps 500 1000 1500   # the 1500-step study + regularisation round
 
 Runs are tracked in ``<work>/mlflow.db`` (``--work``, default ``runs/bench-perceptual``);
 ``vqkit compare --experiment perceptual --tracking-uri sqlite:///<work>/mlflow.db`` shows them.
@@ -82,7 +86,10 @@ LONG_LABELS = {
     "long-disc-features-tuned-lpips": "L1 + LPIPS + disc. features (normalized) + GAN",
     "long-disc-features-tuned-w0.1": "L1 + 0.1 x disc. features (normalized) + GAN",
 }
-#: seed repeats: base run -> its repeats (seed 0 is the base run)
+#: the regularisation round (recipes/perceptual/long-regularised.yaml, then its seed repeats)
+REGULARISED_RECIPES = ("long-regularised.yaml", "long-regularised-seeds.yaml")
+#: seed repeats: base run -> its repeats (seed 0 is the base run); the regularisation
+#: round's repeats are read from long-regularised-seeds.yaml (``<base>-seed<N>``)
 LONG_SEEDS = {"long-pixel": ["long-pixel-seed1", "long-pixel-seed2"],
               "long-disc-features-tuned": ["long-disc-features-tuned-seed1", "long-disc-features-tuned-seed2"]}
 METRICS = ["psnr", "ssim", "lpips", "fd_vgg16_relu5_3"]
@@ -141,11 +148,42 @@ def tuning_variants(recipe: Path = RECIPES / "tune-disc-features.yaml") -> list[
     return list(yaml.safe_load(recipe.read_text())["sweep"]["grid"]["tracking.run_name"])
 
 
+def regularised_variants() -> dict[str, str]:
+    """The regularisation round's children (both recipes, in order): run name -> label
+    (the regulariser and its setting, read from the sweep's grid)."""
+    import yaml
+
+    out = {}
+    for name in REGULARISED_RECIPES:
+        path = RECIPES / name
+        if not path.is_file():
+            continue
+        recipe = yaml.safe_load(path.read_text())
+        grid = recipe["sweep"]["grid"]
+        n = len(grid["tracking.run_name"])
+        fixed = recipe.get("discriminator") or {}
+
+        def value(key: str, i: int):
+            v = grid.get(f"discriminator.{key}")
+            return v[i] if isinstance(v, list) else (v if v is not None else fixed.get(key, 0))
+
+        for i, run in enumerate(grid["tracking.run_name"]):
+            parts = []
+            if value("lecam", i):
+                parts.append(f"LeCam λ={value('lecam', i)}")
+            if value("r1", i):
+                parts.append(f"R1 γ={value('r1', i)} every {value('r1_every', i) or 1}")
+            seed = grid.get("seed", [0] * n)[i] if isinstance(grid.get("seed"), list) else recipe.get("seed", 0)
+            out[run] = "tuned features + " + (", ".join(parts) or "no regulariser") + (f", seed {seed}" if seed else "")
+    return out
+
+
 def run_sweeps(args, uri: str) -> None:
     """Run (or resume: the same command skips finished children) the study's sweep and,
     with ``--tune``, the tuning sweep, one after the other."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
-    recipes = ["long.yaml"] if args.long else ["study.yaml"] + (["tune-disc-features.yaml"] if args.tune else [])
+    recipes = (["long.yaml", *(r for r in REGULARISED_RECIPES if (RECIPES / r).is_file())] if args.long
+               else ["study.yaml"] + (["tune-disc-features.yaml"] if args.tune else []))
     for recipe in recipes:
         cmd = [sys.executable, "-m", "vqkit.cli", "sweep", str(RECIPES / recipe)]
         if args.threads:
@@ -318,7 +356,7 @@ def evaluate_codec(fmt: str, test, metric_set, num_samples: int, bpp: float) -> 
 
 # ----------------------------------------------------------------------------- figures and tables
 def _label(v: str) -> str:
-    return LABELS.get(v) or LONG_LABELS.get(v) or CODECS.get(v) or v
+    return LABELS.get(v) or LONG_LABELS.get(v) or CODECS.get(v) or regularised_variants().get(v) or v
 
 
 def grid(runs: dict, step: int, test_name: str, evaluator: Evaluator, path: Path, bpp: float, num_samples: int) -> None:
@@ -453,31 +491,60 @@ def _mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.4g} ± {statistics.stdev(values):.2g}"
 
 
-def seeds_table(results: dict, step: int) -> str:
-    """Seeds 0, 1, 2 of pixel-only and the tuned discriminator features at ``step``: mean ±
-    sample standard deviation of each metric, and the paired difference (tuned − pixel,
-    same seed: same initialisation and training crops) per seed."""
+def seeds_table(results: dict, step: int, seeds: dict[str, list[str]]) -> str:
+    """Seeds 0, 1, 2 of each run of ``seeds`` (base -> repeats; pixel-only first) at
+    ``step``: mean ± sample standard deviation of each metric, and the paired difference
+    (run − pixel, same seed: same initialisation and training crops) per seed."""
     keys = [("eval/psnr", "PSNR (dB)"), ("eval/ssim", "SSIM"), ("eval/lpips", "LPIPS-AlexNet"),
             ("eval/fd_vgg16_relu5_3", "FD VGG16 relu5_3")]
-    runs = {**results["runs"], **results["seeds"]}
+    runs = {**results["runs"], **results.get("regularised", {}), **results["seeds"]}
 
     def evals(base: str, test_name: str) -> list[dict | None]:
-        return [runs.get(v, {}).get("evals", {}).get(test_name, {}).get(str(step)) for v in [base] + LONG_SEEDS[base]]
+        return [runs.get(v, {}).get("evals", {}).get(test_name, {}).get(str(step)) for v in [base] + seeds[base]]
 
     lines = []
     for test_name in ("in-source", "out-of-source"):
         lines += [f"**{test_name} test**, step {step}: mean ± standard deviation over seeds 0, 1, 2", "",
                   "| run | " + " | ".join(t for _, t in keys) + " | seeds |", "|---|" + "---|" * (len(keys) + 1)]
-        per = {base: evals(base, test_name) for base in LONG_SEEDS}
+        per = {base: evals(base, test_name) for base in seeds}
         for base, es in per.items():
             got = [e for e in es if e]
             lines.append(f"| {_label(base)} | " + " | ".join(_mean_sd([e[k] for e in got]) for k, _ in keys)
                          + f" | {len(got)} |")
-        a, b = per["long-disc-features-tuned"], per["long-pixel"]
-        pairs = [(x, y) for x, y in zip(a, b) if x and y]
-        lines.append("| tuned − pixel, paired by seed | " + " | ".join(
-            _mean_sd([x[k] - y[k] for x, y in pairs]) + " (" + ", ".join(f"{x[k] - y[k]:+.3g}" for x, y in pairs) + ")"
-            for k, _ in keys) + f" | {len(pairs)} |")
+        for base in [b for b in per if b != "long-pixel"]:
+            a, b = per[base], per["long-pixel"]
+            pairs = [(x, y) for x, y in zip(a, b) if x and y]
+            if len(pairs) < 2:
+                continue
+            lines.append(f"| {_label(base)} − pixel, paired by seed | " + " | ".join(
+                _mean_sd([x[k] - y[k] for x, y in pairs]) + " (" + ", ".join(f"{x[k] - y[k]:+.3g}" for x, y in pairs) + ")"
+                for k, _ in keys) + f" | {len(pairs)} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def regularised_table(results: dict, step: int) -> str:
+    """The regularisation round's final evaluations (seed 0) next to pixel-only and the
+    unregularised tuned features (seed 0), with each run's difference to pixel-only."""
+    base = {"long-pixel": results["runs"].get("long-pixel"),
+            "long-disc-features-tuned": results["runs"].get("long-disc-features-tuned")}
+    rows = [(v, info) for v, info in {**base, **results.get("regularised", {})}.items()
+            if info is not None and not v.rsplit("-", 1)[-1].startswith("seed")]
+    keys = [("eval/psnr", "{:+.2f}"), ("eval/lpips", "{:+.4f}"), ("eval/fd_vgg16_relu5_3", "{:+.1f}")]
+    lines = []
+    for test_name in ("in-source", "out-of-source"):
+        lines += [f"**{test_name} test**, step {step}, seed 0", "",
+                  "| run | PSNR (dB) ↑ | SSIM ↑ | LPIPS-AlexNet ↓ | FD VGG16 relu5_3 ↓ | code usage | "
+                  "Δ PSNR | Δ LPIPS | Δ FD (vs pixel) | train wall time (steps/s) |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        ref = (base["long-pixel"] or {}).get("evals", {}).get(test_name, {}).get(str(step))
+        for v, info in rows:
+            e = info.get("evals", {}).get(test_name, {}).get(str(step))
+            if not e:
+                continue
+            deltas = " | ".join(fmt.format(e[k] - ref[k]) if ref else "–" for k, fmt in keys)
+            lines.append(f"| {_label(v)} | {e['eval/psnr']:.2f} | {e['eval/ssim']:.3f} | {e['eval/lpips']:.4f} | "
+                         f"{e['eval/fd_vgg16_relu5_3']:.1f} | {100 * e['eval/usage']:.0f} % | {deltas} | {_wall(info, step)} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -542,7 +609,8 @@ def main(argv: list[str] | None = None) -> int:
     cache = args.out / "evals"  # one file per evaluation (several processes may evaluate side by side)
     cache.mkdir(parents=True, exist_ok=True)
     evaluator = Evaluator()
-    results: dict = {"runs": {}, "tuning": {}, "codecs": {}, "seeds": {}}
+    results: dict = {"runs": {}, "tuning": {}, "codecs": {}, "seeds": {}, "regularised": {}}
+    seeds = dict(LONG_SEEDS)
     if args.long:
         for v in LONG_LABELS:
             info = collect(args, uri, v, "perceptual-long", cache, evaluator, final_only=False)
@@ -553,6 +621,14 @@ def main(argv: list[str] | None = None) -> int:
                 info = collect(args, uri, v, "perceptual-long", cache, evaluator, final_only=True)
                 if info is not None:
                     results["seeds"][v] = info
+        for v in regularised_variants():  # the regularisation round: final checkpoints
+            info = collect(args, uri, v, "perceptual-long", cache, evaluator, final_only=True)
+            if info is not None:
+                results["regularised"][v] = info
+            base, _, seed = v.rpartition("-seed")
+            if base and seed.isdigit():
+                seeds.setdefault(base, []).append(v)
+                results["seeds"][v] = results["regularised"].pop(v, None) or {}
     for v in ([] if args.long else args.variants):
         info = collect(args, uri, v, "perceptual", cache, evaluator, final_only=False)
         if info is not None:
@@ -590,8 +666,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     (args.out / "table.md").write_text(table(results, step))
     if args.long:
-        (args.out / "seeds.md").write_text(seeds_table(results, step))
-        print(seeds_table(results, step))
+        (args.out / "seeds.md").write_text(seeds_table(results, step, seeds))
+        print(seeds_table(results, step, seeds))
+        if results["regularised"]:
+            (args.out / "regularised.md").write_text(regularised_table(results, step))
+            print(regularised_table(results, step))
     if results["tuning"]:
         (args.out / "tuning.md").write_text(tuning_table(results, step))
         print(tuning_table(results, step))
