@@ -7,8 +7,8 @@ import os
 import warnings
 
 import pytest
-import yaml
 
+from tests.trainkit import image_folder_recipe
 from vqkit.cli import main
 from vqkit.components.image_folder import write_example_images
 from vqkit.train.data import StepBatches
@@ -19,20 +19,7 @@ pytest_plugins = ("trainkit",)  # fixtures: store, mlflow_template
 def _recipe(tmp_path, store, workers: int):
     folder = tmp_path / "images"
     write_example_images(folder)
-    recipe = {
-        "vqkit": 1, "name": "workers", "seed": 0,
-        "data": {"name": "image-folder", "params": {"root": str(folder), "image_size": 32, "test_fraction": 0.25}},
-        "encoder": {"name": "conv", "params": {"channels": [8, 8], "factor": 4, "latent_dim": 8}},
-        "quantizer": {"name": "vq", "params": {"codebook_size": 16}},
-        "decoder": {"name": "conv", "params": {"channels": [8, 8]}},
-        "losses": [{"name": "pixel-l1"}],
-        "train": {"steps": 2, "batch_size": 4, "num_workers": workers, "device": "cpu"},
-        "eval": {"num_samples": 2, "batch_size": 2, "metrics": ["psnr"]},
-        "tracking": {"experiment": "workers", "uri": store},
-    }
-    path = tmp_path / "workers.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+    return image_folder_recipe(tmp_path / "workers.yaml", folder, store, batch_size=4, num_workers=workers)
 
 
 def _worker_lines(text: str) -> list[str]:

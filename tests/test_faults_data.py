@@ -4,8 +4,8 @@ even when nothing is preloaded (``preload_mb: 0``)."""
 from __future__ import annotations
 
 import pytest
-import yaml
 
+from tests.trainkit import image_folder_recipe
 from vqkit.cli import main
 from vqkit.components.image_folder import write_example_images
 from vqkit.data import hash_fraction
@@ -24,22 +24,9 @@ def corrupt_folder(tmp_path):
     return folder, bad
 
 
-def _recipe(tmp_path, folder, store, workers: int):
-    recipe = {
-        "vqkit": 1, "name": "corrupt", "seed": 0,
-        "data": {"name": "image-folder", "params": {"root": str(folder), "image_size": 32, "preload_mb": 0,
-                                                    "test_fraction": 0.25}},
-        "encoder": {"name": "conv", "params": {"channels": [8, 8], "factor": 4, "latent_dim": 8}},
-        "quantizer": {"name": "vq", "params": {"codebook_size": 16}},
-        "decoder": {"name": "conv", "params": {"channels": [8, 8]}},
-        "losses": [{"name": "pixel-l1"}],
-        "train": {"steps": 2, "batch_size": 6, "num_workers": workers, "device": "cpu"},
-        "eval": {"num_samples": 2, "batch_size": 2, "metrics": ["psnr"]},
-        "tracking": {"experiment": "corrupt", "uri": store},
-    }
-    path = tmp_path / "corrupt.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+def _recipe(tmp_path, folder, store, workers: int, batch_size: int = 6, preload_mb: int = 0):
+    return image_folder_recipe(tmp_path / "corrupt.yaml", folder, store, batch_size=batch_size, num_workers=workers,
+                               preload_mb=preload_mb)
 
 
 def test_a_worker_error_is_the_original_one_line_error(tmp_path, corrupt_folder, store, capsys, monkeypatch):
@@ -77,9 +64,7 @@ def test_validate_build_reports_every_bad_image_of_both_splits_at_once(tmp_path,
     train_name = next(f"notes{i}.jpg" for i in range(100) if hash_fraction(f"notes{i}.jpg") >= 0.25)
     (folder / test_name).write_bytes(data[: len(data) // 2])
     (folder / train_name).write_text("not an image\n")
-    recipe = _recipe(tmp_path, folder, store, workers=0)
-    text = recipe.read_text().replace("preload_mb: 0", f"preload_mb: {preload_mb}")
-    recipe.write_text(text)
+    recipe = _recipe(tmp_path, folder, store, workers=0, preload_mb=preload_mb)
     assert main(["validate", "--build", str(recipe)]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     named = sorted(name for name in (test_name, train_name) for line in lines if str(folder / name) in line)
@@ -110,8 +95,7 @@ def test_a_long_list_of_bad_images_is_capped(tmp_path, store, capsys):
 def test_validate_build_reports_a_train_split_smaller_than_one_batch(tmp_path, store, capsys):
     folder = tmp_path / "images"
     write_example_images(folder)
-    recipe = _recipe(tmp_path, folder, store, workers=0)
-    recipe.write_text(recipe.read_text().replace("batch_size: 6", "batch_size: 512"))
+    recipe = _recipe(tmp_path, folder, store, workers=0, batch_size=512)
     assert main(["validate", "--build", str(recipe)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"vqkit: error: {recipe}: train.batch_size: the train split has "), err

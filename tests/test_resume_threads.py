@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import yaml
 
-from tests.trainkit import all_tensors_equal
+from tests.trainkit import all_tensors_equal, tiny_recipe
 from vqkit.cli import main
 from vqkit.recipe import load_recipe
 from vqkit.train.checkpoint import latest_checkpoint, load_checkpoint
@@ -16,17 +16,12 @@ from vqkit.train.trainer import train
 
 pytest_plugins = ("trainkit",)  # fixtures: store, mlflow_template, workdir
 
-TINY = {
-    "vqkit": 1, "name": "tiny", "seed": 3,
-    "data": {"name": "fashion-mnist", "params": {"limit": 192}},
-    "encoder": {"name": "conv", "params": {"channels": [8, 16], "factor": 4, "latent_dim": 8}},
-    "quantizer": {"name": "vq", "params": {"codebook_size": 32}},
-    "decoder": {"name": "conv", "params": {"channels": [16, 8]}},
-    "losses": [{"name": "pixel-l1"}],
-    "train": {"steps": 4, "batch_size": 16, "log_every": 2, "eval_every": 4, "image_every": 4,
-              "checkpoint_every": 2, "device": "cpu"},
-    "eval": {"num_samples": 16, "batch_size": 16},
-}
+TINY = tiny_recipe(
+    {"name": "fashion-mnist", "params": {"limit": 192}},
+    {"steps": 4, "batch_size": 16, "log_every": 2, "eval_every": 4, "image_every": 4, "checkpoint_every": 2},
+    {"num_samples": 16, "batch_size": 16},
+    seed=3, channels=(8, 16), codebook_size=32,
+)
 
 
 def write_recipe(folder, name, **over):

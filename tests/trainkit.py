@@ -1,14 +1,17 @@
 """Helpers shared by the training and tracking tests (a pytest plugin: ``pytest_plugins =
 ("trainkit",)``): a pre-migrated MLflow sqlite store (creating one runs MLflow's migrations,
-seconds each time), an isolated working directory, an MLflow client and a deep comparison of
-checkpoint states."""
+seconds each time), an isolated working directory, an MLflow client, a deep comparison of
+checkpoint states and builders of tiny recipes."""
 from __future__ import annotations
 
 import shutil
 import socket
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+import yaml
 
 
 @pytest.fixture(scope="session")
@@ -75,3 +78,37 @@ def all_tensors_equal(a, b, where: str = "") -> None:
             all_tensors_equal(x, y, f"{where}[{i}]")
     else:
         assert a == b, (where, a, b)
+
+
+def tiny_recipe(data: dict, train: dict, eval: dict, *, name: str = "tiny", seed: int = 0,
+                channels: tuple[int, ...] = (8, 8), codebook_size: int = 16, **top: Any) -> dict:
+    """A recipe of a tiny conv VQ autoencoder on the CPU (encoder ``channels``, the decoder
+    the reverse; factor 4, 8-dim latents, a ``codebook_size`` code book, pixel-l1 loss), with
+    the ``data``, ``train`` (``device: cpu`` added) and ``eval`` blocks given; ``top``: more
+    top-level keys (``tracking``, ...)."""
+    return {
+        "vqkit": 1, "name": name, "seed": seed, "data": data,
+        "encoder": {"name": "conv", "params": {"channels": list(channels), "factor": 4, "latent_dim": 8}},
+        "quantizer": {"name": "vq", "params": {"codebook_size": codebook_size}},
+        "decoder": {"name": "conv", "params": {"channels": list(reversed(channels))}},
+        "losses": [{"name": "pixel-l1"}],
+        "train": {**train, "device": "cpu"},
+        "eval": eval,
+        **top,
+    }
+
+
+def image_folder_recipe(path: Path, root: Path, store: str, *, batch_size: int, num_workers: int,
+                        **data_params: Any) -> Path:
+    """Write to ``path`` a 2-step :func:`tiny_recipe` on the images of ``root`` (image-folder,
+    32x32, a quarter held out for test, plus ``data_params``), evaluated by PSNR on 2 test
+    images, named and logging to experiment ``path.stem`` of ``store``."""
+    name = path.stem
+    recipe = tiny_recipe(
+        {"name": "image-folder", "params": {"root": str(root), "image_size": 32, **data_params, "test_fraction": 0.25}},
+        {"steps": 2, "batch_size": batch_size, "num_workers": num_workers},
+        {"num_samples": 2, "batch_size": 2, "metrics": ["psnr"]},
+        name=name, tracking={"experiment": name, "uri": store},
+    )
+    path.write_text(yaml.safe_dump(recipe))
+    return path
