@@ -34,7 +34,10 @@ The tracking URI is, in order: the recipe's ``tracking.uri``, ``$MLFLOW_TRACKING
 Each run has a local folder (the *run dir*, ``<tracking.output_dir>/<run id>``, or
 ``<tracking.output_dir>/local-<local id>`` when the store was unreachable as the run
 started: ``run.json`` then gets the run id once the run is created) holding
-``run.json`` (run id, tracking URI, experiment), checkpoints, images and the buffer.
+``run.json`` (run id, tracking URI, experiment), ``recipe.yaml``, ``checkpoints/``, the
+named PNG grids in ``grids/`` (:data:`GRIDS_DIR`: ``recon_<step>.png``, ``samples_<step>.png``,
+logged as artifacts of that folder), the PNGs sent with ``log_image`` in ``images/`` (the
+UI's image chart: ``reconstructions_<step>.png``), ``plots/`` and the buffer.
 """
 from __future__ import annotations
 
