@@ -8,6 +8,8 @@ import importlib.metadata as md
 import json
 from pathlib import Path
 
+import pytest
+
 from vqkit.cli import main
 from vqkit.plugins import build_registry
 
@@ -89,3 +91,26 @@ def test_an_unknown_component_names_the_plugins_that_are_blocked(capsys, use_reg
     assert code == 2 and len(lines) == 1 and lines[0].endswith(
         "quantizer.name: unknown quantizer 'fsq' (valid: vq); blocked by VQKIT_DISABLE_PLUGINS: fsq (vqkit-fsq), "
         "residual (vqkit-residual)"), lines
+
+
+@pytest.mark.parametrize("recipe", sorted(p.relative_to(ROOT).as_posix() for p in ROOT.glob("plugins/vqkit-*/recipes/*.yaml")))
+def test_each_plugin_recipe_names_its_distribution_when_it_is_missing(recipe, capsys, use_registry, monkeypatch):
+    """plugins/<dist>/recipes/*.yaml use their plugin's quantizer: without the distribution,
+    the recipe says which one to install and how, not only "unknown quantizer"."""
+    dist = Path(recipe).parts[1]
+    use_registry(build_registry(entry_points=[
+        ep for ep in md.entry_points(group="vqkit") if ep.dist is None or ep.dist.name != dist]))
+    real_version = md.version
+
+    def version(name):
+        if name == dist:
+            raise md.PackageNotFoundError(name)
+        return real_version(name)
+
+    monkeypatch.setattr(md, "version", version)
+    assert main(["validate", str(ROOT / recipe)]) == 2
+    lines = errors(capsys.readouterr().err)
+    assert len(lines) == 2, lines
+    assert lines[0].endswith(f": requires.0: distribution '{dist}' is not installed "
+                             f"(install it: pip install -e plugins/{dist})"), lines
+    assert lines[1].endswith(f"; the recipe requires {dist}: not installed"), lines
