@@ -21,8 +21,9 @@ def errors(err: str) -> list[str]:
     return [line for line in err.splitlines() if line.startswith("vqkit: error:")]
 
 
-def test_the_quantizer_sweep_without_its_plugins_names_them(capsys, use_registry, monkeypatch):
-    gone = {"vqkit-fsq", "vqkit-residual"}
+def uninstall(gone: set[str], use_registry, monkeypatch) -> None:
+    """As if the distributions ``gone`` were not installed: their entry points are not
+    loaded and ``importlib.metadata.version`` does not find them."""
     use_registry(build_registry(entry_points=[
         ep for ep in md.entry_points(group="vqkit") if ep.dist is None or ep.dist.name not in gone]))
     real_version = md.version
@@ -33,6 +34,10 @@ def test_the_quantizer_sweep_without_its_plugins_names_them(capsys, use_registry
         return real_version(name)
 
     monkeypatch.setattr(md, "version", version)
+
+
+def test_the_quantizer_sweep_without_its_plugins_names_them(capsys, use_registry, monkeypatch):
+    uninstall({"vqkit-fsq", "vqkit-residual"}, use_registry, monkeypatch)
     code = main(["sweep", str(RECIPE), "--dry-run"])
     lines = errors(capsys.readouterr().err)
     assert code == 2
@@ -98,16 +103,7 @@ def test_each_plugin_recipe_names_its_distribution_when_it_is_missing(recipe, ca
     """plugins/<dist>/recipes/*.yaml use their plugin's quantizer: without the distribution,
     the recipe says which one to install and how, not only "unknown quantizer"."""
     dist = Path(recipe).parts[1]
-    use_registry(build_registry(entry_points=[
-        ep for ep in md.entry_points(group="vqkit") if ep.dist is None or ep.dist.name != dist]))
-    real_version = md.version
-
-    def version(name):
-        if name == dist:
-            raise md.PackageNotFoundError(name)
-        return real_version(name)
-
-    monkeypatch.setattr(md, "version", version)
+    uninstall({dist}, use_registry, monkeypatch)
     assert main(["validate", str(ROOT / recipe)]) == 2
     lines = errors(capsys.readouterr().err)
     assert len(lines) == 2, lines
