@@ -72,8 +72,9 @@ def test_ui_on_a_file_store_stops_before_the_server_and_says_how_to_migrate(file
 
     # the command it names is MLflow's own and works: the run is then served from sqlite
     cmd = migrate_command(line)
-    cmd[0] = str(Path(sys.executable).with_name("mlflow"))
-    subprocess.run(cmd + ["--no-progress"], check=True, capture_output=True, timeout=120)
+    assert cmd[0] == "mlflow"
+    subprocess.run([sys.executable, "-m", "mlflow", *cmd[1:], "--no-progress"], check=True, capture_output=True,
+                   timeout=120)
     assert main(["ui", "--print", "--tracking-uri", target]) == 0
     out = capsys.readouterr()
     assert "--backend-store-uri " + target in out.out and "old: http://" in out.err
