@@ -29,9 +29,10 @@ and 2 of pixel-only and the tuned features, 1500 steps each), written under
 per-seed differences). Every run is evaluated on the same test crops (the data's seed 0),
 whatever its own seed. ``--long`` also runs the regularisation round,
 ``vqkit sweep recipes/perceptual/long-regularised.yaml`` (the tuned features with the
-PatchGAN regularised by LeCam or R1, same experiment and length) and its seed repeats,
-``long-regularised-seeds.yaml``; their final checkpoints are compared with pixel-only and
-the unregularised tuned run in ``regularised.md``.
+PatchGAN regularised by LeCam or R1, same experiment and length) and a second round,
+``long-round2.yaml`` (weaker regularisers, seed 1 of the two LPIPS rows); their final
+checkpoints are compared with pixel-only and the unregularised tuned run in
+``regularised.md``, and seed repeats (``<run>-seed<N>``) join ``seeds.md``.
 
 Written under ``--out``: ``results.json`` (every number, run ids, wall times), ``table.md``,
 ``tuning.md``, ``curves.png`` (metrics over steps per loss), ``grid-in-source.png`` and
@@ -87,9 +88,9 @@ LONG_LABELS = {
     "long-disc-features-tuned-w0.1": "L1 + 0.1 x disc. features (normalized) + GAN",
 }
 #: the regularisation round (recipes/perceptual/long-regularised.yaml, then its seed repeats)
-REGULARISED_RECIPES = ("long-regularised.yaml", "long-regularised-seeds.yaml")
-#: seed repeats: base run -> its repeats (seed 0 is the base run); the regularisation
-#: round's repeats are read from long-regularised-seeds.yaml (``<base>-seed<N>``)
+REGULARISED_RECIPES = ("long-regularised.yaml", "long-round2.yaml")
+#: seed repeats: base run -> its repeats (seed 0 is the base run); more are read from the
+#: children of REGULARISED_RECIPES named ``<base>-seed<N>``
 LONG_SEEDS = {"long-pixel": ["long-pixel-seed1", "long-pixel-seed2"],
               "long-disc-features-tuned": ["long-disc-features-tuned-seed1", "long-disc-features-tuned-seed2"]}
 METRICS = ["psnr", "ssim", "lpips", "fd_vgg16_relu5_3"]
@@ -160,7 +161,6 @@ def regularised_variants() -> dict[str, str]:
             continue
         recipe = yaml.safe_load(path.read_text())
         grid = recipe["sweep"]["grid"]
-        n = len(grid["tracking.run_name"])
         fixed = recipe.get("discriminator") or {}
 
         def value(key: str, i: int):
@@ -168,13 +168,16 @@ def regularised_variants() -> dict[str, str]:
             return v[i] if isinstance(v, list) else (v if v is not None else fixed.get(key, 0))
 
         for i, run in enumerate(grid["tracking.run_name"]):
+            base, _, seed = run.rpartition("-seed")
+            if base and seed.isdigit():
+                out[run] = f"{LONG_LABELS.get(base, base)}, seed {seed}"
+                continue
             parts = []
             if value("lecam", i):
                 parts.append(f"LeCam λ={value('lecam', i)}")
             if value("r1", i):
                 parts.append(f"R1 γ={value('r1', i)} every {value('r1_every', i) or 1}")
-            seed = grid.get("seed", [0] * n)[i] if isinstance(grid.get("seed"), list) else recipe.get("seed", 0)
-            out[run] = "tuned features + " + (", ".join(parts) or "no regulariser") + (f", seed {seed}" if seed else "")
+            out[run] = "tuned features + " + (", ".join(parts) or "no regulariser")
     return out
 
 
