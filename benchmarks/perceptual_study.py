@@ -93,6 +93,8 @@ REGULARISED_RECIPES = ("long-regularised.yaml", "long-round2.yaml")
 #: children of REGULARISED_RECIPES named ``<base>-seed<N>``
 LONG_SEEDS = {"long-pixel": ["long-pixel-seed1", "long-pixel-seed2"],
               "long-disc-features-tuned": ["long-disc-features-tuned-seed1", "long-disc-features-tuned-seed2"]}
+#: further paired differences in seeds.md (run − other, same seed), besides each run − pixel
+PAIRED = [("long-disc-features-tuned-lpips", "long-lpips")]
 METRICS = ["psnr", "ssim", "lpips", "fd_vgg16_relu5_3"]
 #: the out-of-source test set: scikit-image photographs (none of them is in the training data)
 OUT_OF_SOURCE = {"name": "natural-patches", "params": {
@@ -507,19 +509,22 @@ def seeds_table(results: dict, step: int, seeds: dict[str, list[str]]) -> str:
 
     lines = []
     for test_name in ("in-source", "out-of-source"):
-        lines += [f"**{test_name} test**, step {step}: mean ± standard deviation over seeds 0, 1, 2", "",
+        lines += [f"**{test_name} test**, step {step}: mean ± standard deviation over the seeds a run has (0, 1, 2: last column)", "",
                   "| run | " + " | ".join(t for _, t in keys) + " | seeds |", "|---|" + "---|" * (len(keys) + 1)]
         per = {base: evals(base, test_name) for base in seeds}
         for base, es in per.items():
             got = [e for e in es if e]
             lines.append(f"| {_label(base)} | " + " | ".join(_mean_sd([e[k] for e in got]) for k, _ in keys)
                          + f" | {len(got)} |")
-        for base in [b for b in per if b != "long-pixel"]:
-            a, b = per[base], per["long-pixel"]
+        for base, other in [(b, "long-pixel") for b in per if b != "long-pixel"] + PAIRED:
+            if base not in per or other not in per:
+                continue
+            a, b = per[base], per[other]
             pairs = [(x, y) for x, y in zip(a, b) if x and y]
             if len(pairs) < 2:
                 continue
-            lines.append(f"| {_label(base)} − pixel, paired by seed | " + " | ".join(
+            vs = "pixel" if other == "long-pixel" else _label(other)
+            lines.append(f"| {_label(base)} − {vs}, paired by seed | " + " | ".join(
                 _mean_sd([x[k] - y[k] for x, y in pairs]) + " (" + ", ".join(f"{x[k] - y[k]:+.3g}" for x, y in pairs) + ")"
                 for k, _ in keys) + f" | {len(pairs)} |")
         lines.append("")
