@@ -39,7 +39,7 @@ def judge(run_dir: Path, n: int) -> dict[str, dict[str, float]]:
     model.load_state_dict(state["model"])
     disc.load_state_dict(state["discriminator"])
     model.eval()
-    disc.train()  # as in a training step (batch statistics)
+    disc.train()  # as in a training step (matters only for a discriminator with BatchNorm; the PatchGAN uses group norm)
     bs = recipe.model.train.batch_size
     out = {}
     for split, data in (("train", built.train_data), ("held-out", built.test_data)):

@@ -200,3 +200,17 @@ def test_resume_with_regularisers_continues_bit_for_bit(workdir, store):
     assert b["step"] == 6
     for key in ("model", "discriminator", "optimizers", "lecam"):
         all_tensors_equal(a[key], b[key], key)
+
+
+def test_resume_that_turns_lecam_on_says_its_anchors_start_fresh(workdir, store, capsys):
+    """A run trained without LeCam and resumed with it has no anchors to restore: a warning
+    says so, and the anchors count only the resumed steps."""
+    from vqkit.cli import main
+
+    first = train(load_recipe(_recipe(workdir, store, "c.yaml")), quiet=True, stop_after=3)
+    capsys.readouterr()
+    assert main(["train", "--resume", first.run_id, "--set", "discriminator.lecam=0.5", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "vqkit: warning:" in err and "has no LeCam anchors" in err
+    state = load_checkpoint(latest_checkpoint(first.run_dir / "checkpoints"))
+    assert state["step"] == 6 and int(state["lecam"]["updates"]) == 3

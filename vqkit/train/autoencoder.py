@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vqkit.errors import VqkitError
+from vqkit.errors import RecipeWarning, VqkitError
 from vqkit.interfaces import Dataset
 from vqkit.model import VQModel
 from vqkit.tracking import GRIDS_DIR
@@ -347,8 +348,16 @@ class AutoencoderFamily(Family):
                 if self.disc_opt is not None and state["optimizers"].get("discriminator") is not None:
                     self.disc_opt.load_state_dict(state["optimizers"]["discriminator"])
                     self.disc_sched.load_state_dict(state["schedulers"]["discriminator"])
-            if self.lecam_anchors is not None and state.get("lecam") is not None:
-                self.lecam_anchors.load_state_dict(state["lecam"])
+            if self.lecam_anchors is not None:
+                if state.get("lecam") is not None:
+                    self.lecam_anchors.load_state_dict(state["lecam"])
+                else:  # trained without LeCam so far (e.g. resumed with --set discriminator.lecam=...)
+                    warnings.warn(
+                        f"{where} has no LeCam anchors (the run trained without "
+                        "discriminator.lecam): they start from the next step's mean logits",
+                        RecipeWarning,
+                        stacklevel=2,
+                    )
             scalers = state.get("scalers") or {}
             if scalers.get("generator"):
                 self.scaler.load_state_dict(scalers["generator"])

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from vqkit.errors import RecipeWarning
 from vqkit.interfaces import CodebookResetPolicy, Quantizer, ResetPlan
 from vqkit.telemetry import CodebookMonitor
 
@@ -238,7 +239,7 @@ class CodebookManager:
             warnings.warn(
                 f"the checkpoint's reset policy was {saved}, the recipe's is {self._policy_id()}: "
                 "the new policy starts with fresh statistics",
-                UserWarning,
+                RecipeWarning,
                 stacklevel=2,
             )
             return
@@ -250,7 +251,7 @@ class CodebookManager:
             warnings.warn(
                 f"the reset policy's state in the checkpoint does not fit the recipe's reset "
                 f"params ({exc}); the policy starts with fresh statistics",
-                UserWarning,
+                RecipeWarning,
                 stacklevel=2,
             )
 
