@@ -88,7 +88,7 @@ LONG_LABELS = {
     "long-disc-features-tuned-w0.1": "L1 + 0.1 x disc. features (normalized) + GAN",
 }
 #: the regularisation round (recipes/perceptual/long-regularised.yaml, then its seed repeats)
-REGULARISED_RECIPES = ("long-regularised.yaml", "long-round2.yaml")
+REGULARISED_RECIPES = ("long-regularised.yaml", "long-round2.yaml", "long-round3.yaml")
 #: seed repeats: base run -> its repeats (seed 0 is the base run); more are read from the
 #: children of REGULARISED_RECIPES named ``<base>-seed<N>``
 LONG_SEEDS = {"long-pixel": ["long-pixel-seed1", "long-pixel-seed2"],
