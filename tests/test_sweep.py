@@ -183,6 +183,38 @@ def test_sweep_nests_children_and_a_rerun_skips_finished_ones(workdir, capsys):
     assert rows[1].startswith(best.split(" (")[0] + ",")
 
 
+def test_a_rerun_finds_its_sweep_across_spelled_out_defaults_and_older_ids(workdir, capsys):
+    """A sweep is identified by the settings that differ from their defaults: the same recipe
+    with defaults written out (what a release that adds a key with a default amounts to) is
+    the same sweep, and a parent tagged with the id earlier versions computed (from every
+    default) is found, not trained again, and retagged."""
+    from vqkit.sweep import plan_sweep
+
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    grid = ["--grid", "quantizer.params.codebook_size=8,16"]
+    assert main(["sweep", str(write(workdir)), *grid]) == 0
+    (parent,), children = sweep_runs(uri)
+    spelled = write(workdir, "spelled.yaml", discriminator=None,
+                    train={**TINY["train"], "grad_clip": 1.0, "amp": False},
+                    quantizer={"name": "vq", "params": {"codebook_size": 16, "beta": 0.25}})
+    capsys.readouterr()
+    assert main(["sweep", str(spelled), *grid]) == 0
+    assert "2 of 2 already finished, skipped" in capsys.readouterr().err
+    assert [p.info.run_id for p in sweep_runs(uri)[0]] == [parent.info.run_id]
+
+    plan = plan_sweep(str(spelled), ["quantizer.params.codebook_size=8,16"])
+    assert plan.legacy_sweep_id != plan.sweep_id
+    client(uri).set_tag(parent.info.run_id, "vqkit.sweep.id", plan.legacy_sweep_id)
+    assert main(["sweep", str(spelled), *grid]) == 0
+    assert "2 of 2 already finished, skipped" in capsys.readouterr().err
+    (again,), kids = sweep_runs(uri)
+    assert again.info.run_id == parent.info.run_id and len(kids) == len(children) == 2
+    assert again.data.tags["vqkit.sweep.id"] == plan.sweep_id
+    # a setting that differs from its default is another sweep
+    assert main(["sweep", str(spelled), *grid, "--set", "train.grad_clip=0.5"]) == 0
+    assert len(sweep_runs(uri)[0]) == 2
+
+
 def test_interrupted_sweep_resumes_from_the_checkpoint(workdir, capsys):
     recipe = write(workdir, train={**TINY["train"], "steps": 400, "log_every": 20, "eval_every": 400,
                                    "image_every": 400, "checkpoint_every": 10})

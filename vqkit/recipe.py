@@ -602,21 +602,37 @@ class Recipe:
         or ``("losses", 0)``)."""
         return self._params[tuple(path)]
 
-    def to_dict(self) -> dict[str, Any]:
-        """The normalized recipe: every default filled in, component params included."""
-        data = self.model.model_dump(mode="json", exclude={"requires"})
+    def to_dict(self, exclude_defaults: bool = False) -> dict[str, Any]:
+        """The normalized recipe: every default filled in, component params included
+        (``exclude_defaults``: only the settings that differ from their defaults)."""
+        data = self.model.model_dump(mode="json", exclude={"requires"}, exclude_defaults=exclude_defaults)
         for path, params in self._params.items():
             target: Any = data
-            for p in path:
-                target = target[p]
-            target["params"] = params.model_dump(mode="json")
+            try:
+                for p in path:
+                    target = target[p]
+            except (KeyError, IndexError):  # the whole block is its default, params included
+                continue
+            dumped = params.model_dump(mode="json", exclude_defaults=exclude_defaults)
+            if dumped or not exclude_defaults:
+                target["params"] = dumped
+            else:
+                target.pop("params", None)
         return data
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def sha256(self) -> str:
+        """SHA-256 of the normalized recipe (every default written out): what was trained,
+        exactly (the runs' ``vqkit.recipe_sha256`` tag)."""
         return hashlib.sha256(self.to_yaml().encode()).hexdigest()
+
+    def identity(self) -> str:
+        """SHA-256 of the settings that differ from their defaults: what identifies a sweep.
+        Unlike :meth:`sha256` it stays the same when a vqkit (or plugin) release adds a key
+        with a default, and when a recipe spells a default out."""
+        return hashlib.sha256(yaml.safe_dump(self.to_dict(exclude_defaults=True), sort_keys=True).encode()).hexdigest()
 
     def flat_params(self) -> dict[str, Any]:
         """The normalized recipe flattened to dotted keys (MLflow params)."""

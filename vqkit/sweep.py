@@ -324,6 +324,7 @@ class SweepPlan:
     seed: int = 0
     nproc: int = 1  # processes of each child (vqkit train --nproc: data-parallel children)
     static_id: str | None = None  # identity of an adaptive sweep (its children are not known yet)
+    static_legacy_id: str | None = None  # the same, as earlier versions computed it (legacy_sweep_id)
     #: linked keys: a key of ``space`` ("quantizer+reset") -> the grid keys it stands for; its
     #: choices are mappings {grid key: value} (the keys' values zipped)
     links: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
@@ -334,6 +335,15 @@ class SweepPlan:
         same id (the launcher and --jobs do not count: a sweep may move between them)."""
         if self.static_id is not None:
             return self.static_id
+        text = "\n".join(r.identity() for r in self.recipes)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    @property
+    def legacy_sweep_id(self) -> str:
+        """The id earlier vqkit versions gave the same sweep (from the fully normalized
+        recipes, so any key added since changes it): a rerun finds a parent made by them."""
+        if self.static_id is not None:
+            return self.static_legacy_id or self.static_id
         text = "\n".join(r.sha256() for r in self.recipes)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -530,7 +540,7 @@ def plan_sweep(recipe_path: str, grid_texts: Sequence[str] = (), overrides: Sequ
         probes += [{**firsts, key: v} for v in d.edges()[1:]]
     if plan.adaptive:  # the children are chosen while the sweep runs
         _validate_children(plan, [plan.child(i, v) for i, v in enumerate(probes)], where, keys)
-        plan.static_id = _adaptive_id(plan, recipe_path, overrides)
+        plan.static_id, plan.static_legacy_id = _adaptive_id(plan, recipe_path, overrides)
         return plan
     trials = plan.make_search().ask(None)
     children = [plan.child(t.number, t.values) for t in trials]
@@ -661,14 +671,20 @@ def _link_space(space: dict[str, Any], recipe_links: Sequence[Sequence[str]], fl
     return out, links
 
 
-def _adaptive_id(plan: SweepPlan, recipe_path: str, overrides: Sequence[str]) -> str:
+def _adaptive_id(plan: SweepPlan, recipe_path: str, overrides: Sequence[str]) -> tuple[str, str]:
+    """``(id, legacy id)`` of an adaptive sweep (see :attr:`SweepPlan.legacy_sweep_id`)."""
     from vqkit.recipe import load_recipe
 
     recipe = load_recipe(recipe_path, [*overrides, "sweep=null"])
-    ident = {"recipe": recipe.sha256(), "space": {k: d.to_json() for k, d in plan.space.items()},
-             "search": plan.search.name, "params": plan.search_params.model_dump(mode="json"),
-             "objective": dataclasses.asdict(plan.objective), "budget": plan.budget}
-    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def digest(recipe_id: str, search_params: dict) -> str:
+        ident = {"recipe": recipe_id, "space": {k: d.to_json() for k, d in plan.space.items()},
+                 "search": plan.search.name, "params": search_params,
+                 "objective": dataclasses.asdict(plan.objective), "budget": plan.budget}
+        return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    return (digest(recipe.identity(), plan.search_params.model_dump(mode="json", exclude_defaults=True)),
+            digest(recipe.sha256(), plan.search_params.model_dump(mode="json")))
 
 
 def _where(key: str, from_recipe: set[str], locations: dict[str, tuple[int, int]], recipe_path: str) -> Problem:

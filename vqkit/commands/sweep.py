@@ -129,7 +129,9 @@ class Sweep:
         from vqkit.tracking import DESCRIPTION_TAG, Tracker, context_tags
 
         plan = self.plan
-        found = self._search(f"tags.`{ID_TAG}` = '{plan.sweep_id}' and tags.`{ROLE_TAG}` = 'parent'")
+        found = []
+        for ident in dict.fromkeys((plan.sweep_id, plan.legacy_sweep_id)):  # or a parent made by an earlier vqkit
+            found = found or self._search(f"tags.`{ID_TAG}` = '{ident}' and tags.`{ROLE_TAG}` = 'parent'")
         resume_id = found[0]["run_id"] if found else None
         tracker = Tracker(self.uri, self.experiment, plan.name, stderr=self.err)
         run_id = tracker.start(resume_run_id=resume_id)
