@@ -183,35 +183,48 @@ def test_sweep_nests_children_and_a_rerun_skips_finished_ones(workdir, capsys):
     assert rows[1].startswith(best.split(" (")[0] + ",")
 
 
-def test_a_rerun_finds_its_sweep_across_spelled_out_defaults_and_older_ids(workdir, capsys):
-    """A sweep is identified by the settings that differ from their defaults: the same recipe
-    with defaults written out (what a release that adds a key with a default amounts to) is
-    the same sweep, and a parent tagged with the id earlier versions computed (from every
-    default) is found, not trained again, and retagged."""
+def test_a_rerun_finds_its_sweep_after_a_release_adds_a_key_and_from_an_older_id(workdir, capsys, monkeypatch):
+    """A sweep is identified by the settings that differ from their defaults: after a release
+    (or a plugin update) adds a key with a default to a component, the same command is the
+    same sweep; so is the recipe with defaults spelled out. A parent tagged with the id
+    earlier versions computed (from every default) is found, not trained again, and
+    retagged."""
+    from vqkit.components.vq import VectorQuantizer
     from vqkit.sweep import plan_sweep
 
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    recipe = write(workdir)
     grid = ["--grid", "quantizer.params.codebook_size=8,16"]
-    assert main(["sweep", str(write(workdir)), *grid]) == 0
+    assert main(["sweep", str(recipe), *grid]) == 0
     (parent,), children = sweep_runs(uri)
-    spelled = write(workdir, "spelled.yaml", discriminator=None,
-                    train={**TINY["train"], "grad_clip": 1.0, "amp": False},
-                    quantizer={"name": "vq", "params": {"codebook_size": 16, "beta": 0.25}})
+    before = plan_sweep(str(recipe), ["quantizer.params.codebook_size=8,16"])
+
+    class Later(VectorQuantizer.Params):
+        future_knob: float = 0.0  # what the next release adds, off by default
+
+    monkeypatch.setattr(VectorQuantizer, "Params", Later)
+    after = plan_sweep(str(recipe), ["quantizer.params.codebook_size=8,16"])
+    assert after.recipes[0].to_dict()["quantizer"]["params"]["future_knob"] == 0.0
+    assert after.sweep_id == before.sweep_id and after.legacy_sweep_id != before.legacy_sweep_id
     capsys.readouterr()
-    assert main(["sweep", str(spelled), *grid]) == 0
+    assert main(["sweep", str(recipe), *grid]) == 0
     assert "2 of 2 already finished, skipped" in capsys.readouterr().err
     assert [p.info.run_id for p in sweep_runs(uri)[0]] == [parent.info.run_id]
-
-    plan = plan_sweep(str(spelled), ["quantizer.params.codebook_size=8,16"])
-    assert plan.legacy_sweep_id != plan.sweep_id
-    client(uri).set_tag(parent.info.run_id, "vqkit.sweep.id", plan.legacy_sweep_id)
+    spelled = write(workdir, "spelled.yaml", discriminator=None,
+                    train={**TINY["train"], "grad_clip": 1.0, "amp": False},
+                    quantizer={"name": "vq", "params": {"codebook_size": 16, "beta": 0.25, "future_knob": 0.0}})
     assert main(["sweep", str(spelled), *grid]) == 0
+    assert "2 of 2 already finished, skipped" in capsys.readouterr().err
+
+    # a parent made by an earlier version carries the old id: found and retagged
+    client(uri).set_tag(parent.info.run_id, "vqkit.sweep.id", after.legacy_sweep_id)
+    assert main(["sweep", str(recipe), *grid]) == 0
     assert "2 of 2 already finished, skipped" in capsys.readouterr().err
     (again,), kids = sweep_runs(uri)
     assert again.info.run_id == parent.info.run_id and len(kids) == len(children) == 2
-    assert again.data.tags["vqkit.sweep.id"] == plan.sweep_id
+    assert again.data.tags["vqkit.sweep.id"] == after.sweep_id
     # a setting that differs from its default is another sweep
-    assert main(["sweep", str(spelled), *grid, "--set", "train.grad_clip=0.5"]) == 0
+    assert main(["sweep", str(recipe), *grid, "--set", "train.grad_clip=0.5"]) == 0
     assert len(sweep_runs(uri)[0]) == 2
 
 
