@@ -214,3 +214,29 @@ def test_resume_that_turns_lecam_on_says_its_anchors_start_fresh(workdir, store,
     assert "vqkit: warning:" in err and "has no LeCam anchors" in err
     state = load_checkpoint(latest_checkpoint(first.run_dir / "checkpoints"))
     assert state["step"] == 6 and int(state["lecam"]["updates"]) == 3
+
+
+def test_a_term_computed_on_some_steps_of_a_window_is_their_mean(workdir, store):
+    """A logging window averages each term over the steps that computed it: R1 every 2nd
+    discriminator step and a discriminator that starts at step index 1 are not diluted by
+    the window's other steps (log_every 2 logs what log_every 1 logs, averaged)."""
+    runs = {}
+    for every in (1, 2):
+        path = _recipe(workdir, store, f"every{every}.yaml", r1=1.0, r1_every=2, lecam=0.1)
+        data = yaml.safe_load(path.read_text())
+        data["train"]["log_every"] = every
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        runs[every] = train(load_recipe(path), quiet=True).run_id
+    mlflow = client(store)
+
+    def history(every, key):
+        return {m.step: m.value for m in mlflow.get_metric_history(runs[every], key)}
+
+    for key in ("loss/gan_r1", "loss/gan_d", "gan/logits_real", "loss/gan_lecam", "loss/pixel-l1"):
+        each, window = history(1, key), history(2, key)
+        assert sorted(window) == [s for s in (2, 4, 6) if s in each or s - 1 in each], key
+        for step, value in window.items():
+            computed = [each[s] for s in (step - 1, step) if s in each]
+            assert value == pytest.approx(sum(computed) / len(computed), rel=1e-5), (key, step)
+    # the discriminator trains from step index 1: the first window holds one of its steps
+    assert history(2, "loss/gan_d")[2] == pytest.approx(history(1, "loss/gan_d")[2], rel=1e-5)

@@ -750,6 +750,7 @@ class TrainLoop:
                        desc=self.cfg.name)
         fam.train_mode()
         sums: dict[str, torch.Tensor] = {}
+        counts: dict[str, int] = {}  # steps of the window that computed each term (R1 every N, a late start)
         n_window = 0
         data_s = step_s = 0.0
         batches = fam.batches(start, stop)
@@ -766,6 +767,7 @@ class TrainLoop:
                 self.step = step + 1
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0.0) + v.float()
+                    counts[k] = counts.get(k, 0) + 1
                 n_window += 1
                 if self.device.type == "cuda" and self.step % tc.log_every == 0:
                     torch.cuda.synchronize(self.device)
@@ -779,7 +781,7 @@ class TrainLoop:
                 if periodic:
                     self._check_weights()  # before rank 0 evaluates or draws alone
                 if self.step % tc.log_every == 0 or last:
-                    metrics = {k: float(v) / n_window for k, v in sums.items()}
+                    metrics = {k: float(v) / counts[k] for k, v in sums.items()}
                     if dist.is_main:
                         regular = self.step % tc.log_every == 0 or self.step == tc.steps
                         metrics.update(fam.monitor_metrics(self.step, regular))
@@ -790,7 +792,7 @@ class TrainLoop:
                     metrics["train/epoch"] = float(fam.epoch_of(step))
                     self.last_metrics = metrics
                     self.tracker.log_metrics(metrics, self.step)
-                    sums, n_window, data_s, step_s = {}, 0, 0.0, 0.0
+                    sums, counts, n_window, data_s, step_s = {}, {}, 0, 0.0, 0.0
                     evaluates = self.step % tc.eval_every == 0 or (last and self.step == tc.steps)
                     if lines and not evaluates and self._progress_due():  # no TTY: a line now and then
                         self._progress_line(with_eval=False)
