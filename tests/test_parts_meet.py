@@ -154,7 +154,8 @@ def test_validate_build_and_train_catch_what_shows_when_parts_meet(tmp_path, sto
     assert main(["train", recipe, "--quiet", *sets]) == 2
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"vqkit: error: {expected}"), err
+    # located in the recipe file as by validate --build
+    assert len(lines) == 1 and lines[0].startswith(f"vqkit: error: {recipe}: {expected}"), err
     assert _runs(store) == []  # refused before any MLflow run was created
 
 
@@ -232,7 +233,7 @@ def test_r1_on_a_discriminator_that_cannot_be_differentiated_twice(tmp_path, sto
         err = capsys.readouterr().err
         lines = err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(
-            "vqkit: error: discriminator: discriminator once (vqkit-once 0.1.0) failed to take R1's gradient "
+            f"vqkit: error: {recipe}: discriminator: discriminator once (vqkit-once 0.1.0) failed to take R1's gradient "
             "penalty (discriminator.r1: a second derivative)"), err
         assert "once_differentiable" in err and "Traceback" not in err
         assert _runs(store) == []

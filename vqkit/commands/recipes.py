@@ -46,7 +46,9 @@ def run_validate(args) -> int:
                     built = build_all(recipe)
                     _check_data(built)
                 except VqkitError as exc:  # locate build problems in the recipe file
-                    raise VqkitError([dataclasses.replace(p, file=p.file or path) for p in exc.problems]) from None
+                    from vqkit.train.build import in_recipe_file
+
+                    raise in_recipe_file(exc, path) from None
             report.append({"recipe": path, "ok": True, "problems": [],
                            "warnings": [w.to_json() for w in recipe.warnings]})
             if not args.json:

@@ -39,7 +39,7 @@ from vqkit.interfaces import Dataset
 from vqkit.model import VQModel
 from vqkit.tracking import GRIDS_DIR
 from vqkit.train import objective
-from vqkit.train.build import Built, build_all, component_tags, loss_keys, not_implemented_error
+from vqkit.train.build import Built, build_all, component_tags, in_recipe_file, loss_keys, not_implemented_error
 from vqkit.train.data import StepBatches, read_batch
 from vqkit.train.loop import Family, NonFiniteLoss, TrainLoop, _make_optimizer, _retarget
 from vqkit.train.schedule import make_scheduler
@@ -211,7 +211,10 @@ class AutoencoderFamily(Family):
         tc = cfg.train
         self.dist = dist = loop.dist
         self.device = device = loop.device
-        built: Built = build_all(self.recipe)
+        try:
+            built: Built = build_all(self.recipe)
+        except VqkitError as exc:  # located in the recipe file, as `vqkit validate --build` does
+            raise in_recipe_file(exc, self.recipe.source) from None
         self.built = built
         self.model = built.model.to(device)
         self.losses = built.losses.to(device)

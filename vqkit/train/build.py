@@ -250,6 +250,15 @@ def build_all(recipe: Recipe, check: bool = True) -> Built:
     return built
 
 
+def in_recipe_file(exc: VqkitError, source: str) -> VqkitError:
+    """``exc`` with its unlocated problems (a build or dry-batch problem names its recipe
+    block only) put in the recipe file ``source``; a recipe built from a plain dict
+    (``<dict>``) has no file to name."""
+    if source.startswith("<"):
+        return exc
+    return VqkitError([dataclasses.replace(p, file=p.file or source) for p in exc.problems])
+
+
 #: images in the batch :func:`check_parts_meet` pushes through the parts
 CHECK_BATCH = 2
 
