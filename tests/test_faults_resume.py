@@ -436,19 +436,21 @@ def test_resuming_a_run_another_process_is_training_is_refused(workdir, store, c
 #: a `vqkit train` child that sends itself SIGTERM at chosen instants: ``interrupt``: once
 #: inside step 5 (the run checkpoints step 5 on its way out) and again while that interrupt
 #: checkpoint is being written; ``periodic``: once while step 3's periodic checkpoint is
-#: being written. The signal lands after the temp file has its first 2000 bytes.
+#: being written; ``final``: once while ``final.pt`` is being written. The signal lands
+#: after the temp file has its first 2000 bytes.
 _SIGNALLED_AT = r"""
 import os, signal, sys
 from vqkit.train import checkpoint as c
 from vqkit.train.autoencoder import AutoencoderFamily
 case = sys.argv[1]
-target = "step_00000005.pt" if case == "interrupt" else "step_00000003.pt"
+target = {"interrupt": "step_00000005.pt", "periodic": "step_00000003.pt", "final": "final.pt"}[case]
 sent = []
 original_write = c._Recording.write
 def write(self, data):
     n = original_write(self, data)
     if target in self.f.name and self.f.tell() > 2000 and not sent:
         sent.append(1)
+        sys.stderr.write(f"test: SIGTERM sent while writing {target}\n")
         os.kill(os.getpid(), signal.SIGTERM)
     return n
 c._Recording.write = write
@@ -487,3 +489,25 @@ def test_a_signal_during_a_checkpoint_write_waits_for_the_write(workdir, store, 
     assert done.returncode == 0, done.stderr
     _assert_every_step_once(store)
     assert not _temp_files(run_dir), _temp_files(run_dir)
+
+
+def test_a_signal_during_the_final_checkpoint_write_lets_the_run_finish(workdir, store):
+    """SIGTERM while ``final.pt`` is being written comes after the last step: the file is
+    written whole, the run ends FINISHED (exit 0, no traceback, no temp file), and
+    every step is logged once; a resume has nothing to do."""
+    proc = subprocess.run([sys.executable, "-c", _SIGNALLED_AT, "final", "train", "tiny.yaml", "--quiet"],
+                          cwd=workdir, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "test: SIGTERM sent while writing final.pt" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    (run_dir,) = (workdir / "runs").iterdir()
+    final = run_dir / "checkpoints" / "final.pt"
+    assert ckpt.load_checkpoint(final)["step"] == STEPS  # complete: its digest verifies
+    assert not _temp_files(run_dir), _temp_files(run_dir)
+    client, run = _only_run(store)
+    assert run.info.status == "FINISHED"
+    assert "checkpoints/final.pt" in {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
+    _assert_every_step_once(store)
+    again = subprocess.run([sys.executable, "-m", "vqkit.cli", "train", "--resume", str(run_dir), "--quiet"],
+                           cwd=workdir, env=_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "nothing to do" in again.stderr, again.stderr
+    _assert_every_step_once(store)
