@@ -240,3 +240,16 @@ def test_a_term_computed_on_some_steps_of_a_window_is_their_mean(workdir, store)
             assert value == pytest.approx(sum(computed) / len(computed), rel=1e-5), (key, step)
     # the discriminator trains from step index 1: the first window holds one of its steps
     assert history(2, "loss/gan_d")[2] == pytest.approx(history(1, "loss/gan_d")[2], rel=1e-5)
+
+
+def test_a_regulariser_that_overflows_the_discriminators_loss_is_named(workdir, store, capsys):
+    """Each logged term is finite when R1's weight overflows the discriminator's loss: the
+    one error line says that it is the discriminator's total that became inf, and its weights."""
+    from vqkit.cli import main
+
+    assert main(["train", str(_recipe(workdir, store, r1=1e39)), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("vqkit: error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("vqkit: error: training stopped: the loss became NaN/inf"), lines
+    assert "the discriminator's loss=inf (loss/gan_d + 5e+38·loss/gan_r1)" in lines[0], lines

@@ -436,8 +436,11 @@ class AutoencoderFamily(Family):
                     grad_scale=self.disc_scaler.get_scale() if self.disc_scaler.is_enabled() else None,
                 )
             terms.update(d.terms)
-            if nonfinite(d.total):
-                raise NonFiniteLoss(self._describe_terms(terms, step))
+            if nonfinite(d.total):  # the terms are unweighted and may all be finite: say what was added
+                weighted = [f"{w:.4g}·{k}" for w, k in ((ref.r1 / 2 * ref.r1_every if r1_due else 0.0, "loss/gan_r1"),
+                                                         (ref.lecam, "loss/gan_lecam")) if w > 0]
+                raise NonFiniteLoss(f"{self._describe_terms(terms, step)}; the discriminator's loss="
+                                    f"{float(d.total.detach()):.4g} ({' + '.join(['loss/gan_d', *weighted])})")
             self.disc_scaler.scale(d.total).backward()
             # no DDP wrapper: its gradients are averaged here
             self._clip_and_step(self.disc_opt, self.disc_params, self.disc_scaler, average=self.disc_params)
