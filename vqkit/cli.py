@@ -108,7 +108,8 @@ def _main(argv: Sequence[str] | None) -> int:
             print(f"vqkit: error: {problem}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print("vqkit: interrupted", file=sys.stderr)
+        if os.environ.get("RANK", "0") in ("", "0"):  # under torchrun, rank 0 speaks for all
+            print("vqkit: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 0

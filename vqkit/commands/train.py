@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -219,11 +220,28 @@ def _spawn(args) -> int:
         argv.append("--quiet")
     if args.parent_run:
         argv += ["--parent-run", args.parent_run]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+    cmd = [sys.executable, "-m", "vqkit.train.torchrun", "--standalone",
            f"--nproc_per_node={args.nproc}", "-m", "vqkit.cli", *argv]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
-    return subprocess.call(cmd, env=env)
+    # torchrun and its ranks in their own session: a Ctrl-C (or a signal to this process)
+    # reaches them once, through torchrun, which passes it on to every rank
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+
+    def forward(signum, frame):
+        try:
+            proc.send_signal(signum)
+        except ProcessLookupError:  # pragma: no cover - it just ended
+            pass
+
+    sigs = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP]
+    previous = {s: signal.signal(s, forward) for s in sigs}
+    try:
+        code = proc.wait()
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    return 128 - code if code < 0 else code
 
 
 # =========================================================================== sync

@@ -99,27 +99,39 @@ def _finite_params(*modules: nn.Module | None) -> bool:
     return True
 
 
+class _StopTogether(KeyboardInterrupt):
+    """An interrupt every rank of a data-parallel run agreed on, at the same step."""
+
+
 class _HeldSignals:
     """SIGINT and SIGTERM held while a training step updates the weights and logs its
     metrics, then raised as KeyboardInterrupt: a checkpoint written on interrupt holds whole
     steps. A second signal while held interrupts at once (a step that hangs stays
-    interruptible), and ``forced`` tells the loop that the weights may hold part of a step."""
+    interruptible), and ``forced`` tells the loop that the weights may hold part of a step.
+    A second signal within ``same_s`` of the first counts as the same one: under torchrun a
+    Ctrl-C reaches a rank from the terminal and again from torchrun."""
+
+    same_s = 1.0
 
     def __init__(self) -> None:
         self.held: list[int] = []
         self.previous: dict[int, Any] | None = None
         self.forced = False
+        self._first = 0.0
 
     def _handler(self, signum, frame):
         if self.held:
+            if time.monotonic() - self._first < self.same_s:
+                return
             self.forced = True
             raise KeyboardInterrupt
+        self._first = time.monotonic()
         self.held.append(signum)
 
     def hold(self) -> None:
         import threading
 
-        if threading.current_thread() is threading.main_thread():
+        if self.previous is None and threading.current_thread() is threading.main_thread():
             self.previous = {s: signal.signal(s, self._handler) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def restore(self) -> None:
@@ -133,6 +145,16 @@ class _HeldSignals:
         if self.held:
             self.held.clear()
             raise KeyboardInterrupt
+
+    def agree(self, dist: Any) -> None:
+        """Several ranks: stop together. Every rank says whether a signal came (a collective
+        at the same step on every rank); if one did, all raise KeyboardInterrupt here, at the
+        same step. The signals stay held until then (through evaluation, images and
+        checkpoints too), so no rank leaves while another waits in a collective."""
+        if dist.any_flag(bool(self.held)):
+            self.held.clear()
+            self.restore()
+            raise _StopTogether
 
 
 @contextlib.contextmanager
@@ -583,7 +605,11 @@ class TrainLoop:
             self._log_checkpoint(path, final)
         finally:
             if came and collective and not final:  # after final.pt the run is complete: it ends FINISHED
-                raise KeyboardInterrupt
+                signals = getattr(self, "_signals", None)
+                if self.dist.enabled and signals is not None:
+                    signals.held.extend(came)  # the ranks stop together, at the next step's agreement
+                else:
+                    raise KeyboardInterrupt
         return path
 
     def _log_checkpoint(self, path: Path, final: bool) -> None:
@@ -621,6 +647,7 @@ class TrainLoop:
         self.say(f"vqkit: {self.tracker.describe()}")
         self.say(f"vqkit: run dir {self.run_dir}")
         status = "FAILED"
+        together = False
         previous_term = sigterm_as_interrupt()
         try:
             self._loop(start, stop)
@@ -636,8 +663,9 @@ class TrainLoop:
             path = self.save(collective=False)
             self.tracker.set_tags({PRUNED_TAG: str(exc.step)})
             self.say(f"vqkit: stopped at step {exc.step}: pruned by the sweep's search; checkpoint {path}")
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             status = "KILLED"
+            together = isinstance(exc, _StopTogether)
             if getattr(getattr(self, "_signals", None), "forced", False):  # a second signal inside a step
                 self.say(f"vqkit: interrupted inside step {self.step + 1} (a second signal): its update may "
                          f"be partial, so no checkpoint is written; continue from the newest one with "
@@ -667,7 +695,8 @@ class TrainLoop:
                 self.tracker.finish(status)
             elif dist.is_main:
                 self.tracker.flush()
-            dist.close(barrier=status in ("FINISHED", "RUNNING"))
+            # ranks that stopped together wait for rank 0's interrupt checkpoint and run end
+            dist.close(barrier=status in ("FINISHED", "RUNNING") or together)
             if getattr(self, "_run_lock", None) is not None:
                 self._run_lock.release()
         result = TrainResult(
@@ -801,7 +830,10 @@ class TrainLoop:
                 evaluates = dist.is_main and (self.step % tc.eval_every == 0 or (last and self.step == tc.steps))
                 draws = dist.is_main and (self.step % tc.image_every == 0 or last)
                 self._pending = {"step": self.step, "eval": evaluates, "images": draws}
-                signals.release()  # a signal held during the step interrupts here
+                if dist.enabled:  # several ranks: they stop at the same step, here
+                    signals.agree(dist)
+                else:
+                    signals.release()  # a signal held during the step interrupts here
                 if evaluates:
                     self.last_eval = fam.evaluate()
                     self.tracker.log_metrics(self.last_eval, self.step)
