@@ -86,6 +86,12 @@ def test_all_errors_are_collected(tmp_path):
 @pytest.mark.parametrize("mutation,expected", [
     (lambda t: t.replace("seed: 3", "seed: [3]"), "seed: Input should be a valid integer"),
     (lambda t: t.replace("weight: 0.5", "weight: -1"), "losses.1.weight: Input should be greater than or equal to 0"),
+    # no infinite or NaN numbers: in the recipe's own blocks and in a component's params
+    (lambda t: t.replace("weight: 0.5", "weight: .inf"), "losses.1.weight: Input should be a finite number"),
+    (lambda t: t.replace("train: {steps: 20, batch_size: 4}", "train: {steps: 20, batch_size: 4, lr: .nan}"),
+     "train.lr: Input should be a finite number"),
+    (lambda t: t.replace("codebook_size: 64}", "codebook_size: 64, beta: 1e400}"),
+     "quantizer.params.beta: Input should be a finite number"),
     (lambda t: t.replace("activation", "x") + "", None),
     (lambda t: t.replace("train: {steps: 20, batch_size: 4}", "train: {optimizer: sgd}"), "train.optimizer: must be 'adam' or 'adamw'"),
     (lambda t: t.replace("losses:\n  - {name: pixel-l1}\n  - {name: pixel-l2, weight: 0.5, start_step: 10}\n", "losses: []\n"), "losses: List should have at least 1 item"),

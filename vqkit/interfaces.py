@@ -70,11 +70,12 @@ __all__ = [
 class Params(BaseModel):
     """Base class of every component's parameter schema.
 
-    Unknown keys are rejected; instances are immutable. Subclasses declare each
-    field with a type, a default and a ``description`` (``Field(..., description=)``).
+    Unknown keys are rejected, and so are infinite and NaN numbers; instances are
+    immutable. Subclasses declare each field with a type, a default and a ``description``
+    (``Field(..., description=)``).
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
 
 
 class Component:

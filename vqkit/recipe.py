@@ -29,7 +29,8 @@ Path_ = tuple  # a key path: tuple of str (mapping keys) and int (list indices)
 
 # =========================================================================== schema
 class _Block(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    # no inf/nan: `.inf` or 1e400 for a learning rate or a weight would validate, then fail the run
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
 class ComponentRef(_Block):
