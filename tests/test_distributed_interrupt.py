@@ -1,7 +1,7 @@
 """Interrupting ``vqkit train --nproc 2``: Ctrl-C in a terminal (SIGINT to the command's
 process group) or SIGTERM to the command alone (what a sweep's cancel or a scheduler sends)
 stops both ranks at the same step. Rank 0 writes that step's checkpoint and ends the MLflow
-run KILLED; the command exits 128 + signal with one ``vqkit: interrupted at step`` line and
+run KILLED; the command exits 130 with one ``vqkit: interrupted at step`` line and
 no traceback from any rank or from torchrun. Resumed with ``--nproc 2``, the run finishes
 with every step logged once."""
 from __future__ import annotations
@@ -56,8 +56,7 @@ def test_interrupting_a_two_process_run_stops_both_ranks_at_one_step(tmp_path, s
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    code = 128 + (signal.SIGINT if how == "ctrl-c" else signal.SIGTERM)
-    assert proc.returncode == code, err
+    assert proc.returncode == 130, err  # as a single-process run on Ctrl-C or SIGTERM
     assert "Traceback" not in err and "[rank" not in err and "Exception" not in err, err
     (line,) = [x for x in err.splitlines() if x.startswith("vqkit: interrupted at step")]
     step = int(line.split("step ")[1].split(";")[0])

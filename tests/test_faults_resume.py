@@ -511,3 +511,38 @@ def test_a_signal_during_the_final_checkpoint_write_lets_the_run_finish(workdir,
                            cwd=workdir, env=_env(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "nothing to do" in again.stderr, again.stderr
     _assert_every_step_once(store)
+
+
+@pytest.mark.parametrize("fault", ["sigterm", "kill-9"])
+def test_a_resume_between_logged_steps_logs_what_a_straight_run_logs(workdir, store, fault):
+    """With ``log_every: 4``, a run interrupted inside step 5 (SIGTERM: checkpoint at step 5)
+    or killed at step 7 (``kill -9``: the periodic checkpoint of step 6) resumes with the
+    terms it had summed since step 4 (the checkpoint's ``window``), so its values at step 8
+    are bit for bit a straight run's (were: the mean of the resumed steps only)."""
+    over = ["--set", "train.log_every=4"]
+    assert main(["train", "tiny.yaml", "--quiet", *over, "--set", "tracking.experiment=straight",
+                 "--set", "tracking.output_dir=straight-runs"]) == 0
+    client = _client(store)
+    (straight,) = client.search_runs([client.get_experiment_by_name("straight").experiment_id])
+    if fault == "sigterm":
+        proc = subprocess.run([sys.executable, "-c", _SIGNALLED_AT, "interrupt", "train", "tiny.yaml", "--quiet", *over],
+                              cwd=workdir, env=_env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 130, proc.stderr
+    else:
+        proc = subprocess.run([sys.executable, "-c", _KILLED_AT, "after_rename", "step_00000006.pt",
+                               "train", "tiny.yaml", "--quiet", *over],
+                              cwd=workdir, env=_env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == -signal.SIGKILL, proc.stderr
+    (run_dir,) = (workdir / "runs").iterdir()
+    assert ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir / "checkpoints"))["window"]["n"] == (
+        1 if fault == "sigterm" else 2)
+    done = subprocess.run([sys.executable, "-m", "vqkit.cli", "train", "--resume", str(run_dir), "--quiet"],
+                          cwd=workdir, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    client, run = _only_run(store)
+    keys = [k for k in straight.data.metrics if k.startswith(("loss/", "codebook/", "train/"))]
+    assert "loss/total" in keys
+    for key in keys:
+        want = [(m.step, m.value) for m in client.get_metric_history(straight.info.run_id, key)]
+        got = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+        assert got == sorted(want), key

@@ -8,7 +8,8 @@ loop (:meth:`vqkit.train.loop.TrainLoop.state`):
 ``format`` (int), ``family`` (``autoencoder`` or ``prior``; absent in autoencoder
 checkpoints written before the loop was shared), ``step`` (optimizer steps done),
 ``recipe`` (normalized recipe dict), ``rng`` (:func:`capture_rng`), ``run`` (MLflow run id
-/ tracking URI / run dir), ``vqkit_version``, and the family's own: for an autoencoder
+/ tracking URI / run dir), ``vqkit_version``, ``pending`` and ``window`` (the interrupted
+evaluation, the terms summed since the last logged step), and the family's own: for an autoencoder
 ``model``, ``optimizers``, ``schedulers``, ``scalers``, ``discriminator``, ``lecam`` (LeCam's
 anchors, or None), ``codebook``
 (code-book manager: reset policy and monitor), ``data``, ``channels``, ``image_size``; for

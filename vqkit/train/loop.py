@@ -99,6 +99,41 @@ def _finite_params(*modules: nn.Module | None) -> bool:
     return True
 
 
+class _Window:
+    """The training terms since the last logged step: the next logged value of each is their
+    mean over the steps that computed it. Checkpointed (``window``), so a run interrupted or
+    killed between two logged steps logs, once resumed, the same values a straight run does."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}  # steps that computed each term (R1 every N, a late start)
+        self.n = 0
+        self.data_s = self.step_s = 0.0
+
+    def add(self, terms: dict[str, torch.Tensor], data_s: float, step_s: float) -> None:
+        for k, v in terms.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v.float()
+            self.counts[k] = self.counts.get(k, 0) + 1
+        self.n += 1
+        self.data_s += data_s
+        self.step_s += step_s
+
+    def state_dict(self) -> dict[str, Any] | None:
+        if not self.n:
+            return None
+        return {"sums": {k: v.detach().cpu().clone() for k, v in self.sums.items()}, "counts": dict(self.counts),
+                "n": self.n, "data_s": self.data_s, "step_s": self.step_s}
+
+    @classmethod
+    def restored(cls, state: dict[str, Any] | None, device: torch.device) -> "_Window":
+        window = cls()
+        if state:
+            window.sums = {k: v.to(device) for k, v in state["sums"].items()}
+            window.counts = {k: int(v) for k, v in state["counts"].items()}
+            window.n, window.data_s, window.step_s = int(state["n"]), float(state["data_s"]), float(state["step_s"])
+        return window
+
+
 class _StopTogether(KeyboardInterrupt):
     """An interrupt every rank of a data-parallel run agreed on, at the same step."""
 
@@ -108,16 +143,15 @@ class _HeldSignals:
     metrics, then raised as KeyboardInterrupt: a checkpoint written on interrupt holds whole
     steps. A second signal while held interrupts at once (a step that hangs stays
     interruptible), and ``forced`` tells the loop that the weights may hold part of a step.
-    A second signal within ``same_s`` of the first counts as the same one: under torchrun a
-    Ctrl-C reaches a rank from the terminal and again from torchrun."""
-
-    same_s = 1.0
+    Under torchrun a second signal within ``same_s`` of the first counts as the same one: a
+    Ctrl-C reaches a rank started by ``torchrun`` from the terminal and again from torchrun."""
 
     def __init__(self) -> None:
         self.held: list[int] = []
         self.previous: dict[int, Any] | None = None
         self.forced = False
         self._first = 0.0
+        self.same_s = 1.0 if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else 0.0
 
     def _handler(self, signum, frame):
         if self.held:
@@ -421,6 +455,8 @@ class TrainLoop:
         # an interrupt during this step's evaluation or images: the resumed leg does them first
         pending = (self.resume or {}).get("pending") or {}
         self._catch_up = pending if pending.get("step") == self.step else None
+        # the steps since the checkpoint's last logged one: the resumed leg's first window
+        self._window = _Window.restored((self.resume or {}).get("window"), self.device)
         fam.prepare()
 
     def _setup_tracking(self) -> None:
@@ -567,6 +603,8 @@ class TrainLoop:
             "step": self.step,
             # the work of this step not done when it was interrupted ({"step", "eval", "images"})
             "pending": dict(self._pending) if getattr(self, "_pending", None) else None,
+            # the terms summed since the last logged step (continued by a resume)
+            "window": self._window.state_dict() if getattr(self, "_window", None) is not None else None,
             "recipe": self.recipe.to_dict(),
             **self.family.state_dict(),
             "rng": ckpt.capture_rng(),
@@ -778,10 +816,7 @@ class TrainLoop:
             bar = tqdm(total=tc.steps, initial=start, unit="step", dynamic_ncols=True, file=self.out,
                        desc=self.cfg.name)
         fam.train_mode()
-        sums: dict[str, torch.Tensor] = {}
-        counts: dict[str, int] = {}  # steps of the window that computed each term (R1 every N, a late start)
-        n_window = 0
-        data_s = step_s = 0.0
+        window = self._window
         batches = fam.batches(start, stop)
         signals = self._signals = _HeldSignals()
         try:
@@ -793,16 +828,10 @@ class TrainLoop:
                 t1 = time.perf_counter()
                 signals.hold()
                 terms = fam.train_step(batch, step)
-                self.step = step + 1
-                for k, v in terms.items():
-                    sums[k] = sums.get(k, 0.0) + v.float()
-                    counts[k] = counts.get(k, 0) + 1
-                n_window += 1
-                if self.device.type == "cuda" and self.step % tc.log_every == 0:
+                if self.device.type == "cuda" and (step + 1) % tc.log_every == 0:
                     torch.cuda.synchronize(self.device)
-                t2 = time.perf_counter()
-                data_s += t1 - t0
-                step_s += t2 - t0
+                window.add(terms, t1 - t0, time.perf_counter() - t0)
+                self.step = step + 1
                 last = self.step == stop
                 periodic = last or any(self.step % every == 0 for every in (tc.eval_every, tc.image_every))
                 if bar is not None:
@@ -810,18 +839,18 @@ class TrainLoop:
                 if periodic:
                     self._check_weights()  # before rank 0 evaluates or draws alone
                 if self.step % tc.log_every == 0 or last:
-                    metrics = {k: float(v) / counts[k] for k, v in sums.items()}
+                    metrics = {k: float(v) / window.counts[k] for k, v in window.sums.items()}
                     if dist.is_main:
                         regular = self.step % tc.log_every == 0 or self.step == tc.steps
                         metrics.update(fam.monitor_metrics(self.step, regular))
                     metrics["train/lr"] = fam.lr()
-                    metrics["time/data_s"] = data_s / n_window
-                    metrics["time/step_s"] = step_s / n_window
-                    metrics["time/data_share"] = data_s / step_s if step_s > 0 else 0.0
+                    metrics["time/data_s"] = window.data_s / window.n
+                    metrics["time/step_s"] = window.step_s / window.n
+                    metrics["time/data_share"] = window.data_s / window.step_s if window.step_s > 0 else 0.0
                     metrics["train/epoch"] = float(fam.epoch_of(step))
                     self.last_metrics = metrics
                     self.tracker.log_metrics(metrics, self.step)
-                    sums, counts, n_window, data_s, step_s = {}, {}, 0, 0.0, 0.0
+                    window = self._window = _Window()
                     evaluates = self.step % tc.eval_every == 0 or (last and self.step == tc.steps)
                     if lines and not evaluates and self._progress_due():  # no TTY: a line now and then
                         self._progress_line(with_eval=False)

@@ -7,7 +7,8 @@ or an internal error's traceback), so torchrun's own report of it is left out: n
 ranks, which stop together at a step and checkpoint), no ``ChildFailedError`` table when a
 rank exits non-zero, and its warnings (``Sending process ... closing signal``) below error
 level. The exit code is the first failed rank's (a rank killed by a signal: 128 + signal),
-or 128 + the signal torchrun received.
+or 130 when torchrun was interrupted (SIGINT, SIGTERM, SIGHUP), as a single-process
+``vqkit train`` exits on an interrupt.
 """
 from __future__ import annotations
 
@@ -30,8 +31,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             logging.getLogger(name).setLevel(logging.ERROR)
     try:
         run.main(list(argv) if argv is not None else None)
-    except SignalException as exc:
-        return 128 + int(exc.sigval)
+    except SignalException:  # passed on to the ranks, which checkpointed and said so
+        return 130
     except ChildFailedError as exc:
         return _code(exc.get_first_failure()[1].exitcode) or 1
     return 0
