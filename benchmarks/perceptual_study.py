@@ -30,7 +30,8 @@ per-seed differences). Every run is evaluated on the same test crops (the data's
 whatever its own seed. ``--long`` also runs the regularisation round,
 ``vqkit sweep recipes/perceptual/long-regularised.yaml`` (the tuned features with the
 PatchGAN regularised by LeCam or R1, same experiment and length) and a second round,
-``long-round2.yaml`` (weaker regularisers, seed 1 of the two LPIPS rows); their final
+``long-round2.yaml`` (weaker regularisers, seed 1 of the two LPIPS rows) and a third,
+``long-round3.yaml`` (seed 2 of the two LPIPS rows); their final
 checkpoints are compared with pixel-only and the unregularised tuned run in
 ``regularised.md``, and seed repeats (``<run>-seed<N>``) join ``seeds.md``.
 
