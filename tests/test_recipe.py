@@ -162,9 +162,9 @@ def test_extends_cycle_and_missing_parent(tmp_path):
 
 def test_set_overrides(tmp_path):
     path = write(tmp_path, GOOD)
-    recipe = load_recipe(path, ["train.steps=7", "quantizer.params.beta=0.1", "losses.0.weight=2", "tracking.uri=sqlite:///x.db", "encoder.params.channels=[4, 8]"])
+    recipe = load_recipe(path, ["train.steps=17", "quantizer.params.beta=0.1", "losses.0.weight=2", "tracking.uri=sqlite:///x.db", "encoder.params.channels=[4, 8]"])
     data = recipe.to_dict()
-    assert data["train"]["steps"] == 7 and data["quantizer"]["params"]["beta"] == 0.1
+    assert data["train"]["steps"] == 17 and data["quantizer"]["params"]["beta"] == 0.1
     assert data["losses"][0]["weight"] == 2.0 and data["tracking"]["uri"] == "sqlite:///x.db"
     assert data["encoder"]["params"]["channels"] == [4, 8]
     msgs = problems(path, ["train.steps=abc"])
@@ -211,9 +211,9 @@ def test_set_swaps_a_component_by_the_same_rule(tmp_path, overrides):
 
 def test_set_mapping_with_the_same_name_merges_like_extends(tmp_path):
     path = write(tmp_path, GOOD)
-    data = load_recipe(path, ["quantizer={name: t-vq, params: {beta: 0.5}}", "train={steps: 3}"]).to_dict()
+    data = load_recipe(path, ["quantizer={name: t-vq, params: {beta: 0.5}}", "train={steps: 13}"]).to_dict()
     assert data["quantizer"]["params"] == {"codebook_size": 64, "beta": 0.5}
-    assert data["train"]["steps"] == 3 and data["train"]["batch_size"] == 4
+    assert data["train"]["steps"] == 13 and data["train"]["batch_size"] == 4
     # a loss is a component block too: a new name replaces its weight and start_step
     data = load_recipe(path, ["losses.1.name=pixel-l1"]).to_dict()
     assert data["losses"][1] == {"name": "pixel-l1", "params": {}, "weight": 1.0, "start_step": 0}

@@ -74,3 +74,27 @@ def test_the_warning_is_printed_once_per_command(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 0, err
     assert len(warnings_in(err)) == 1 and "reset.every: 2000 > train.steps 1500" in err
+
+
+def test_a_loss_or_discriminator_starting_after_the_last_step_is_warned(tmp_path, capsys):
+    """Steps run 0 .. train.steps - 1 and a part starts at step >= start_step: a start_step
+    of train.steps or more means the part never acts (a short --set train.steps on a GAN
+    recipe, say), which is one warning at each start_step, not an error."""
+    recipe = ROOT / "recipes" / "perceptual" / "disc-features-tuned.yaml"
+    assert main(["validate", str(recipe), "--set", "train.steps=100", "--json"]) == 0
+    out, err = capsys.readouterr()
+    report = json.loads(out)[0]
+    assert report["ok"] and [w["path"] for w in report["warnings"]] == ["losses.1.start_step", "discriminator.start_step"]
+    lines = warnings_in(err)
+    assert len(lines) == 2
+    assert lines[0].endswith("losses.1.start_step: 100 >= train.steps 100: loss 'discriminator-features' never "
+                             "applies (steps run 0 to 99)")
+    assert "disc-features.yaml:" in lines[1] and "discriminator.start_step: 100 >= train.steps 100: the " \
+        "discriminator never trains" in lines[1]
+    # with R1 and LeCam the warning says they never act either
+    assert main(["validate", str(recipe), "--set", "train.steps=50", "--set", "discriminator.r1=0.1",
+                 "--set", "discriminator.lecam=0.1"]) == 0
+    assert "its adversarial term, R1, LeCam and any discriminator-feature loss never act" in capsys.readouterr().err
+    # one step more and both act (from step 100, the last one)
+    assert main(["validate", str(recipe), "--set", "train.steps=101"]) == 0
+    assert warnings_in(capsys.readouterr().err) == []

@@ -836,8 +836,35 @@ def schedule_warnings(model: RecipeModel, registry: Any, loc: _Loc | None = None
     policy that is never called because ``reset.every`` (or ``reset.start_step``) puts its
     first call past the last step, or because ``reset.stop_step`` comes before it (the
     trainer calls it after 0-based step ``s`` when ``s >= start_step``, ``(s + 1) % every
-    == 0`` and ``s <= stop_step``; :func:`vqkit.train.codebook.reset_due`)."""
+    == 0`` and ``s <= stop_step``; :func:`vqkit.train.codebook.reset_due`); a loss or the
+    discriminator whose ``start_step`` is at or past ``train.steps``."""
     loc = loc or _Loc()
+    return _reset_warnings(model, registry, loc) + _start_warnings(model, loc)
+
+
+def _start_warnings(model: RecipeModel, loc: _Loc) -> list[Problem]:
+    """A loss or discriminator whose ``start_step`` is past the last step (0-based steps run
+    ``0 .. train.steps - 1``; a part starts at ``step >= start_step``). (``r1_every`` with
+    ``r1: 0`` is not warned about: a sweep shares it between children with and without R1.)"""
+    steps, out = model.train.steps, []
+    for i, loss in enumerate(model.losses):
+        if loss.start_step >= steps:
+            out.append(Problem(f"{loss.start_step} >= train.steps {steps}: loss {loss.name!r} never applies "
+                               f"(steps run 0 to {steps - 1})",
+                               path=f"losses.{i}.start_step", **loc.find(("losses", i, "start_step"), value=True)))
+    disc = model.discriminator
+    if disc is None:
+        return out
+    if disc.start_step >= steps:
+        out.append(Problem(f"{disc.start_step} >= train.steps {steps}: the discriminator never trains, so its "
+                           f"adversarial term{', R1' if disc.r1 else ''}{', LeCam' if disc.lecam else ''} and any "
+                           f"discriminator-feature loss never act (steps run 0 to {steps - 1})",
+                           path="discriminator.start_step",
+                           **loc.find(("discriminator", "start_step"), value=True)))
+    return out
+
+
+def _reset_warnings(model: RecipeModel, registry: Any, loc: _Loc) -> list[Problem]:
     rc, steps = model.reset, model.train.steps
     if rc.name not in registry.names("reset_policies"):  # read without its block (MODEL_BLOCKS)
         return []
