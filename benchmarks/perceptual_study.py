@@ -31,7 +31,8 @@ whatever its own seed. ``--long`` also runs the regularisation round,
 ``vqkit sweep recipes/perceptual/long-regularised.yaml`` (the tuned features with the
 PatchGAN regularised by LeCam or R1, same experiment and length) and a second round,
 ``long-round2.yaml`` (weaker regularisers, seed 1 of the two LPIPS rows) and a third,
-``long-round3.yaml`` (seed 2 of the two LPIPS rows); their final
+``long-round3.yaml`` (seed 2 of the two LPIPS rows) and a fourth, ``long-round4.yaml``
+(a later start, a fixed adversarial weight); their final
 checkpoints are compared with pixel-only and the unregularised tuned run in
 ``regularised.md``, and seed repeats (``<run>-seed<N>``) join ``seeds.md``.
 
@@ -89,7 +90,10 @@ LONG_LABELS = {
     "long-disc-features-tuned-w0.1": "L1 + 0.1 x disc. features (normalized) + GAN",
 }
 #: the regularisation round (recipes/perceptual/long-regularised.yaml, then its seed repeats)
-REGULARISED_RECIPES = ("long-regularised.yaml", "long-round2.yaml", "long-round3.yaml")
+REGULARISED_RECIPES = ("long-regularised.yaml", "long-round2.yaml", "long-round3.yaml", "long-round4.yaml")
+#: labels of the children of REGULARISED_RECIPES that change something other than R1/LeCam
+ROUND_LABELS = {"long-tuned-start300": "tuned features, discriminator and features from step 300",
+                "long-tuned-fixed-weight": "tuned features, fixed GAN weight (no adaptive weight)"}
 #: seed repeats: base run -> its repeats (seed 0 is the base run); more are read from the
 #: children of REGULARISED_RECIPES named ``<base>-seed<N>``
 LONG_SEEDS = {"long-pixel": ["long-pixel-seed1", "long-pixel-seed2"],
@@ -171,6 +175,9 @@ def regularised_variants() -> dict[str, str]:
             return v[i] if isinstance(v, list) else (v if v is not None else fixed.get(key, 0))
 
         for i, run in enumerate(grid["tracking.run_name"]):
+            if run in ROUND_LABELS:
+                out[run] = ROUND_LABELS[run]
+                continue
             base, _, seed = run.rpartition("-seed")
             if base and seed.isdigit():
                 out[run] = f"{LONG_LABELS.get(base, base)}, seed {seed}"
