@@ -36,10 +36,12 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import types
+import typing
 from typing import Any, ClassVar, Mapping
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 from torch import nn
 
 __all__ = [
@@ -67,15 +69,49 @@ __all__ = [
 ]
 
 
+def _numbers_in(annotation) -> tuple[bool, bool]:
+    """(scalar, container): whether a field typed ``annotation`` takes a number itself, or
+    a list/tuple of numbers; ``bool`` fields and unions that accept ``bool`` take neither."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:
+        return _numbers_in(args[0])
+    if origin in (typing.Union, types.UnionType):
+        found = [_numbers_in(a) for a in args]
+        if any(a is bool for a in args):
+            return False, False
+        return any(f[0] for f in found), any(f[1] for f in found)
+    if origin in (list, tuple, set, frozenset):
+        return False, any(_numbers_in(a)[0] for a in args if a is not Ellipsis)
+    return annotation in (int, float), False
+
+
+def reject_bool_numbers(model: type[BaseModel], value, info: ValidationInfo):
+    """A YAML ``true``/``false`` where a number is expected is a mistake (``r1: true`` would
+    otherwise silently be gamma 1.0): refused, for scalars and lists/tuples of numbers."""
+    field = model.model_fields.get(info.field_name or "")
+    if field is None:
+        return value
+    scalar, container = _numbers_in(field.annotation)
+    if scalar and isinstance(value, bool):
+        raise ValueError(f"expected a number, got {str(value).lower()}")
+    if container and isinstance(value, (list, tuple)):
+        for item in value:
+            if isinstance(item, bool):
+                raise ValueError(f"expected a number, got {str(item).lower()}")
+    return value
+
+
 class Params(BaseModel):
     """Base class of every component's parameter schema.
 
-    Unknown keys are rejected, and so are infinite and NaN numbers; instances are
-    immutable. Subclasses declare each field with a type, a default and a ``description``
-    (``Field(..., description=)``).
+    Unknown keys are rejected, and so are infinite and NaN numbers and booleans where a
+    number is expected; instances are immutable. Subclasses declare each field with a type,
+    a default and a ``description`` (``Field(..., description=)``).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
+
+    _no_bool_numbers = field_validator("*", mode="before")(classmethod(reject_bool_numbers))
 
 
 class Component:

@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vqkit import yamlsafe
 from vqkit.errors import Problem, RecipeWarning, VqkitError, suggest
+from vqkit.interfaces import reject_bool_numbers
 from vqkit.plugins import NOUNS, get_registry
 
 SCHEMA_VERSION = 1
@@ -29,8 +30,11 @@ Path_ = tuple  # a key path: tuple of str (mapping keys) and int (list indices)
 
 # =========================================================================== schema
 class _Block(BaseModel):
-    # no inf/nan: `.inf` or 1e400 for a learning rate or a weight would validate, then fail the run
+    # no inf/nan: `.inf` or 1e400 for a learning rate or a weight would validate, then fail the run;
+    # no `true`/`false` for a number (pydantic would read 1/0)
     model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
+
+    _no_bool_numbers = field_validator("*", mode="before")(classmethod(reject_bool_numbers))
 
 
 class ComponentRef(_Block):
