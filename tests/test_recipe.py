@@ -228,3 +228,11 @@ def test_set_mapping_with_the_same_name_merges_like_extends(tmp_path):
     # an error in a key a merging --set gave is located at --set
     msgs = problems(path, ["quantizer={params: {codebook_size: 1}}"])
     assert msgs == ["--set: quantizer.params.codebook_size: Input should be greater than or equal to 2 (got 1) [quantizer 't-vq', provided by schema-test]"], msgs
+
+
+def test_missing_component_name_lists_the_registered_names(tmp_path):
+    # e.g. a discriminator block holding only `r1:`: which names could go there?
+    text = GOOD.replace("quantizer: {name: t-vq, params: {codebook_size: 64}}", "quantizer: {params: {codebook_size: 64}}")
+    msgs = problems(write(tmp_path, text))
+    [msg] = [m for m in msgs if "quantizer.name" in m]
+    assert "quantizer.name: required key is missing (valid: " in msg and re.search(r"valid: [^)]*\bt-vq\b", msg), msg

@@ -766,6 +766,11 @@ def validate_data(data: Any, loc: _Loc, source: str, components: tuple[str, ...]
     for path, kind, ref in refs:
         name = ref.get("name")
         if not isinstance(name, str):
+            if "name" not in ref:  # the block schema reported it: say which names there are
+                where = _dotted(path + ("name",))
+                problems[:] = [dataclasses.replace(p, message=p.message + suggest("", registry.names(kind)))
+                               if p.path == where and p.message == "required key is missing" else p
+                               for p in problems]
             continue  # the block schema already reported it
         if name not in registry.names(kind) or registry.clash_message(kind, name):
             problems.append(
