@@ -62,8 +62,8 @@ def judge(run_dir: Path, n: int) -> dict[str, dict[str, float]]:
 
 def main(argv: list[str] | None = None) -> int:
     import torch
-
     from perceptual_study import find_run
+
     from vqkit.tracking import find_run_dir
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

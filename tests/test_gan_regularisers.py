@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
-
 import yaml
+from torch import nn
 
 from tests.trainkit import all_tensors_equal, client
 from vqkit import gan
 from vqkit.components.patchgan import PatchGAN
 from vqkit.errors import VqkitError
-from vqkit.train import objective
 from vqkit.recipe import load_recipe
+from vqkit.train import objective
 from vqkit.train.checkpoint import latest_checkpoint, load_checkpoint
 from vqkit.train.trainer import train
 

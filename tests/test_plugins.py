@@ -389,8 +389,8 @@ def test_not_implemented_while_building_is_a_located_user_error(tmp_path, capsys
         assert main(["validate", recipe]) == 0
         assert main(["validate", "--build", recipe, "--set", "data.params.limit=16"]) == 2
     err = capsys.readouterr().err
-    assert err.strip().splitlines()[-1] == (
-        f"vqkit: error: {recipe}: quantizer: quantizer grid (vqkit-grid 0.1.0) cannot be built this way: "
+    assert err.strip().splitlines()[-1] == (  # at the quantizer block of the recipe that sets it (line 2)
+        f"vqkit: error: {recipe}:2:12: quantizer: quantizer grid (vqkit-grid 0.1.0) cannot be built this way: "
         "only dim == len(levels)"
     )
 

@@ -590,12 +590,24 @@ def _forget_locations(loc: _Loc, path: Path_) -> None:
 class Recipe:
     """A validated, normalized recipe."""
 
-    def __init__(self, model: RecipeModel, component_params: dict[Path_, BaseModel], source: str):
+    def __init__(self, model: RecipeModel, component_params: dict[Path_, BaseModel], source: str,
+                 loc: _Loc | None = None):
         self.model = model
         self.source = source
         self._params = component_params
+        self._loc = loc
         #: located settings that validate but cannot take effect (see :func:`schedule_warnings`)
         self.warnings: list[Problem] = []
+
+    def locate(self, path: str) -> dict[str, Any]:
+        """``file``/``line``/``col`` of the dotted key ``path`` (or its longest located
+        prefix) in the recipe files it was read from; the recipe's ``source`` alone when
+        the recipe was not read from a file (e.g. from a checkpoint's copy)."""
+        key = tuple(int(part) if part.isdigit() else part for part in path.split(".")) if path else ()
+        found = self._loc.find(key) if self._loc is not None else {}
+        if found:
+            return found
+        return {} if self.source.startswith("<") else {"file": self.source}
 
     @property
     def kind(self) -> str:
@@ -796,7 +808,7 @@ def validate_data(data: Any, loc: _Loc, source: str, components: tuple[str, ...]
     if problems:
         raise VqkitError(problems)
     assert model is not None
-    recipe = Recipe(model, params, source)
+    recipe = Recipe(model, params, source, loc)
     recipe.warnings = schedule_warnings(model, registry, loc)
     return recipe
 
@@ -1027,7 +1039,7 @@ def _validate_prior(data: dict, loc: _Loc, source: str) -> Recipe:
     if problems:
         raise VqkitError(problems)
     assert model is not None
-    return Recipe(model, params, source)
+    return Recipe(model, params, source, loc)
 
 
 def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:

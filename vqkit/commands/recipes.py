@@ -48,7 +48,7 @@ def run_validate(args) -> int:
                 except VqkitError as exc:  # locate build problems in the recipe file
                     from vqkit.train.build import in_recipe_file
 
-                    raise in_recipe_file(exc, path) from None
+                    raise in_recipe_file(exc, recipe) from None
             report.append({"recipe": path, "ok": True, "problems": [],
                            "warnings": [w.to_json() for w in recipe.warnings]})
             if not args.json:

@@ -214,7 +214,7 @@ class AutoencoderFamily(Family):
         try:
             built: Built = build_all(self.recipe)
         except VqkitError as exc:  # located in the recipe file, as `vqkit validate --build` does
-            raise in_recipe_file(exc, self.recipe.source) from None
+            raise in_recipe_file(exc, self.recipe) from None
         self.built = built
         self.model = built.model.to(device)
         self.losses = built.losses.to(device)

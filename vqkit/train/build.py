@@ -250,13 +250,12 @@ def build_all(recipe: Recipe, check: bool = True) -> Built:
     return built
 
 
-def in_recipe_file(exc: VqkitError, source: str) -> VqkitError:
+def in_recipe_file(exc: VqkitError, recipe: Recipe) -> VqkitError:
     """``exc`` with its unlocated problems (a build or dry-batch problem names its recipe
-    block only) put in the recipe file ``source``; a recipe built from a plain dict
+    block only) located at that block in the recipe file that set it (file, line, column,
+    as ``vqkit validate`` locates its problems); a recipe built from a plain dict
     (``<dict>``) has no file to name."""
-    if source.startswith("<"):
-        return exc
-    return VqkitError([dataclasses.replace(p, file=p.file or source) for p in exc.problems])
+    return VqkitError([p if p.file else dataclasses.replace(p, **recipe.locate(p.path)) for p in exc.problems])
 
 
 #: images in the batch :func:`check_parts_meet` pushes through the parts
