@@ -252,3 +252,5 @@ def test_a_regulariser_that_overflows_the_discriminators_loss_is_named(workdir, 
     assert len(lines) == 1 and "Traceback" not in err, err
     assert lines[0].startswith("vqkit: error: training stopped: the loss became NaN/inf"), lines
     assert "the discriminator's loss=inf (loss/gan_d + 5e+38·loss/gan_r1)" in lines[0], lines
+    # the advice fits the cause: the regulariser's weight, not the generator's settings
+    assert lines[0].endswith("Lower discriminator.r1, then resume from the last good checkpoint"), lines

@@ -437,10 +437,18 @@ class AutoencoderFamily(Family):
                 )
             terms.update(d.terms)
             if nonfinite(d.total):  # the terms are unweighted and may all be finite: say what was added
-                weighted = [f"{w:.4g}·{k}" for w, k in ((ref.r1 / 2 * ref.r1_every if r1_due else 0.0, "loss/gan_r1"),
-                                                         (ref.lecam, "loss/gan_lecam")) if w > 0]
+                added = [(w, k, key) for w, k, key in (
+                    (ref.r1 / 2 * ref.r1_every if r1_due else 0.0, "loss/gan_r1", "discriminator.r1"),
+                    (ref.lecam, "loss/gan_lecam", "discriminator.lecam")) if w > 0]
+                weighted = [f"{w:.4g}·{k}" for w, k, _ in added]
+                finite = all(math.isfinite(float(terms.get(k, math.nan))) for k in ("loss/gan_d", *(k for _, k, _ in added)))
+                # every unweighted term finite: a regulariser's weight overflowed the sum; else the
+                # discriminator itself diverged
+                advice = (f"Lower {' or '.join(key for *_, key in added)}" if finite and added else
+                          "Lower discriminator.lr (or train.lr) or disable train.amp")
                 raise NonFiniteLoss(f"{self._describe_terms(terms, step)}; the discriminator's loss="
-                                    f"{float(d.total.detach()):.4g} ({' + '.join(['loss/gan_d', *weighted])})")
+                                    f"{float(d.total.detach()):.4g} ({' + '.join(['loss/gan_d', *weighted])})",
+                                    advice=advice)
             self.disc_scaler.scale(d.total).backward()
             # no DDP wrapper: its gradients are averaged here
             self._clip_and_step(self.disc_opt, self.disc_params, self.disc_scaler, average=self.disc_params)

@@ -62,7 +62,12 @@ __all__ = ["Family", "TrainLoop", "NonFiniteLoss", "TrainResult", "seed_everythi
 
 # =========================================================================== helpers
 class NonFiniteLoss(Exception):
-    """The loss (or a gradient norm) became NaN or infinite."""
+    """The loss (or a gradient norm) became NaN or infinite; ``advice`` (when the cause is
+    known, e.g. a regulariser's weight) replaces the generic advice of the error line."""
+
+    def __init__(self, message: str, advice: str | None = None):
+        super().__init__(message)
+        self.advice = advice
 
 
 @dataclasses.dataclass
@@ -798,8 +803,9 @@ class TrainLoop:
         good = self.last_good or (self.resume_path if self.resume is not None else None)
         keep = f"the last good checkpoint is {good}" if good else "no checkpoint was written before it"
         raise VqkitError(
-            f"training stopped: the loss became NaN/inf ({exc}); {keep}. Lower train.lr, set "
-            "train.grad_clip, or disable train.amp, then resume from the last good checkpoint"
+            f"training stopped: the loss became NaN/inf ({exc}); {keep}. "
+            f"{exc.advice or 'Lower train.lr, set train.grad_clip, or disable train.amp'}, then resume from the "
+            "last good checkpoint"
         ) from None
 
     def _loop(self, start: int, stop: int) -> None:
