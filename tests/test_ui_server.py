@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -17,16 +16,10 @@ import urllib.request
 import psutil
 import pytest
 
+from tests.trainkit import closed_port
+
 pytest_plugins = ("trainkit",)  # fixtures: store, mlflow_template
 
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def answers(port: int) -> bool:
@@ -47,7 +40,7 @@ def stop_leftovers(procs) -> None:
 
 def test_sigterm_stops_the_mlflow_server_and_its_worker(store, tmp_path):
     pytest.importorskip("mlflow.server")
-    port = free_port()
+    port = closed_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": store}
     err = tmp_path / "ui.err"
     with open(tmp_path / "ui.out", "w") as out, open(err, "w") as errf:
