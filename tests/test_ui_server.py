@@ -16,7 +16,7 @@ import urllib.request
 import psutil
 import pytest
 
-from tests.trainkit import closed_port
+from tests.trainkit import free_port
 
 pytest_plugins = ("trainkit",)  # fixtures: store, mlflow_template
 
@@ -40,7 +40,7 @@ def stop_leftovers(procs) -> None:
 
 def test_sigterm_stops_the_mlflow_server_and_its_worker(store, tmp_path):
     pytest.importorskip("mlflow.server")
-    port = closed_port()
+    port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": store}
     err = tmp_path / "ui.err"
     with open(tmp_path / "ui.out", "w") as out, open(err, "w") as errf:

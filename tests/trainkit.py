@@ -36,14 +36,19 @@ def store(tmp_path, mlflow_template, monkeypatch):
     return f"sqlite:///{path}"
 
 
-@pytest.fixture
-def closed_port() -> int:
-    """A local TCP port nothing listens on."""
+def free_port() -> int:
+    """A local TCP port nothing listens on (at the time of the call)."""
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()
     return port
+
+
+@pytest.fixture
+def closed_port() -> int:
+    """A local TCP port nothing listens on."""
+    return free_port()
 
 
 @pytest.fixture
