@@ -31,8 +31,9 @@ whatever its own seed. ``--long`` also runs the regularisation round,
 ``vqkit sweep recipes/perceptual/long-regularised.yaml`` (the tuned features with the
 PatchGAN regularised by LeCam or R1, same experiment and length) and a second round,
 ``long-round2.yaml`` (weaker regularisers, seed 1 of the two LPIPS rows) and a third,
-``long-round3.yaml`` (seed 2 of the two LPIPS rows) and a fourth, ``long-round4.yaml``
-(a later start, a fixed adversarial weight); their final
+``long-round3.yaml`` (seed 2 of the two LPIPS rows), a fourth, ``long-round4.yaml``
+(a later start, a fixed adversarial weight) and a fifth, ``long-round5.yaml`` (seeds 1 and
+2 of weight 0.1 on the tuned features); their final
 checkpoints are compared with pixel-only and the unregularised tuned run in
 ``regularised.md``, and seed repeats (``<run>-seed<N>``) join ``seeds.md``.
 
@@ -56,7 +57,10 @@ Runs are tracked in ``<work>/mlflow.db`` (``--work``, default ``runs/bench-perce
 ``vqkit compare --experiment perceptual --tracking-uri sqlite:///<work>/mlflow.db`` shows them.
 Evaluations are cached in ``<out>/evals/<variant>-<step>-<test set>.json``, so several
 processes can evaluate side by side (``--variants``, ``--steps``, ``--tests``) and a
-``--report-only`` call then writes the table and the figures.
+``--report-only`` call then writes the table and the figures. Runs trained and evaluated on
+another machine (whose store is gone) join a report from the ``results.json`` written then:
+``--previous docs/perceptual/long/results.json`` (their numbers as evaluated then; the grids,
+which need every final checkpoint, are left as they are).
 """
 from __future__ import annotations
 
@@ -90,7 +94,8 @@ LONG_LABELS = {
     "long-disc-features-tuned-w0.1": "L1 + 0.1 x disc. features (normalized) + GAN",
 }
 #: the regularisation round (recipes/perceptual/long-regularised.yaml, then its seed repeats)
-REGULARISED_RECIPES = ("long-regularised.yaml", "long-round2.yaml", "long-round3.yaml", "long-round4.yaml")
+REGULARISED_RECIPES = ("long-regularised.yaml", "long-round2.yaml", "long-round3.yaml", "long-round4.yaml",
+                       "long-round5.yaml")
 #: labels of the children of REGULARISED_RECIPES that change something other than R1/LeCam
 ROUND_LABELS = {"long-tuned-start300": "tuned features, discriminator and features from step 300",
                 "long-tuned-fixed-weight": "tuned features, fixed GAN weight (no adaptive weight)"}
@@ -128,6 +133,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-samples", type=int, default=512,
                    help="test crops per evaluation, spread over the split's photographs (>= 512 for the FD)")
     p.add_argument("--report-only", action="store_true", help="no evaluation: write the table and figures")
+    p.add_argument("--previous", type=Path, default=None, metavar="RESULTS_JSON",
+                   help="a results.json written before (e.g. on another machine, whose store is gone): runs "
+                        "not in this store are taken from it as they were evaluated then, and the grids "
+                        "(which need every final checkpoint) are left as they are")
     return p.parse_args(argv)
 
 
@@ -170,7 +179,7 @@ def regularised_variants() -> dict[str, str]:
         grid = recipe["sweep"]["grid"]
         fixed = recipe.get("discriminator") or {}
 
-        def value(key: str, i: int):
+        def value(key: str, i: int, grid=grid, fixed=fixed):
             v = grid.get(f"discriminator.{key}")
             return v[i] if isinstance(v, list) else (v if v is not None else fixed.get(key, 0))
 
@@ -656,7 +665,22 @@ def main(argv: list[str] | None = None) -> int:
             info = collect(args, uri, name, "perceptual-tuning", cache, evaluator, final_only=True)
             if info is not None:
                 results["tuning"][name] = info
-    any_ckpt = next((c for info in results["runs"].values() for c in info["checkpoints"].values()), None)
+    if args.previous is not None:  # runs evaluated before, whose store and checkpoints are elsewhere
+        before = json.loads(args.previous.read_text())
+        for section in ("runs", "seeds", "regularised", "tuning"):
+            for v, info in before.get(section, {}).items():
+                if not results[section].get(v) and not (section == "regularised" and results["seeds"].get(v)):
+                    results[section][v] = {**info, "from": str(args.previous)}
+        # in the order the runs are collected in (the tables list them in that order)
+        order = [*LONG_LABELS, *VARIANTS, *(v for vs in LONG_SEEDS.values() for v in vs), *regularised_variants()]
+        for section in ("runs", "seeds", "regularised"):
+            results[section] = dict(sorted(results[section].items(),
+                                           key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
+        results["codecs"] = results["codecs"] or before.get("codecs", {})
+        if "bpp" in before:
+            results["bpp"] = before["bpp"]
+    any_ckpt = next((c for info in results["runs"].values() for c in info["checkpoints"].values()
+                     if Path(c).is_file()), None)
     if any_ckpt is not None:
         results["bpp"] = code_bpp(Path(any_ckpt))
         from vqkit.model import VQModel
@@ -672,10 +696,10 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{fmt} {test_name}: " + " ".join(f"{k}={e[k]:.4g}" for k in sorted(e)), flush=True)
                 if f.is_file():
                     results["codecs"].setdefault(fmt, {})[test_name] = json.loads(f.read_text())
+    if args.steps is not None and not args.report_only:
+        return 0  # a partial evaluation process: results.json and the report are written by a --report-only call
     (args.out / "results.json").write_text(json.dumps(results, indent=1, sort_keys=True))
     curves(results, args.out / "curves.png")
-    if args.steps is not None and not args.report_only:
-        return 0  # a partial evaluation process: the report is written by a --report-only call
     step = common_step(results)
     if step is None:
         print("no step evaluated for every run yet")
@@ -690,7 +714,11 @@ def main(argv: list[str] | None = None) -> int:
     if results["tuning"]:
         (args.out / "tuning.md").write_text(tuning_table(results, step))
         print(tuning_table(results, step))
+    missing = [v for v, info in results["runs"].items() if not Path(info["checkpoints"].get(str(step), "")).is_file()]
     for test_name in ("in-source", "out-of-source"):
+        if missing:
+            print(f"grid-{test_name}.png left as it is: no final checkpoint here for {', '.join(missing)}")
+            continue
         grid(results["runs"], step, test_name, evaluator, args.out / f"grid-{test_name}.png", results["bpp"],
              args.num_samples)
     print(table(results, step))
