@@ -255,3 +255,20 @@ def test_r1_on_a_discriminator_that_cannot_be_differentiated_twice(tmp_path, sto
             "penalty (discriminator.r1: a second derivative)"), lines[0]), err
         assert "once_differentiable" in err and "Traceback" not in err
         assert _runs(store) == []
+
+
+def test_a_component_too_large_for_memory_is_a_located_error(tmp_path, store, capsys):
+    """A size no machine can allocate (more bytes than a process can address) is the
+    user's setting, not a bug: one located line naming the component, exit 2, no run."""
+    recipe = _recipe(tmp_path, store, quantizer={"name": "vq", "params": {"codebook_size": 10**13}})
+    assert main(["validate", recipe]) == 0
+    capsys.readouterr()
+    for command in (["validate", "--build", recipe], ["train", recipe, "--quiet"]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in err, err
+        assert re.match(f"vqkit: error: {_at(recipe, 'quantizer:')}: " + re.escape(
+            "quantizer: quantizer vq (vqkit ") + r"[^)]*\) does not fit in memory with these params \(one tensor of "
+            r"[\d,.]+ GiB\); lower its sizes", lines[0]), err
+    assert _runs(store) == []

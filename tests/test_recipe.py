@@ -100,6 +100,17 @@ def test_all_errors_are_collected(tmp_path):
      "train.betas: expected a number, got true"),
     (lambda t: t.replace("codebook_size: 64}", "codebook_size: true}"),
      "quantizer.params.codebook_size: expected a number, got true"),
+    # seeds numpy/torch can take; Adam's betas in [0, 1)
+    (lambda t: t.replace("seed: 3", "seed: 99999999999999999999999"), "seed: Input should be less than or equal to 4294967295"),
+    (lambda t: t.replace("seed: 3", "seed: -1"), "seed: Input should be greater than or equal to 0"),
+    (lambda t: t.replace("train: {steps: 20, batch_size: 4}", "train: {betas: [1.5, 0.9]}"),
+     "train.betas.0: Input should be less than 1"),
+    # only plain YAML: names, not lists or mappings, as keys; no !!binary (bytes became names)
+    (lambda t: t.replace("decoder: {name: t-conv}", "decoder: {name: t-conv, ? [a, b] : 1}"),
+     "decoder: a key must be a name, not a list"),
+    (lambda t: t.replace("decoder: {name: t-conv}", "decoder: {name: !!binary dC1jb252}"),
+     "YAML error: tag 'tag:yaml.org,2002:binary' is not allowed"),
+    (lambda t: t + "? {a: 1}\n: 2\n", "a key must be a name, not a mapping"),
     (lambda t: t.replace("activation", "x") + "", None),
     (lambda t: t.replace("train: {steps: 20, batch_size: 4}", "train: {optimizer: sgd}"), "train.optimizer: must be 'adam' or 'adamw'"),
     (lambda t: t.replace("losses:\n  - {name: pixel-l1}\n  - {name: pixel-l2, weight: 0.5, start_step: 10}\n", "losses: []\n"), "losses: List should have at least 1 item"),
@@ -236,3 +247,11 @@ def test_missing_component_name_lists_the_registered_names(tmp_path):
     msgs = problems(write(tmp_path, text))
     [msg] = [m for m in msgs if "quantizer.name" in m]
     assert "quantizer.name: required key is missing (valid: " in msg and re.search(r"valid: [^)]*\bt-vq\b", msg), msg
+
+
+def test_binary_and_set_tags_are_refused_in_set_values(tmp_path):
+    path = write(tmp_path, GOOD)
+    for value in ("!!binary dC12cQ==", "!!set {a}"):
+        with pytest.raises(VqkitError) as exc:
+            load_recipe(path, [f"quantizer.name={value}"])
+        assert "is not valid YAML: could not determine a constructor" in str(exc.value), str(exc.value)

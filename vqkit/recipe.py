@@ -13,7 +13,7 @@ import importlib.metadata as md
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -85,7 +85,8 @@ class TrainConfig(_Block):
     batch_size: int = Field(64, ge=1, description="images per step (per process)")
     lr: float = Field(2.0e-4, gt=0, description="peak learning rate")
     optimizer: Literal["adam", "adamw"] = Field("adam", description="optimizer")
-    betas: tuple[float, float] = Field((0.9, 0.99), description="Adam betas")
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = Field(
+        (0.9, 0.99), description="Adam betas, each in [0, 1)")
     weight_decay: float = Field(0.0, ge=0, description="weight decay")
     schedule: Literal["constant", "cosine", "linear"] = Field(
         "constant", description="LR schedule after warm-up"
@@ -234,7 +235,7 @@ class RecipeModel(_Block):
     vqkit: Literal[1] = Field(description="recipe schema version")
     name: str = Field(description="experiment name")
     requires: list[Union[str, Requirement]] = REQUIRES_FIELD
-    seed: int = Field(0, description="global seed")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="global seed (0 to 2^32 - 1, as numpy takes)")
     data: ComponentRef
     encoder: ComponentRef
     quantizer: ComponentRef
@@ -339,6 +340,11 @@ def _walk(node: yaml.Node, path: Path_, file: str, loc: _Loc, dupes: list[Proble
     if isinstance(node, yaml.MappingNode):
         seen: dict[Any, int] = {}
         for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):  # `? [a, b] : 1`: not a name
+                dupes.append(Problem(f"a key must be a name, not a {'list' if isinstance(key_node, yaml.SequenceNode) else 'mapping'}",
+                                     path=_dotted(path), file=file, line=key_node.start_mark.line + 1,
+                                     col=key_node.start_mark.column + 1))
+                continue
             key = key_node.value
             if key in seen:
                 dupes.append(
@@ -994,7 +1000,7 @@ class PriorRecipeModel(_Block):
     kind: Literal["prior"] = Field(description="`prior`: a model of an autoencoder's codes")
     name: str = Field(description="experiment name")
     requires: list[Union[str, Requirement]] = REQUIRES_FIELD
-    seed: int = Field(0, description="global seed")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="global seed (0 to 2^32 - 1, as numpy takes)")
     autoencoder: AutoencoderRef
     prior: PriorRef
     train: TrainConfig = Field(default_factory=TrainConfig)

@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence, TextIO
 
 import yaml
 
+from vqkit import yamlsafe
 from vqkit.errors import Problem, VqkitError, closest
 from vqkit.interfaces import Launcher
 
@@ -229,7 +230,7 @@ def parse_grid(texts: Iterable[str]) -> dict[str, list[Any]]:
         values = []
         for item in _split_top_level(raw):
             try:
-                values.append(yaml.safe_load(item) if item.strip() else None)
+                values.append(yamlsafe.safe_load(item) if item.strip() else None)
             except yaml.YAMLError as exc:
                 problems.append(Problem(f"--grid {key}: {item!r} is not valid YAML ({str(exc).splitlines()[0]})"))
         if key in grid:
@@ -290,7 +291,7 @@ def parse_space(texts: Iterable[str]) -> dict[str, Any]:
                                     f"got {text!r}"))
             continue
         try:
-            space[key] = yaml.safe_load(raw)
+            space[key] = yamlsafe.safe_load(raw)
         except yaml.YAMLError as exc:
             problems.append(Problem(f"--space {key}: {raw!r} is not valid YAML ({str(exc).splitlines()[0]})"))
     if problems:

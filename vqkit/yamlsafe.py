@@ -116,6 +116,15 @@ except ImportError:  # pragma: no cover - PyYAML built without libyaml
             Resolver.__init__(self)
 
 
+#: tags PyYAML's safe constructor knows that have no place in a recipe: ``!!binary`` gives
+#: bytes (which pydantic turns into a string or a number, after the component names were
+#: checked), ``!!set``/``!!omap``/``!!pairs`` non-JSON containers. They are refused like
+#: ``!!python/...`` ("could not determine a constructor").
+REFUSED_TAGS = tuple(f"tag:yaml.org,2002:{t}" for t in ("binary", "set", "omap", "pairs"))
+_Loader.yaml_constructors = {tag: make for tag, make in SafeConstructor.yaml_constructors.items()
+                             if tag not in REFUSED_TAGS}
+
+
 def read_text(path: str | os.PathLike) -> str:
     """The UTF-8 text of ``path``, read at most ``MAX_BYTES + 1`` bytes far.
 

@@ -32,7 +32,7 @@ class LPIPSParams(Params):
         description="path of the converted backbone file (relative to the working directory); "
         "default: $VQKIT_CACHE (or ~/.cache/vqkit)/lpips/<net>_backbone.pt",
     )
-    backbone_seed: int = Field(0, description="torch seed of the random backbone (pretrained_backbone: false only)")
+    backbone_seed: int = Field(0, ge=0, le=2**32 - 1, description="torch seed of the random backbone (pretrained_backbone: false only)")
     resize: Optional[int] = Field(
         None, ge=16, description="resize both images to resize x resize (bilinear) before the network; for images smaller than the backbone accepts"
     )

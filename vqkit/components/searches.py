@@ -68,7 +68,7 @@ class RandomSearch(_Static):
     """`budget` distinct combinations drawn at random (seeded) from choices and ranges."""
 
     class Params(Params):
-        seed: Optional[int] = Field(None, description="seed of the draws (default: the recipe's seed)")
+        seed: Optional[int] = Field(None, ge=0, le=2**32 - 1, description="seed of the draws (default: the recipe's seed)")
         digits: int = Field(4, ge=1, le=17, description="significant digits kept of values drawn from a "
                             "float range (run names show the value trained)")
 

@@ -61,6 +61,25 @@ def _make(kind: str, name: str, params: Any, where: str, **context: Any) -> Any:
                 path=where,
             )
         ) from None
+    except (MemoryError, RuntimeError) as exc:
+        if not _out_of_memory(exc):
+            raise
+        asked = re.search(r"allocate (\d+) bytes", str(exc))
+        what = f"one tensor of {int(asked.group(1)) / 2**30:,.1f} GiB" if asked else (_first_line(exc) or "MemoryError")
+        raise VqkitError(Problem(
+            f"{NOUNS[kind]} {_describe(entry)} does not fit in memory with these params ({what}); "
+            "lower its sizes", path=where)) from None
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocation failure (a size a user chose), not a bug."""
+    text = str(exc).lower()
+    return isinstance(exc, MemoryError) or any(
+        s in text for s in ("can't allocate memory", "out of memory", "not enough memory"))
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0][:300]
 
 
 def build_datasets(recipe: Recipe) -> tuple[Dataset, Dataset]:

@@ -33,7 +33,7 @@ class LPIPSOfficialParams(Params):
         "torchvision's own weights (its cache; downloads when absent), or random (seeded; tests)",
     )
     weights: Optional[str] = Field(None, description="converted backbone file for backbone: vqkit-cache; default: the vqkit cache")
-    backbone_seed: int = Field(0, description="torch seed of the random backbone (backbone: random only)")
+    backbone_seed: int = Field(0, ge=0, le=2**32 - 1, description="torch seed of the random backbone (backbone: random only)")
     reduction: Literal["mean", "sum"] = Field("mean", description="how the per-image distances of a batch are combined")
 
     @model_validator(mode="after")

@@ -104,7 +104,7 @@ class OptunaSearch(Search):
         study_name: str = Field("vqkit-sweep", description="name of the study in its storage")
         storage: Literal["journal", "sqlite"] = Field(
             "journal", description="journal: optuna.journal in the parent run folder; sqlite: optuna.db there")
-        seed: Optional[int] = Field(None, description="sampler seed (default: the recipe's seed)")
+        seed: Optional[int] = Field(None, ge=0, le=2**32 - 1, description="sampler seed (default: the recipe's seed)")
 
     def __init__(self, params: Params | None = None, *, space: Mapping[str, Dimension],
                  objective: Objective | None = None, budget: int | None = None, seed: int = 0,
