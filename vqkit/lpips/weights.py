@@ -76,10 +76,18 @@ def load_backbone_state(net: str, path: str | os.PathLike | None = None) -> dict
     if net not in BACKBONES:
         raise VqkitError(f"lpips: unknown net {net!r} (valid: {', '.join(NETS)})")
     explicit = path is not None
+    if explicit and not str(path).strip():
+        raise VqkitError(f"lpips: params.weights is empty; name a converted {NET_TITLES[net]} backbone file, or "
+                         f"leave it out for the default location ({backbone_path(net)})")
     file = Path(path).expanduser() if explicit else backbone_path(net)
+    if file.is_dir():
+        raise VqkitError(f"lpips: {file} is a directory, not a backbone weights file"
+                         + (" (params.weights names the file itself)" if explicit else ""))
     if not file.is_file():
         raise _missing(net, file, explicit)
-    redo = f"recreate it with `{fetch_command(net)} --force`"
+    # `weights fetch` writes the default location only: a file the recipe names is the user's to replace
+    redo = (f"params.weights must name a converted {NET_TITLES[net]} backbone (`{fetch_command(net)}` writes "
+            f"one to {backbone_path(net)})" if explicit else f"recreate it with `{fetch_command(net)} --force`")
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt file, or one holding arbitrary objects
@@ -88,7 +96,8 @@ def load_backbone_state(net: str, path: str | os.PathLike | None = None) -> dict
         raise VqkitError(f"lpips: {file} does not hold a state dict; {redo}")
     problems = check_state(net, state)
     if problems:
-        raise VqkitError(f"lpips: {file} is not a {NET_TITLES[net]} backbone ({'; '.join(problems)}); {redo}")
+        article = "an" if NET_TITLES[net][0] in "AEIOU" else "a"
+        raise VqkitError(f"lpips: {file} is not {article} {NET_TITLES[net]} backbone ({'; '.join(problems)}); {redo}")
     return {k: v.float() for k, v in state.items()}
 
 
