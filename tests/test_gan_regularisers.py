@@ -241,16 +241,21 @@ def test_a_term_computed_on_some_steps_of_a_window_is_their_mean(workdir, store)
     assert history(2, "loss/gan_d")[2] == pytest.approx(history(1, "loss/gan_d")[2], rel=1e-5)
 
 
-def test_a_regulariser_that_overflows_the_discriminators_loss_is_named(workdir, store, capsys):
+@pytest.mark.parametrize("disc, keys", [
+    ({"r1": 1e39}, "discriminator.r1"),
+    ({"r1": 1e30, "r1_every": 10**9}, "discriminator.r1 or discriminator.r1_every"),  # lazy R1's weight x every
+])
+def test_a_regulariser_that_overflows_the_discriminators_loss_is_named(workdir, store, capsys, disc, keys):
     """Each logged term is finite when R1's weight overflows the discriminator's loss: the
     one error line says that it is the discriminator's total that became inf, and its weights."""
     from vqkit.cli import main
 
-    assert main(["train", str(_recipe(workdir, store, r1=1e39)), "--quiet"]) == 2
+    assert main(["train", str(_recipe(workdir, store, **disc)), "--quiet"]) == 2
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("vqkit: error: ")]
     assert len(lines) == 1 and "Traceback" not in err, err
     assert lines[0].startswith("vqkit: error: training stopped: the loss became NaN/inf"), lines
     assert "the discriminator's loss=inf (loss/gan_d + 5e+38·loss/gan_r1)" in lines[0], lines
-    # the advice fits the cause: the regulariser's weight, not the generator's settings
-    assert lines[0].endswith("Lower discriminator.r1, then resume from the last good checkpoint"), lines
+    # the advice fits the cause (the regulariser's weight, not the generator's settings) and
+    # what there is: it fails at step 1, before the first checkpoint (step 3)
+    assert lines[0].endswith(f"no checkpoint was written before it. Lower {keys}, then train again"), lines

@@ -438,7 +438,8 @@ class AutoencoderFamily(Family):
             terms.update(d.terms)
             if nonfinite(d.total):  # the terms are unweighted and may all be finite: say what was added
                 added = [(w, k, key) for w, k, key in (
-                    (ref.r1 / 2 * ref.r1_every if r1_due else 0.0, "loss/gan_r1", "discriminator.r1"),
+                    (ref.r1 / 2 * ref.r1_every if r1_due else 0.0, "loss/gan_r1",
+                     "discriminator.r1" + (" or discriminator.r1_every" if ref.r1_every > 1 else "")),
                     (ref.lecam, "loss/gan_lecam", "discriminator.lecam")) if w > 0]
                 weighted = [f"{w:.4g}·{k}" for w, k, _ in added]
                 finite = all(math.isfinite(float(terms.get(k, math.nan))) for k in ("loss/gan_d", *(k for _, k, _ in added)))

@@ -802,10 +802,10 @@ class TrainLoop:
             self.tracker.set_tags({"vqkit.failure": f"non-finite loss: {exc}"[:5000]})
         good = self.last_good or (self.resume_path if self.resume is not None else None)
         keep = f"the last good checkpoint is {good}" if good else "no checkpoint was written before it"
+        then = "then resume from the last good checkpoint" if good else "then train again"
         raise VqkitError(
             f"training stopped: the loss became NaN/inf ({exc}); {keep}. "
-            f"{exc.advice or 'Lower train.lr, set train.grad_clip, or disable train.amp'}, then resume from the "
-            "last good checkpoint"
+            f"{exc.advice or 'Lower train.lr, set train.grad_clip, or disable train.amp'}, {then}"
         ) from None
 
     def _loop(self, start: int, stop: int) -> None:
