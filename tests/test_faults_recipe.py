@@ -156,7 +156,13 @@ SET_ERRORS = {
     "train.steps=[1": "--set: train.steps: value '[1' is not valid YAML: did not find expected ',' or ']' "
                       "(while parsing a flow sequence)",
     "losses.0=3": "--set: losses.0: must be a mapping (got 3)",
-    "losses.4=[1]": "--set: losses.4: no such item: losses has 2 items (0 to 1; losses.2 adds one)",
+    "losses.4=[1]": "--set: losses.4: no such item: losses has 2 items (0 to 1); losses.2 adds one",
+    "losses.-1.weight=2": "--set: losses.-1.weight: list indices count from 0 (no negative index -1)",
+    # a list the recipe does not set has no items yet (its default is filled in afterwards)
+    "eval.metrics.5=psnr": "--set: eval.metrics.5: eval.metrics is not in the recipe (its default applies): "
+                           "set the whole list, e.g. --set 'eval.metrics=[...]'",
+    "train.betas.1=0.5": "--set: train.betas.1: train.betas is not in the recipe (its default applies): "
+                         "set the whole list, e.g. --set 'train.betas=[...]'",
 }
 
 

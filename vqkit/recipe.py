@@ -504,6 +504,8 @@ def parse_override(text: str) -> tuple[Path_, Any]:
     for part in key.strip().split("."):
         if not part:
             raise VqkitError(Problem(f"--set: empty key in {key!r}"))
+        if part[0] == "-" and part[1:].isdigit():
+            raise VqkitError(Problem(f"list indices count from 0 (no negative index {part})", path=key.strip(), file=SET))
         parts.append(int(part) if part.isdigit() else part)
     try:
         value = yamlsafe.safe_load(raw) if raw.strip() else None
@@ -521,7 +523,14 @@ SET = "--set"
 
 def _items(path: Path_, items: list) -> str:
     n = len(items)
-    return f"{_dotted(path)} has {n} item{'s' if n != 1 else ''}" + (f" (0 to {n - 1}" if n else " (")
+    return f"{_dotted(path)} has {n} item{'s' if n != 1 else ''}" + (f" (0 to {n - 1})" if n else "")
+
+
+def _not_in_recipe(path: Path_) -> str:
+    """Why an index into a list the recipe does not set cannot be given: its default (if
+    any) is filled in after the overrides, so there is nothing to index yet."""
+    return (f"{_dotted(path)} is not in the recipe (its default applies): set the whole list, "
+            f"e.g. --set '{_dotted(path)}=[...]'")
 
 
 def _not_a_container(value: Any) -> str:
@@ -543,8 +552,10 @@ def _apply_override(data: dict, path: Path_, value: Any, loc: _Loc, problems: li
         else:
             if isinstance(cur, list) and not isinstance(part, int):
                 why = f"{_dotted(path[:i])} is a list: give an index ({_dotted(path[:i])}.0.{part})"
+            elif isinstance(cur, list) and not cur and loc.marks.get(path[:i], (None,))[0] == SET:
+                why = _not_in_recipe(path[:i])
             elif isinstance(cur, list):
-                why = _items(path[:i], cur) + ")"
+                why = _items(path[:i], cur)
             else:  # the value at path[:i] is a scalar
                 problems.append(Problem(f"cannot descend into {_dotted(path[:i])}: {_not_a_container(cur)}",
                                         path=_dotted(path), file=SET))
@@ -572,8 +583,11 @@ def _apply_override(data: dict, path: Path_, value: Any, loc: _Loc, problems: li
         else:
             cur[last] = _merge(cur[last], value, path)
     elif isinstance(cur, list) and isinstance(last, int):
-        problems.append(Problem(f"no such item: {_items(path[:-1], cur)}; {_dotted(path[:-1])}.{len(cur)} adds one)",
-                                path=_dotted(path), file=SET))
+        if not cur and loc.marks.get(path[:-1], (None,))[0] == SET:
+            why = _not_in_recipe(path[:-1])
+        else:
+            why = f"no such item: {_items(path[:-1], cur)}; {_dotted(path[:-1])}.{len(cur)} adds one"
+        problems.append(Problem(why, path=_dotted(path), file=SET))
         return
     else:
         if isinstance(cur, list):
