@@ -255,3 +255,21 @@ def test_binary_and_set_tags_are_refused_in_set_values(tmp_path):
         with pytest.raises(VqkitError) as exc:
             load_recipe(path, [f"quantizer.name={value}"])
         assert "is not valid YAML: could not determine a constructor" in str(exc.value), str(exc.value)
+
+
+def test_a_name_in_other_case_is_suggested(tmp_path):
+    msgs = problems(write(tmp_path, GOOD.replace("name: t-vq", "name: T-VQ")))
+    assert any("quantizer.name: unknown quantizer 'T-VQ' (did you mean 't-vq'?" in m for m in msgs), msgs
+
+
+def test_a_dotted_key_in_a_file_says_to_nest_it(tmp_path):
+    [msg] = problems(write(tmp_path, GOOD + "quantizer.beta: 0.5\n"))
+    assert msg.endswith("a dotted key is --set syntax: in a recipe file, nest it (quantizer: {beta: ...})"), msg
+
+
+def test_extends_of_a_shipped_recipe_by_its_bare_name_suggests_the_prefix(tmp_path):
+    path = tmp_path / "child.yaml"
+    path.write_text("extends: quickstart.yaml\nname: child\n")
+    [msg] = problems(path)
+    assert msg == (f"{path}:1:10: extends: recipe file not found: {tmp_path / 'quickstart.yaml'} "
+                   "(vqkit ships a recipe of that name: extends: vqkit:quickstart.yaml)"), msg

@@ -48,9 +48,14 @@ class VqkitError(Exception):
 
 
 def closest(name: str, choices: Iterable[str], cutoff: float = 0.6) -> str | None:
-    """The choice most like ``name`` (difflib's ratio of at least ``cutoff``), or ``None``."""
-    close = difflib.get_close_matches(name, sorted(set(choices)), n=1, cutoff=cutoff)
-    return close[0] if close else None
+    """The choice most like ``name`` (difflib's ratio of at least ``cutoff``, ignoring
+    case: ``PatchGAN`` finds ``patchgan``), or ``None``."""
+    choices = sorted(set(choices))
+    folded = {c.lower(): c for c in reversed(choices)}  # the first choice of each folded spelling
+    if str(name).lower() in folded and folded[str(name).lower()] != name:
+        return folded[str(name).lower()]
+    close = difflib.get_close_matches(str(name).lower(), sorted(folded), n=1, cutoff=cutoff)
+    return folded[close[0]] if close else None
 
 
 def suggest(name: str, choices: Iterable[str], *, label: str = "valid", always_list: bool = True) -> str:

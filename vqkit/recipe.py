@@ -461,8 +461,13 @@ def _read_with_extends(
             if parent_path is None:
                 parent = None
             elif not parent_path.exists():
+                hint = ""
+                if not parent_ref.startswith(SHIPPED_PREFIX) and not os.path.isabs(parent_ref) and (
+                        shipped_recipes_dir() / parent_ref).is_file():
+                    hint = f" (vqkit ships a recipe of that name: extends: {SHIPPED_PREFIX}{parent_ref})"
                 problems.append(
-                    Problem(f"recipe file not found: {parent_path}", path="extends", **own.find(("extends",)))
+                    Problem(f"recipe file not found: {parent_path}{hint}", path="extends",
+                            **own.find(("extends",), value=True))
                 )
                 parent = None
             elif len(chain) + 1 >= MAX_EXTENDS_DEPTH:
@@ -700,6 +705,9 @@ def _pydantic_problems(exc: ValidationError, base: Path_, loc: _Loc, model: type
                 msg = f"unknown key {str(path[-1])!r}" + (
                     suggest(str(path[-1]), fields) if fields else " (this component takes no params)"
                 )
+                head, dot, rest = str(path[-1]).partition(".")
+                if dot and rest:  # `--set` syntax written into a file
+                    msg += f"; a dotted key is --set syntax: in a recipe file, nest it ({head}: {{{rest}: ...}})"
         elif err["type"] == "missing":
             msg = "required key is missing"
         elif err["type"] == "literal_error":
