@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -83,7 +84,10 @@ def test_validate_build_reports_problems_between_components(capsys):
     capsys.readouterr()
     assert main(["validate", "--build", quick, *mismatch]) == 2
     err = capsys.readouterr().err
-    assert f"vqkit: error: {quick}: decoder: decoder 'conv': channels has 2 entries but factor 1" in err
+    # at the decoder block's line in the recipe file
+    line = next(n for n, text in enumerate(Path(quick).read_text().splitlines(), 1) if text.startswith("decoder:"))
+    assert re.search(f"vqkit: error: {re.escape(quick)}:{line}:[0-9]+: decoder: decoder 'conv': channels has 2 "
+                     "entries but factor 1", err), err
     assert "Traceback" not in err
     assert main(["validate", "--build", "--json", quick, "--set", "data.params.image_size=28",
                  "--set", "encoder.params.factor=8"]) == 2

@@ -272,3 +272,24 @@ def test_a_component_too_large_for_memory_is_a_located_error(tmp_path, store, ca
             "quantizer: quantizer vq (vqkit ") + r"[^)]*\) does not fit in memory with these params \(one tensor of "
             r"[\d,.]+ GiB\); lower its sizes", lines[0]), err
     assert _runs(store) == []
+
+
+def test_validate_build_checks_what_train_needs_of_the_machine(tmp_path, store, capsys, monkeypatch):
+    """`validate --build` ok means `train` does not refuse: the eval metrics' weights and the
+    device are checked too, located at their keys."""
+    import torch
+
+    monkeypatch.setenv("VQKIT_CACHE", str(tmp_path / "empty-cache"))
+    recipe = _recipe(tmp_path, store, eval={"num_samples": 4, "batch_size": 4, "metrics": ["psnr", "lpips"]})
+    assert main(["validate", recipe]) == 0
+    capsys.readouterr()
+    assert main(["validate", "--build", recipe]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert re.match(f"vqkit: error: {_at(recipe, 'metrics:')}: eval.metrics: eval metric lpips needs the pretrained "
+                    "AlexNet weights, not found at ", line), line
+    if not torch.cuda.is_available():
+        assert main(["validate", "--build", _recipe(tmp_path, store), "--set", "train.device=cuda"]) == 2
+        [line] = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith("vqkit: error: --set: train.device: train.device is 'cuda' but CUDA is not available"), line
+    assert main(["validate", _recipe(tmp_path, store), "--set", "train.device=tpu"]) == 2
+    assert "train.device: must be auto, cpu, cuda or cuda:N (got 'tpu')" in capsys.readouterr().err

@@ -96,6 +96,15 @@ class TrainConfig(_Block):
     grad_clip: Optional[float] = Field(1.0, gt=0, description="max gradient norm (null: off)")
     amp: bool = Field(False, description="automatic mixed precision (bf16 on CPU, fp16 on CUDA)")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+
+    @field_validator("device")
+    @classmethod
+    def _device_form(cls, value: str) -> str:
+        import re
+
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value.strip().lower()):
+            raise ValueError(f"must be auto, cpu, cuda or cuda:N (got {value!r})")
+        return value
     num_workers: int = Field(0, ge=0, description="data-loader worker processes")
     log_every: int = Field(50, ge=1, description="log metrics every N steps")
     eval_every: int = Field(500, ge=1, description="evaluate on the test split every N steps")

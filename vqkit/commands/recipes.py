@@ -45,6 +45,10 @@ def run_validate(args) -> int:
                 try:
                     built = build_all(recipe)
                     _check_data(built)
+                    if recipe.kind != "prior":
+                        from vqkit.train.build import check_runtime
+
+                        check_runtime(recipe)  # the device, the eval metrics' weights
                 except VqkitError as exc:  # locate build problems in the recipe file
                     from vqkit.train.build import in_recipe_file
 

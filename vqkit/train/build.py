@@ -39,6 +39,7 @@ __all__ = [
     "build_policies",
     "build_all",
     "check_parts_meet",
+    "check_runtime",
     "component_tags",
     "not_implemented_error",
     "loss_keys",
@@ -267,6 +268,24 @@ def build_all(recipe: Recipe, check: bool = True) -> Built:
     if check:
         check_parts_meet(built)
     return built
+
+
+def check_runtime(recipe: Recipe) -> None:
+    """What ``vqkit train`` needs of this machine besides the parts: the ``train.device``
+    (CUDA present, the index visible) and the weights of the ``eval.metrics`` networks;
+    problems located at those keys (``vqkit validate --build`` runs it)."""
+    from vqkit.metrics import MetricSet
+    from vqkit.train.distributed import resolve_device
+
+    found = []
+    for key, check in (("train.device", lambda: resolve_device(recipe.model.train.device)),
+                       ("eval.metrics", lambda: MetricSet(recipe.model.eval.metrics, device="cpu"))):
+        try:
+            check()
+        except VqkitError as exc:
+            found.append([dataclasses.replace(p, path=p.path or key) for p in exc.problems])
+    if found:
+        raise VqkitError(merge_problems(found))
 
 
 def in_recipe_file(exc: VqkitError, recipe: Recipe) -> VqkitError:
