@@ -282,6 +282,20 @@ def test_loss_that_needs_a_discriminator_is_checked_without_build(tmp_path, caps
     err = capsys.readouterr().err
     assert f"{path}:4:12: losses.1.name: loss 'discriminator-features' (vqkit 0.1.0) needs a discriminator" in err
     assert main(["validate", str(path), "--set", "discriminator={name: patchgan}"]) == 0
+    # a discriminator block that is not a mapping: its own error, with the form, and no second one
+    assert main(["validate", str(path), "--set", "discriminator=patchgan"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == ["vqkit: error: --set: discriminator: must be a mapping (got 'patchgan'); a component is named "
+                     "inside its block: {name: patchgan}"], lines
+    # a child that removes its parent's discriminator: the error says where
+    child = tmp_path / "child.yaml"
+    child.write_text(f"extends: {QUICKSTART}\ndiscriminator: {{name: patchgan}}\nlosses:\n  - {{name: pixel-l1}}\n"
+                     "  - {name: discriminator-features}\n")
+    grandchild = tmp_path / "grandchild.yaml"
+    grandchild.write_text("extends: child.yaml\ndiscriminator:\n")
+    assert main(["validate", str(grandchild)]) == 2
+    err = capsys.readouterr().err
+    assert f"but the recipe has no `discriminator` block (`discriminator` is null at {grandchild}:2:1)" in err, err
 
 
 def test_quantizer_without_replace_codes_must_declare_a_fixed_codebook(tmp_path):

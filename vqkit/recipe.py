@@ -723,6 +723,8 @@ def _pydantic_problems(exc: ValidationError, base: Path_, loc: _Loc, model: type
             msg = msg.replace("Input should be", "must be")
         elif err["type"] in ("model_type", "model_attributes_type", "dict_type"):  # not the class name
             msg = f"must be a mapping (got {err.get('input')!r})"
+            if isinstance(err.get("input"), str) and _is_component_block(path):
+                msg += f"; a component is named inside its block: {{name: {err['input']}}}"
         else:
             got = err.get("input")
             if not isinstance(got, (dict, list)) and err["type"] not in ("value_error",):
@@ -971,14 +973,21 @@ def _capability_problems(data: dict, refs: list[tuple[Path_, str, Any]], registr
                     **loc.find(where, value=True),
                 )
             )
-    has_disc = isinstance(data.get("discriminator"), dict)
+    disc = data.get("discriminator")
+    has_disc = isinstance(disc, dict) or disc is not None  # not a mapping: the block's own error says so
+    nulled = ""
+    if "discriminator" in data and disc is None:  # `discriminator:` or `--set discriminator=null` removed it
+        at = loc.find(("discriminator",))
+        if at:
+            where = at["file"] + (f":{at['line']}:{at['col']}" if at.get("line") else "")
+            nulled = f" (`discriminator` is null at {where})"
     for path, entry in entries.items():
         if path[0] == "losses" and entry.cls.needs_discriminator and not has_disc:
             where = path + ("name",)
             problems.append(
                 Problem(
                     f"loss {_provider(entry)} needs a discriminator (it declares "
-                    "needs_discriminator = True) but the recipe has no `discriminator` block; "
+                    f"needs_discriminator = True) but the recipe has no `discriminator` block{nulled}; "
                     "add e.g. `discriminator: {name: patchgan}`",
                     path=_dotted(where),
                     **loc.find(where, value=True),
