@@ -259,3 +259,15 @@ def test_a_regulariser_that_overflows_the_discriminators_loss_is_named(workdir, 
     # the advice fits the cause (the regulariser's weight, not the generator's settings) and
     # what there is: it fails at step 1, before the first checkpoint (step 3)
     assert lines[0].endswith(f"no checkpoint was written before it. Lower {keys}, then train again"), lines
+
+
+def test_resume_that_drops_the_discriminator_says_so(workdir, store, capsys):
+    """Adding a discriminator on resume is refused (there is no state for it); removing one
+    (`--set discriminator=null`) goes on without it, with a warning, not silently."""
+    from vqkit.cli import main
+
+    first = train(load_recipe(_recipe(workdir, store, "d.yaml")), quiet=True, stop_after=3)
+    capsys.readouterr()
+    assert main(["train", "--resume", first.run_id, "--set", "discriminator=null", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "vqkit: warning:" in err and "holds a trained discriminator but the recipe has none" in err, err

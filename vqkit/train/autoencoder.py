@@ -351,6 +351,14 @@ class AutoencoderFamily(Family):
                 if self.disc_opt is not None and state["optimizers"].get("discriminator") is not None:
                     self.disc_opt.load_state_dict(state["optimizers"]["discriminator"])
                     self.disc_sched.load_state_dict(state["schedulers"]["discriminator"])
+            elif state.get("discriminator") is not None:  # e.g. resumed with --set discriminator=null
+                warnings.warn(
+                    f"{where} holds a trained discriminator but the recipe has none: the run goes on "
+                    "without it (its adversarial and feature terms stop); resume with the recipe the "
+                    "run was trained with to keep it",
+                    RecipeWarning,
+                    stacklevel=2,
+                )
             if self.lecam_anchors is not None:
                 if state.get("lecam") is not None:
                     self.lecam_anchors.load_state_dict(state["lecam"])
