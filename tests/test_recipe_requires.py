@@ -110,3 +110,13 @@ def test_each_plugin_recipe_names_its_distribution_when_it_is_missing(recipe, ca
     assert lines[0].endswith(f": requires.0: distribution '{dist}' is not installed "
                              f"(install it: pip install -e plugins/{dist})"), lines
     assert lines[1].endswith(f"; the recipe requires {dist}: not installed"), lines
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("[5]", "--set: requires.0: must be a requirement string ('vqkit-fsq>=0.1') or a mapping "
+            "{dist: ..., install: ...} (got 5)"),
+    ("[{dist: 5}]", "--set: requires.0.dist: Input should be a valid string (got 5)"),
+])
+def test_a_bad_requires_item_is_one_error_without_union_branches(capsys, value, expected):
+    assert main(["validate", str(ROOT / "recipes" / "quickstart.yaml"), "--set", f"requires={value}"]) == 2
+    assert errors(capsys.readouterr().err) == [f"vqkit: error: {expected}"]

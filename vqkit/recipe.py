@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vqkit import yamlsafe
 from vqkit.errors import Problem, RecipeWarning, VqkitError, suggest
@@ -240,10 +240,24 @@ REQUIRES_FIELD = Field(
 )
 
 
+def _requirement_item(value: Any) -> Any:
+    """One ``requires:`` item: a string, or a mapping checked as :class:`Requirement`
+    (one message either way, not one per branch of the union)."""
+    if isinstance(value, dict):
+        return Requirement.model_validate(value)
+    if not isinstance(value, str):
+        raise ValueError(f"must be a requirement string ('vqkit-fsq>=0.1') or a mapping "
+                         f"{{dist: ..., install: ...}} (got {value!r})")
+    return value
+
+
+RequirementItem = Annotated[Union[str, Requirement], BeforeValidator(_requirement_item)]
+
+
 class RecipeModel(_Block):
     vqkit: Literal[1] = Field(description="recipe schema version")
     name: str = Field(description="experiment name")
-    requires: list[Union[str, Requirement]] = REQUIRES_FIELD
+    requires: list[RequirementItem] = REQUIRES_FIELD
     seed: int = Field(0, ge=0, le=2**32 - 1, description="global seed (0 to 2^32 - 1, as numpy takes)")
     data: ComponentRef
     encoder: ComponentRef
@@ -1039,7 +1053,7 @@ class PriorRecipeModel(_Block):
     vqkit: Literal[1] = Field(description="recipe schema version")
     kind: Literal["prior"] = Field(description="`prior`: a model of an autoencoder's codes")
     name: str = Field(description="experiment name")
-    requires: list[Union[str, Requirement]] = REQUIRES_FIELD
+    requires: list[RequirementItem] = REQUIRES_FIELD
     seed: int = Field(0, ge=0, le=2**32 - 1, description="global seed (0 to 2^32 - 1, as numpy takes)")
     autoencoder: AutoencoderRef
     prior: PriorRef
