@@ -273,3 +273,9 @@ def test_extends_of_a_shipped_recipe_by_its_bare_name_suggests_the_prefix(tmp_pa
     [msg] = problems(path)
     assert msg == (f"{path}:1:10: extends: recipe file not found: {tmp_path / 'quickstart.yaml'} "
                    "(vqkit ships a recipe of that name: extends: vqkit:quickstart.yaml)"), msg
+
+
+def test_extends_of_a_directory_is_located_at_the_value(tmp_path):
+    path = tmp_path / "child.yaml"
+    path.write_text(f"name: child\nextends: {tmp_path}\n")
+    assert problems(path) == [f"{path}:2:10: extends: {tmp_path} is a directory, not a recipe file"]

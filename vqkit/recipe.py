@@ -483,6 +483,10 @@ def _read_with_extends(
                 parent_path = shipped_recipe(parent_ref, problems, own.find(("extends",)))
             if parent_path is None:
                 parent = None
+            elif parent_path.is_dir():
+                problems.append(Problem(f"{parent_path} is a directory, not a recipe file", path="extends",
+                                        **own.find(("extends",), value=True)))
+                parent = None
             elif not parent_path.exists():
                 hint = ""
                 if not parent_ref.startswith(SHIPPED_PREFIX) and not os.path.isabs(parent_ref) and (
