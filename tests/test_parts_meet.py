@@ -293,3 +293,14 @@ def test_validate_build_checks_what_train_needs_of_the_machine(tmp_path, store, 
         assert line.startswith("vqkit: error: --set: train.device: train.device is 'cuda' but CUDA is not available"), line
     assert main(["validate", _recipe(tmp_path, store), "--set", "train.device=tpu"]) == 2
     assert "train.device: must be auto, cpu, cuda or cuda:N (got 'tpu')" in capsys.readouterr().err
+
+
+def test_a_build_problem_under_a_set_option_names_it(tmp_path, store, capsys):
+    """Located at the block in the file, and the --set keys under that block named: the bad
+    value may be one of them rather than the file's."""
+    recipe = _recipe(tmp_path, store, discriminator=dict(PATCHGAN, params={"n_layers": 2}))
+    assert main(["validate", "--build", recipe, "--set", "discriminator.params.n_layers=6"]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert re.match(f"vqkit: error: {_at(recipe, 'discriminator:')}: discriminator: discriminator 'patchgan' with "
+                    "n_layers=6 needs images", line), line
+    assert line.endswith("(--set gave discriminator.params.n_layers)"), line

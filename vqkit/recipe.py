@@ -661,6 +661,15 @@ class Recipe:
             return found
         return {} if self.source.startswith("<") else {"file": self.source}
 
+    def set_under(self, path: str) -> list[str]:
+        """The keys under the dotted ``path`` (or ``path`` itself) that a ``--set`` option
+        gave, e.g. to say that a block's build problem may come from an override."""
+        if self._loc is None:
+            return []
+        key = tuple(int(part) if part.isdigit() else part for part in path.split(".")) if path else ()
+        return sorted({_dotted(k) for k, mark in self._loc.marks.items()
+                       if mark[0] == SET and k[:len(key)] == key and k})
+
     @property
     def kind(self) -> str:
         """``"prior"`` for a ``kind: prior`` recipe, else ``"autoencoder"``."""

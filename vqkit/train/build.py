@@ -293,7 +293,15 @@ def in_recipe_file(exc: VqkitError, recipe: Recipe) -> VqkitError:
     block only) located at that block in the recipe file that set it (file, line, column,
     as ``vqkit validate`` locates its problems); a recipe built from a plain dict
     (``<dict>``) has no file to name."""
-    return VqkitError([p if p.file else dataclasses.replace(p, **recipe.locate(p.path)) for p in exc.problems])
+    located = []
+    for p in exc.problems:
+        if not p.file:
+            p = dataclasses.replace(p, **recipe.locate(p.path))
+            overridden = recipe.set_under(p.path) if p.path else []
+            if overridden and p.file != "--set":  # the file's block may not be where the bad value came from
+                p = dataclasses.replace(p, message=f"{p.message} (--set gave {', '.join(overridden)})")
+        located.append(p)
+    return VqkitError(located)
 
 
 #: images in the batch :func:`check_parts_meet` pushes through the parts
