@@ -4,11 +4,10 @@ even when nothing is preloaded (``preload_mb: 0``)."""
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 
-from tests.trainkit import image_folder_recipe
+from tests.trainkit import image_folder_recipe, located_at
 from vqkit.cli import main
 from vqkit.components.image_folder import write_example_images
 from vqkit.data import hash_fraction
@@ -26,19 +25,6 @@ def corrupt_folder(tmp_path):
     bad.write_bytes(data[: len(data) // 2])  # a valid header, the pixels cut short
     return folder, bad
 
-
-def _at(recipe, *keys: str) -> str:
-    """A regex for ``recipe:LINE:COL`` with LINE where the last of ``keys`` is set in the
-    recipe file (each key searched for after the previous one's line; a key ending its line
-    has its block on the next line, where the block is located): build problems are located
-    like validate's own problems."""
-    lines = Path(recipe).read_text().splitlines()
-    n = 0
-    for key in keys:
-        n = next(i for i in range(n, len(lines)) if key in lines[i])
-    if lines[n].rstrip().endswith(keys[-1]) and keys[-1].endswith(":"):  # block style
-        n += 1
-    return re.escape(f"{recipe}:{n + 1}:") + r"\d+"
 
 
 def _recipe(tmp_path, folder, store, workers: int, batch_size: int = 6, preload_mb: int = 0):
@@ -64,7 +50,7 @@ def test_validate_build_decodes_every_file_even_without_preloading(tmp_path, cor
     assert main(["validate", "--build", str(recipe)]) == 2
     err = capsys.readouterr().err
     assert err.strip().splitlines() == [line for line in err.strip().splitlines() if str(bad) in line]
-    assert re.match(f"vqkit: error: {_at(recipe, 'data:')}: " + re.escape(f"data: cannot read image {str(bad)!r}"), err)
+    assert re.match(f"vqkit: error: {located_at(recipe, 'data:')}: " + re.escape(f"data: cannot read image {str(bad)!r}"), err)
     bad.unlink()
     assert main(["validate", "--build", str(recipe)]) == 0
 
@@ -86,7 +72,7 @@ def test_validate_build_reports_every_bad_image_of_both_splits_at_once(tmp_path,
     lines = capsys.readouterr().err.strip().splitlines()
     named = sorted(name for name in (test_name, train_name) for line in lines if str(folder / name) in line)
     assert named == sorted([test_name, train_name]) and len(lines) == 2, lines
-    assert all(re.match(f"vqkit: error: {_at(recipe, 'data:')}: data: cannot read image ", line) for line in lines), lines
+    assert all(re.match(f"vqkit: error: {located_at(recipe, 'data:')}: data: cannot read image ", line) for line in lines), lines
     if not preload_mb:  # training decodes lazily: it stops at the first bad file it reads
         return
     assert main(["train", str(recipe), "--quiet"]) == 2  # preloaded: every bad file, before any run
@@ -106,7 +92,7 @@ def test_a_long_list_of_bad_images_is_capped(tmp_path, store, capsys):
     assert main(["validate", "--build", str(recipe)]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 21 and re.match(
-        f"vqkit: error: {_at(recipe, 'data:')}: " + re.escape("data: ... and 10 more images that cannot"), lines[-1]), lines
+        f"vqkit: error: {located_at(recipe, 'data:')}: " + re.escape("data: ... and 10 more images that cannot"), lines[-1]), lines
 
 
 def test_validate_build_reports_a_train_split_smaller_than_one_batch(tmp_path, store, capsys):
@@ -116,5 +102,5 @@ def test_validate_build_reports_a_train_split_smaller_than_one_batch(tmp_path, s
     assert main(["validate", "--build", str(recipe)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and re.match(
-        f"vqkit: error: {_at(recipe, 'train:', 'batch_size:')}: train.batch_size: the train split has ", err[0]), err
+        f"vqkit: error: {located_at(recipe, 'train:', 'batch_size:')}: train.batch_size: the train split has ", err[0]), err
     assert "fewer than one global batch (512 x 1 processes = 512)" in err[0]

@@ -6,11 +6,11 @@ fail after it was created carries the ``vqkit.failure`` tag."""
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.trainkit import located_at
 from vqkit.cli import main
 from vqkit.components.image_folder import write_example_images
 from vqkit.plugins import build_registry
@@ -122,19 +122,6 @@ def _recipe(tmp_path, store, **blocks):
     return str(path)
 
 
-def _at(recipe, *keys: str) -> str:
-    """A regex for ``recipe:LINE:COL`` with LINE where the last of ``keys`` is set in the
-    recipe file (each key searched for after the previous one's line; a key ending its line
-    has its block on the next line, where the block is located): build problems are located
-    like validate's own problems."""
-    lines = Path(recipe).read_text().splitlines()
-    n = 0
-    for key in keys:
-        n = next(i for i in range(n, len(lines)) if key in lines[i])
-    if lines[n].rstrip().endswith(keys[-1]) and keys[-1].endswith(":"):  # block style
-        n += 1
-    return re.escape(f"{recipe}:{n + 1}:") + r"\d+"
-
 
 def _runs(store):
     from mlflow import MlflowClient
@@ -168,13 +155,13 @@ def test_validate_build_and_train_catch_what_shows_when_parts_meet(tmp_path, sto
     assert main(["validate", "--build", recipe, *sets]) == 2
     err = capsys.readouterr().err
     # located at the block in the recipe file (line and column), as validate's own problems are
-    assert re.match(f"vqkit: error: {_at(recipe, *located)}: {re.escape(expected)}", err), err
+    assert re.match(f"vqkit: error: {located_at(recipe, *located)}: {re.escape(expected)}", err), err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert main(["train", recipe, "--quiet", *sets]) == 2
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
     # located in the recipe file as by validate --build
-    assert len(lines) == 1 and re.match(f"vqkit: error: {_at(recipe, *located)}: {re.escape(expected)}", lines[0]), err
+    assert len(lines) == 1 and re.match(f"vqkit: error: {located_at(recipe, *located)}: {re.escape(expected)}", lines[0]), err
     assert _runs(store) == []  # refused before any MLflow run was created
 
 
@@ -195,7 +182,7 @@ def test_a_plugin_components_own_shape_error_is_located_and_names_it(tmp_path, s
         capsys.readouterr()
         assert main(["validate", "--build", recipe]) == 2
         err = capsys.readouterr().err
-        assert re.fullmatch(f"vqkit: error: {_at(recipe, 'decoder:')}: " + re.escape(
+        assert re.fullmatch(f"vqkit: error: {located_at(recipe, 'decoder:')}: " + re.escape(
             "decoder: decoder short (vqkit-short 0.2.0) failed to decode (a dry batch of "
             "2x3x64x64 images): returned (2, 3, 63, 63), expected (2, 3, 64, 64)"), err.strip()), err
         assert main(["train", recipe, "--quiet"]) == 2
@@ -250,7 +237,7 @@ def test_r1_on_a_discriminator_that_cannot_be_differentiated_twice(tmp_path, sto
         assert main(["train", recipe, "--quiet"]) == 2
         err = capsys.readouterr().err
         lines = err.strip().splitlines()
-        assert len(lines) == 1 and re.match(f"vqkit: error: {_at(recipe, 'discriminator:')}: " + re.escape(
+        assert len(lines) == 1 and re.match(f"vqkit: error: {located_at(recipe, 'discriminator:')}: " + re.escape(
             "discriminator: discriminator once (vqkit-once 0.1.0) failed to take R1's gradient "
             "penalty (discriminator.r1: a second derivative)"), lines[0]), err
         assert "once_differentiable" in err and "Traceback" not in err
@@ -268,7 +255,7 @@ def test_a_component_too_large_for_memory_is_a_located_error(tmp_path, store, ca
         err = capsys.readouterr().err
         lines = err.strip().splitlines()
         assert len(lines) == 1 and "Traceback" not in err, err
-        assert re.match(f"vqkit: error: {_at(recipe, 'quantizer:')}: " + re.escape(
+        assert re.match(f"vqkit: error: {located_at(recipe, 'quantizer:')}: " + re.escape(
             "quantizer: quantizer vq (vqkit ") + r"[^)]*\) does not fit in memory with these params \(one tensor of "
             r"[\d,.]+ GiB\); lower its sizes", lines[0]), err
     assert _runs(store) == []
@@ -285,7 +272,7 @@ def test_validate_build_checks_what_train_needs_of_the_machine(tmp_path, store, 
     capsys.readouterr()
     assert main(["validate", "--build", recipe]) == 2
     [line] = capsys.readouterr().err.strip().splitlines()
-    assert re.match(f"vqkit: error: {_at(recipe, 'metrics:')}: eval.metrics: eval metric lpips needs the pretrained "
+    assert re.match(f"vqkit: error: {located_at(recipe, 'metrics:')}: eval.metrics: eval metric lpips needs the pretrained "
                     "AlexNet weights, not found at ", line), line
     if not torch.cuda.is_available():
         assert main(["validate", "--build", _recipe(tmp_path, store), "--set", "train.device=cuda"]) == 2
@@ -301,6 +288,6 @@ def test_a_build_problem_under_a_set_option_names_it(tmp_path, store, capsys):
     recipe = _recipe(tmp_path, store, discriminator=dict(PATCHGAN, params={"n_layers": 2}))
     assert main(["validate", "--build", recipe, "--set", "discriminator.params.n_layers=6"]) == 2
     [line] = capsys.readouterr().err.strip().splitlines()
-    assert re.match(f"vqkit: error: {_at(recipe, 'discriminator:')}: discriminator: discriminator 'patchgan' with "
+    assert re.match(f"vqkit: error: {located_at(recipe, 'discriminator:')}: discriminator: discriminator 'patchgan' with "
                     "n_layers=6 needs images", line), line
     assert line.endswith("(--set gave discriminator.params.n_layers)"), line

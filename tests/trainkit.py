@@ -4,6 +4,7 @@ seconds each time), an isolated working directory, an MLflow client, a deep comp
 checkpoint states and builders of tiny recipes."""
 from __future__ import annotations
 
+import re
 import shutil
 import socket
 from pathlib import Path
@@ -117,3 +118,17 @@ def image_folder_recipe(path: Path, root: Path, store: str, *, batch_size: int, 
     )
     path.write_text(yaml.safe_dump(recipe))
     return path
+
+
+def located_at(recipe, *keys: str) -> str:
+    """A regex for ``recipe:LINE:COL`` with LINE where the last of ``keys`` is set in the
+    recipe file (each key searched for after the previous one's line; a key ending its line
+    has its block on the next line, where the block is located): for problems located like
+    validate's own."""
+    lines = Path(recipe).read_text().splitlines()
+    n = 0
+    for key in keys:
+        n = next(i for i in range(n, len(lines)) if key in lines[i])
+    if lines[n].rstrip().endswith(keys[-1]) and keys[-1].endswith(":"):  # block style
+        n += 1
+    return re.escape(f"{recipe}:{n + 1}:") + r"\d+"
