@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import importlib.metadata as md
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
@@ -100,8 +101,6 @@ class TrainConfig(_Block):
     @field_validator("device")
     @classmethod
     def _device_form(cls, value: str) -> str:
-        import re
-
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value.strip().lower()):
             raise ValueError(f"must be auto, cpu, cuda or cuda:N (got {value!r})")
         return value
@@ -311,6 +310,11 @@ class _Loc:
 
 def _dotted(path: Path_) -> str:
     return ".".join(str(p) for p in path)
+
+
+def _key_path(dotted: str) -> Path_:
+    """``losses.1.name`` -> ``("losses", 1, "name")`` (the inverse of :func:`_dotted`)."""
+    return tuple(int(part) if part.isdigit() else part for part in dotted.split(".")) if dotted else ()
 
 
 def _load_yaml(path: Path, loc: _Loc, problems: list[Problem]) -> Any:
@@ -655,8 +659,7 @@ class Recipe:
         """``file``/``line``/``col`` of the dotted key ``path`` (or its longest located
         prefix) in the recipe files it was read from; the recipe's ``source`` alone when
         the recipe was not read from a file (e.g. from a checkpoint's copy)."""
-        key = tuple(int(part) if part.isdigit() else part for part in path.split(".")) if path else ()
-        found = self._loc.find(key) if self._loc is not None else {}
+        found = self._loc.find(_key_path(path)) if self._loc is not None else {}
         if found:
             return found
         return {} if self.source.startswith("<") else {"file": self.source}
@@ -666,7 +669,7 @@ class Recipe:
         gave, e.g. to say that a block's build problem may come from an override."""
         if self._loc is None:
             return []
-        key = tuple(int(part) if part.isdigit() else part for part in path.split(".")) if path else ()
+        key = _key_path(path)
         return sorted({_dotted(k) for k, mark in self._loc.marks.items()
                        if mark[0] == SET and k[:len(key)] == key and k})
 
@@ -1001,7 +1004,7 @@ def _capability_problems(data: dict, refs: list[tuple[Path_, str, Any]], registr
                 )
             )
     disc = data.get("discriminator")
-    has_disc = isinstance(disc, dict) or disc is not None  # not a mapping: the block's own error says so
+    has_disc = disc is not None  # not a mapping: the block's own error says so
     nulled = ""
     if "discriminator" in data and disc is None:  # `discriminator:` or `--set discriminator=null` removed it
         at = loc.find(("discriminator",))
