@@ -244,10 +244,12 @@ def test_r1_on_a_discriminator_that_cannot_be_differentiated_twice(tmp_path, sto
         assert _runs(store) == []
 
 
-def test_a_component_too_large_for_memory_is_a_located_error(tmp_path, store, capsys):
-    """A size no machine can allocate (more bytes than a process can address) is the
-    user's setting, not a bug: one located line naming the component, exit 2, no run."""
-    recipe = _recipe(tmp_path, store, quantizer={"name": "vq", "params": {"codebook_size": 10**13}})
+@pytest.mark.parametrize("size, what", [(10**13, r"one tensor of [\d,.]+ GiB"), (10**20, r"a size past 2\^63")])
+def test_a_component_too_large_for_memory_is_a_located_error(tmp_path, store, capsys, size, what):
+    """A size no machine can allocate (more bytes than a process can address, or an element
+    count past 64 bits) is the user's setting, not a bug: one located line naming the
+    component, exit 2, no run."""
+    recipe = _recipe(tmp_path, store, quantizer={"name": "vq", "params": {"codebook_size": size}})
     assert main(["validate", recipe]) == 0
     capsys.readouterr()
     for command in (["validate", "--build", recipe], ["train", recipe, "--quiet"]):
@@ -256,8 +258,8 @@ def test_a_component_too_large_for_memory_is_a_located_error(tmp_path, store, ca
         lines = err.strip().splitlines()
         assert len(lines) == 1 and "Traceback" not in err, err
         assert re.match(f"vqkit: error: {located_at(recipe, 'quantizer:')}: " + re.escape(
-            "quantizer: quantizer vq (vqkit ") + r"[^)]*\) does not fit in memory with these params \(one tensor of "
-            r"[\d,.]+ GiB\); lower its sizes", lines[0]), err
+            "quantizer: quantizer vq (vqkit ") + r"[^)]*\) does not fit in memory with these params \(" + what
+            + r"\); lower its sizes", lines[0]), err
     assert _runs(store) == []
 
 

@@ -62,11 +62,12 @@ def _make(kind: str, name: str, params: Any, where: str, **context: Any) -> Any:
                 path=where,
             )
         ) from None
-    except (MemoryError, RuntimeError) as exc:
+    except (MemoryError, RuntimeError, TypeError, OverflowError) as exc:
         if not _out_of_memory(exc):
             raise
         asked = re.search(r"allocate (\d+) bytes", str(exc))
-        what = f"one tensor of {int(asked.group(1)) / 2**30:,.1f} GiB" if asked else (_first_line(exc) or "MemoryError")
+        what = (f"one tensor of {int(asked.group(1)) / 2**30:,.1f} GiB" if asked else "a size past 2^63"
+                if "overflow" in str(exc).lower() else (_first_line(exc) or "MemoryError"))
         raise VqkitError(Problem(
             f"{NOUNS[kind]} {_describe(entry)} does not fit in memory with these params ({what}); "
             "lower its sizes", path=where)) from None
@@ -75,8 +76,8 @@ def _make(kind: str, name: str, params: Any, where: str, **context: Any) -> Any:
 def _out_of_memory(exc: BaseException) -> bool:
     """Whether ``exc`` is an allocation failure (a size a user chose), not a bug."""
     text = str(exc).lower()
-    return isinstance(exc, MemoryError) or any(
-        s in text for s in ("can't allocate memory", "out of memory", "not enough memory"))
+    return isinstance(exc, MemoryError) or any(  # a size past 2^63 does not even reach the allocator
+        s in text for s in ("can't allocate memory", "out of memory", "not enough memory", "overflow when unpacking"))
 
 
 def _first_line(exc: BaseException) -> str:
