@@ -111,6 +111,7 @@ def test_all_errors_are_collected(tmp_path):
     (lambda t: t.replace("decoder: {name: t-conv}", "decoder: {name: !!binary dC1jb252}"),
      "YAML error: tag 'tag:yaml.org,2002:binary' is not allowed"),
     (lambda t: t + "? {a: 1}\n: 2\n", "a key must be a name, not a mapping"),
+    (lambda t: t + "tracking: {experiment: ''}\n", "tracking.experiment: must not be empty"),
     (lambda t: t.replace("activation", "x") + "", None),
     (lambda t: t.replace("train: {steps: 20, batch_size: 4}", "train: {optimizer: sgd}"), "train.optimizer: must be 'adam' or 'adamw'"),
     (lambda t: t.replace("losses:\n  - {name: pixel-l1}\n  - {name: pixel-l2, weight: 0.5, start_step: 10}\n", "losses: []\n"), "losses: List should have at least 1 item"),

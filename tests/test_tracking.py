@@ -4,6 +4,8 @@ from __future__ import annotations
 import io
 import json
 
+import pytest
+
 from vqkit.cli import main
 from vqkit.tracking import BUFFER, RUN_INFO, Tracker, resolve_tracking_uri
 
@@ -160,3 +162,15 @@ def test_a_run_with_system_metrics_has_them_in_the_store(tmp_path, monkeypatch):
     (run,) = client.search_runs([client.get_experiment_by_name("sysm").experiment_id])
     system = {k for k in run.data.metrics if k.startswith("system/")}
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system, system
+
+
+def test_a_run_the_store_refuses_to_create_is_a_user_error_not_an_offline_store(tmp_path, store):
+    """MLflow refusing the run itself (an invalid experiment name) is not "unreachable":
+    nothing could ever be sent after it, so it stops at once instead of buffering forever."""
+    from vqkit.errors import VqkitError
+
+    err = io.StringIO()
+    t = Tracker(store, "", "refused", stderr=err)
+    with pytest.raises(VqkitError, match="refused to create the run: .*experiment name"):
+        t.start()
+    assert "unreachable" not in err.getvalue()

@@ -136,6 +136,13 @@ class TrackingConfig(_Block):
         "sqlite:///mlflow.db in the working directory)"
     )
     experiment: str = Field("vqkit", description="MLflow experiment name")
+
+    @field_validator("experiment")
+    @classmethod
+    def _named(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty (MLflow refuses an unnamed experiment)")
+        return value
     run_name: Optional[str] = Field(
         None, description="MLflow run name (default: the recipe name, followed by the --set "
         "overrides when there are any; a sweep names each child by its grid values)"

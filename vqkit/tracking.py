@@ -762,6 +762,8 @@ class Tracker:
             raise
         except Exception as exc:
             code = getattr(exc, "error_code", None)
+            if code in _REJECTED and op["op"] == "start":  # without a run nothing else can be sent: not skippable
+                raise VqkitError(f"MLflow at {self.uri} refused to create the run: {_short(exc)}") from None
             if code in _REJECTED:
                 print(f"vqkit: warning: MLflow refused {op['op']!r}: {_short(exc)}; skipped", file=self.stderr)
                 return 1
