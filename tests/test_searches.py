@@ -156,3 +156,20 @@ def test_a_search_prunes_a_child_which_stays_resumable(workdir, use_registry, mo
     assert main(["train", "--resume", run.info.run_id]) == 0
     run = MlflowClient(uri).get_run(run.info.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["vqkit.resumed_from_step"] == "4"
+
+
+def test_a_sweep_too_large_to_run_is_refused_at_once(workdir, capsys):
+    """A budget or a grid past MAX_TRIALS children is one error before any planning (it hung,
+    even with --dry-run); a budget keeps the first N of a large grid."""
+    from vqkit.interfaces import MAX_TRIALS
+
+    recipe = str(write_recipe(workdir))
+    grid = [arg for key in ("train.lr", "train.steps", "train.batch_size", "seed", "train.log_every")
+            for arg in ("--grid", f"{key}=" + ",".join(str(v) for v in range(1, 11)))]
+    assert main(["sweep", recipe, "--dry-run", *grid]) == 2
+    assert f"the grid has 100,000 combinations, more than a sweep runs ({MAX_TRIALS:,})" in capsys.readouterr().err
+    assert main(["sweep", recipe, "--dry-run", "--search", "random", "--space", "train.lr={low: 1e-4, high: 1e-3}",
+                 "--budget", str(10**20)]) == 2
+    assert f"sweep.budget: Input should be less than or equal to {MAX_TRIALS}" in capsys.readouterr().err
+    assert main(["sweep", recipe, "--dry-run", "--budget", "3", *grid]) == 0
+    assert "3 children" in capsys.readouterr().out

@@ -60,6 +60,7 @@ __all__ = [
     "Prior",
     "Launcher",
     "Search",
+    "MAX_TRIALS",
     "Dimension",
     "Objective",
     "Trial",
@@ -668,6 +669,11 @@ class Launcher(Component, abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - optional
         """Free what :meth:`launch` started."""
+
+
+#: the most children (trials) one sweep may have: a budget or grid beyond it is a user error,
+#: not hours of planning (``sweep.budget``, the grid search)
+MAX_TRIALS = 10_000
 
 
 class Search(Component, abc.ABC):

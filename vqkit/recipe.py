@@ -21,7 +21,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from vqkit import yamlsafe
 from vqkit.errors import Problem, RecipeWarning, VqkitError, suggest
-from vqkit.interfaces import reject_bool_numbers
+from vqkit.interfaces import MAX_TRIALS, reject_bool_numbers
 from vqkit.plugins import NOUNS, get_registry
 
 SCHEMA_VERSION = 1
@@ -224,7 +224,8 @@ class SweepConfig(_Block):
         default_factory=lambda: ObjectiveSpec(), description="what the search optimizes"
     )
     budget: Optional[int] = Field(
-        None, ge=1, description="number of trials (default: the search's own, e.g. every grid combination)"
+        None, ge=1, le=MAX_TRIALS,
+        description=f"number of trials, at most {MAX_TRIALS} (default: the search's own, e.g. every grid combination)"
     )
     launcher: ComponentRef = Field(
         default_factory=lambda: ComponentRef(name="local"),

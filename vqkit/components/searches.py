@@ -16,7 +16,8 @@ from typing import Any, Mapping, Optional
 from pydantic import Field
 
 from vqkit import hookimpl
-from vqkit.interfaces import Dimension, Objective, Params, Search, Trial
+from vqkit.errors import VqkitError
+from vqkit.interfaces import MAX_TRIALS, Dimension, Objective, Params, Search, Trial
 
 
 def _round(value: float, digits: int) -> float:
@@ -60,8 +61,12 @@ class GridSearch(_Static):
 
     def _combinations(self) -> list[dict[str, Any]]:
         keys = list(self.space)
-        combos = [dict(zip(keys, c)) for c in itertools.product(*(self.space[k].choices for k in keys))]
-        return combos if self.budget is None else combos[: self.budget]
+        count = math.prod(len(self.space[k].choices) for k in keys)
+        if self.budget is None and count > MAX_TRIALS:
+            raise VqkitError(f"the grid has {count:,} combinations, more than a sweep runs ({MAX_TRIALS:,}); "
+                             "fewer values, linked keys (--link) or a budget (--budget N keeps the first N)")
+        combos = itertools.islice(itertools.product(*(self.space[k].choices for k in keys)), self.budget)
+        return [dict(zip(keys, c)) for c in combos]
 
 
 class RandomSearch(_Static):
