@@ -343,3 +343,14 @@ def test_readme_prior_recipe_example_validates_like_the_shipped_recipe(tmp_path)
     shipped = load_recipe(root / "recipes" / "prior-fashion.yaml").to_dict()
     assert example["prior"] == shipped["prior"] and example["autoencoder"] == shipped["autoencoder"]
     assert example["train"]["steps"] == shipped["train"]["steps"]
+
+
+def test_fd_samples_below_the_frechet_minimum_is_refused_before_training(capsys):
+    """It was found only after training, with the run FAILED and no checkpoint."""
+    from pathlib import Path
+
+    recipe = str(Path(__file__).resolve().parents[1] / "recipes" / "prior-fashion.yaml")
+    assert main(["validate", recipe, "--set", "eval.fd_samples=4"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "vqkit: error: --set: eval.fd_samples: needs at least 512 (the Frechet distance's minimum), or 0 for off; got 4")
+    assert main(["validate", recipe, "--set", "eval.fd_samples=512"]) == 0

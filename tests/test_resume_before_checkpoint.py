@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import yaml
 
 from vqkit.testing.sweeps import TINY_RECIPE
@@ -89,3 +90,21 @@ def test_resume_of_a_run_killed_before_its_first_checkpoint(workdir, store, monk
     # asked again: the same truth, the status stays
     code, err = _vqkit(capsys, "train", "--resume", f"runs/{run_id}", "--quiet")
     assert code == 2 and "stopped before its first checkpoint" in err and "now marked" not in err, err
+
+
+def test_a_prior_run_without_a_checkpoint_names_the_prior_command(tmp_path):
+    """The advice names the command that trains that kind of recipe (`vqkit train` refuses a
+    prior recipe)."""
+    import json
+
+    from vqkit.commands.train import nothing_to_resume
+    from vqkit.errors import VqkitError
+    from vqkit.tracking import RUN_INFO
+
+    run_dir = tmp_path / "runs" / "abc"
+    run_dir.mkdir(parents=True)
+    (run_dir / RUN_INFO).write_text(json.dumps({"run_id": "abc"}))
+    (run_dir / "recipe.yaml").write_text("vqkit: 1\nkind: prior\nname: p\ntrain: {checkpoint_every: 500}\n")
+    with pytest.raises(VqkitError) as exc:
+        nothing_to_resume(run_dir)
+    assert str(exc.value).endswith(f"start it again with `vqkit prior train {run_dir.resolve() / 'recipe.yaml'}`"), exc.value

@@ -1069,8 +1069,18 @@ class PriorEvalConfig(_Block):
     top_p: Optional[float] = Field(None, gt=0, le=1, description="nucleus sampling mass (null: off)")
     fd_samples: int = Field(
         0, ge=0, description="at the end of training, the feature distance of this many samples "
-        "against as many reconstructions of test images (0: off)"
+        "against as many reconstructions of test images (0: off; else at least 512, the Frechet "
+        "distance's minimum)"
     )
+
+    @field_validator("fd_samples")
+    @classmethod
+    def _fd_minimum(cls, value: int) -> int:
+        from vqkit.metrics import FD_MIN_SAMPLES
+
+        if 0 < value < FD_MIN_SAMPLES:  # found only after training otherwise, with the run FAILED
+            raise ValueError(f"needs at least {FD_MIN_SAMPLES} (the Frechet distance's minimum), or 0 for off; got {value}")
+        return value
 
 
 class PriorRecipeModel(_Block):

@@ -83,11 +83,14 @@ def nothing_to_resume(run_dir: Path) -> None:
                          "and has no checkpoint yet; let it run, or stop it first")
     recipe_file = run_dir / "recipe.yaml"
     details = []
+    command = "vqkit train"
     try:
         from vqkit import yamlsafe
 
-        every = yamlsafe.safe_load(recipe_file.read_text(encoding="utf-8"))["train"]["checkpoint_every"]
-        details.append(f"train.checkpoint_every={every}")
+        saved = yamlsafe.safe_load(recipe_file.read_text(encoding="utf-8"))
+        if saved.get("kind") == "prior":
+            command = "vqkit prior train"
+        details.append(f"train.checkpoint_every={saved['train']['checkpoint_every']}")
     except Exception:  # noqa: BLE001 - the details are a courtesy
         pass
     marked = False
@@ -98,7 +101,7 @@ def nothing_to_resume(run_dir: Path) -> None:
                 details.append(f"last logged step {step}")
         except Exception:  # noqa: BLE001 - an unreachable store leaves the run as it is
             pass
-    start = f"`vqkit train {recipe_file}`" if recipe_file.is_file() else "its recipe"
+    start = f"`{command} {recipe_file}`" if recipe_file.is_file() else "its recipe"
     raise VqkitError(
         f"{who} stopped before its first checkpoint" + (f" ({'; '.join(details)})" if details else "")
         + f": nothing to resume; start it again with {start}"
