@@ -293,3 +293,17 @@ def test_a_build_problem_under_a_set_option_names_it(tmp_path, store, capsys):
     assert re.match(f"vqkit: error: {located_at(recipe, 'discriminator:')}: discriminator: discriminator 'patchgan' with "
                     "n_layers=6 needs images", line), line
     assert line.endswith("(--set gave discriminator.params.n_layers)"), line
+
+
+def test_an_output_dir_that_is_a_file_is_refused_before_a_run_exists(tmp_path, store, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder\n")
+    for sub in ("", "/below"):
+        recipe = _recipe(tmp_path, store, tracking={"experiment": "meet", "uri": store, "output_dir": f"{afile}{sub}"})
+        for command in (["validate", "--build", recipe], ["train", recipe, "--quiet"]):
+            assert main(command) == 2
+            lines = capsys.readouterr().err.strip().splitlines()
+            assert len(lines) == 1 and re.match(
+                f"vqkit: error: {located_at(recipe, 'output_dir:')}: tracking.output_dir: {re.escape(str(afile))} is a "
+                "file, not a folder for run dirs", lines[0]), lines
+    assert _runs(store) == []

@@ -273,14 +273,17 @@ def build_all(recipe: Recipe, check: bool = True) -> Built:
 
 def check_runtime(recipe: Recipe) -> None:
     """What ``vqkit train`` needs of this machine besides the parts: the ``train.device``
-    (CUDA present, the index visible) and the weights of the ``eval.metrics`` networks;
+    (CUDA present, the index visible), the weights of the ``eval.metrics`` networks and a
+    ``tracking.output_dir`` that can be a folder;
     problems located at those keys (``vqkit validate --build`` runs it)."""
     from vqkit.metrics import MetricSet
     from vqkit.train.distributed import resolve_device
+    from vqkit.train.loop import check_output_dir
 
     found = []
     for key, check in (("train.device", lambda: resolve_device(recipe.model.train.device)),
-                       ("eval.metrics", lambda: MetricSet(recipe.model.eval.metrics, device="cpu"))):
+                       ("eval.metrics", lambda: MetricSet(recipe.model.eval.metrics, device="cpu")),
+                       ("tracking.output_dir", lambda: check_output_dir(recipe))):
         try:
             check()
         except VqkitError as exc:

@@ -61,6 +61,20 @@ __all__ = ["Family", "TrainLoop", "NonFiniteLoss", "TrainResult", "seed_everythi
 
 
 # =========================================================================== helpers
+def check_output_dir(recipe) -> None:
+    """``tracking.output_dir`` can hold run dirs: not a file, nor under one (a located
+    error at that key, before any MLflow run is created)."""
+    from vqkit.errors import Problem
+
+    folder = Path(recipe.model.tracking.output_dir).expanduser()
+    for part in (folder, *folder.parents):
+        if part.exists():
+            if not part.is_dir():
+                raise VqkitError(Problem(f"{part} is a file, not a folder for run dirs",
+                                         path="tracking.output_dir", **recipe.locate("tracking.output_dir")))
+            return
+
+
 class NonFiniteLoss(Exception):
     """The loss (or a gradient norm) became NaN or infinite; ``advice`` (when the cause is
     known, e.g. a regulariser's weight) replaces the generic advice of the error line."""
@@ -469,6 +483,8 @@ class TrainLoop:
 
         tcfg = self.cfg.tracking
         dist = self.dist
+        if self.resume_path is None:  # before the MLflow run exists: no FAILED run for a bad folder
+            check_output_dir(self.recipe)
         prev_run = (self.resume or {}).get("run") or {}
         uri = tcfg.uri or None
         if uri is None and not os.environ.get("MLFLOW_TRACKING_URI") and prev_run.get("tracking_uri"):
