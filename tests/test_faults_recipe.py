@@ -199,3 +199,17 @@ def test_errors_are_listed_in_the_order_of_the_file_then_of_the_set_options(tmp_
     where = [line.split(": ")[0] + (": " + line.split(": ")[1] if line.startswith("--set") else "") for line in lines]
     assert where == [f"{path}:3:55", f"{path}:4:54", f"{path}:8:16", f"{path}:9:20",
                      "--set: reset.evry", "--set: quantizer.params.beta", "--set: seed"], lines
+
+
+def test_a_problem_located_in_a_file_names_the_set_keys_below_it(capsys):
+    """A component's own check (here fashion-mnist's classes) is located at its block in the
+    file; when --set gave a key under it, the line says so."""
+    from pathlib import Path
+
+    from vqkit.cli import main
+
+    quick = str(Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml")
+    assert main(["validate", quick, "--set", "data.params.classes=[11]"]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"vqkit: error: {quick}:") and "data.params: classes must be" in line, line
+    assert line.endswith("(--set gave data.params.classes)"), line

@@ -675,11 +675,7 @@ class Recipe:
     def set_under(self, path: str) -> list[str]:
         """The keys under the dotted ``path`` (or ``path`` itself) that a ``--set`` option
         gave, e.g. to say that a block's build problem may come from an override."""
-        if self._loc is None:
-            return []
-        key = _key_path(path)
-        return sorted({_dotted(k) for k, mark in self._loc.marks.items()
-                       if mark[0] == SET and k[:len(key)] == key and k})
+        return _set_under(self._loc, path) if self._loc is not None else []
 
     @property
     def kind(self) -> str:
@@ -1179,10 +1175,25 @@ def _override_and_validate(data: Any, loc: _Loc, source: str, overrides: list[st
         raise VqkitError(_in_order(exc.problems, loc, keys)) from None
 
 
+def _set_under(loc: _Loc, path: str) -> list[str]:
+    """The keys at or under the dotted ``path`` that a ``--set`` option gave."""
+    key = _key_path(path)
+    return sorted({_dotted(k) for k, mark in loc.marks.items() if mark[0] == SET and k[:len(key)] == key and k})
+
+
+def with_set_note(problem: Problem, overridden: list[str]) -> Problem:
+    """``problem`` located in a file, noting the ``--set`` keys under its path: the bad value
+    may be an override's rather than the file's."""
+    if not overridden or problem.file == SET:
+        return problem
+    return dataclasses.replace(problem, message=f"{problem.message} (--set gave {', '.join(overridden)})")
+
+
 def _in_order(problems: list[Problem], loc: _Loc, set_keys: list[str] = ()) -> list[Problem]:
     """Problems in reading order: by file (in the order the files were read), line and
     column; then those of ``--set`` options in their order on the command line; then
-    those without a location."""
+    those without a location. A file's problem names the ``--set`` keys under its path."""
+    problems = [with_set_note(p, _set_under(loc, p.path)) if p.file and p.path else p for p in problems]
     files: dict[str, int] = {}
     for where in loc.marks.values():
         if where[0] != SET:

@@ -27,7 +27,7 @@ from vqkit.errors import Problem, VqkitError
 from vqkit.interfaces import CodebookResetPolicy, Dataset, Discriminator, PerceptualLoss
 from vqkit.model import VQModel
 from vqkit.plugins import NOUNS, get_registry
-from vqkit.recipe import LossRef, Recipe
+from vqkit.recipe import LossRef, Recipe, with_set_note
 
 __all__ = [
     "Built",
@@ -301,9 +301,7 @@ def in_recipe_file(exc: VqkitError, recipe: Recipe) -> VqkitError:
     for p in exc.problems:
         if not p.file:
             p = dataclasses.replace(p, **recipe.locate(p.path))
-            overridden = recipe.set_under(p.path) if p.path else []
-            if overridden and p.file != "--set":  # the file's block may not be where the bad value came from
-                p = dataclasses.replace(p, message=f"{p.message} (--set gave {', '.join(overridden)})")
+            p = with_set_note(p, recipe.set_under(p.path) if p.path else [])  # the bad value may be an override's
         located.append(p)
     return VqkitError(located)
 
