@@ -213,3 +213,19 @@ def test_a_problem_located_in_a_file_names_the_set_keys_below_it(capsys):
     [line] = capsys.readouterr().err.strip().splitlines()
     assert line.startswith(f"vqkit: error: {quick}:") and "data.params: classes must be" in line, line
     assert line.endswith("(--set gave data.params.classes)"), line
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("[32, 0]", "data.params.image_size.1: Input should be greater than or equal to 1 (got 0)"),
+    ("0", "data.params.image_size: Input should be greater than or equal to 1 (got 0)"),
+])
+def test_a_value_that_fits_no_branch_of_a_union_is_one_error_without_type_names(tmp_path, capsys, value, expected):
+    """image-folder's image_size is an int or an (h, w) pair: one line, the most specific
+    branch's, with no pydantic branch names (`constrained-int`, `tuple[...]`) in the key."""
+    from vqkit.cli import main
+
+    recipe = tmp_path / "img.yaml"
+    recipe.write_text(f"extends: vqkit:quickstart.yaml\ndata: {{name: image-folder, params: {{root: {tmp_path}}}}}\n")
+    assert main(["validate", str(recipe), "--set", f"data.params.image_size={value}"]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"vqkit: error: --set: {expected}"), line

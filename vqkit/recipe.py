@@ -737,9 +737,35 @@ class Recipe:
         return out
 
 
+_TYPE_TAGS = {"int", "float", "str", "bool", "list", "dict", "tuple", "none"}
+
+
+def _is_union_tag(part: Any) -> bool:
+    """Whether a pydantic error-location part names a branch of a union
+    (``constrained-int``, ``tuple[int, int]``, ``str``), not a recipe key: recipe and param
+    keys are identifiers."""
+    return isinstance(part, str) and (part in _TYPE_TAGS or not part.replace("_", "a").isalnum())
+
+
+def _one_error_per_union(errors: list[dict]) -> list[dict]:
+    """A value that fits no branch of a union gets one error per branch; keep the one that
+    got furthest into its branch (the longest location: e.g. the tuple's bad item over
+    "not an int"), with the branch names dropped from its location."""
+    best: dict[tuple, tuple[int, int, dict]] = {}
+    for i, err in enumerate(errors):
+        parts = tuple(err["loc"])
+        cut = next((j for j, part in enumerate(parts) if _is_union_tag(part)), None)
+        key = parts[:cut] if cut is not None else ("#", i)
+        depth = len(parts) - (cut or 0)
+        clean = {**err, "loc": tuple(part for part in parts if not _is_union_tag(part))}
+        if key not in best or depth > best[key][0]:
+            best[key] = (depth, i, clean)
+    return [err for _, _, err in sorted(best.values(), key=lambda v: v[1])]
+
+
 def _pydantic_problems(exc: ValidationError, base: Path_, loc: _Loc, model: type[BaseModel] | None = None) -> list[Problem]:
     problems = []
-    for err in exc.errors():
+    for err in _one_error_per_union(exc.errors()):
         path = base + tuple(err["loc"])
         msg = err["msg"].removeprefix("Value error, ")  # a validator's own message
         if err["type"] == "extra_forbidden" and model is not None:
