@@ -742,9 +742,9 @@ _TYPE_TAGS = {"int", "float", "str", "bool", "list", "dict", "tuple", "none"}
 
 def _is_union_tag(part: Any) -> bool:
     """Whether a pydantic error-location part names a branch of a union
-    (``constrained-int``, ``tuple[int, int]``, ``str``), not a recipe key: recipe and param
-    keys are identifiers."""
-    return isinstance(part, str) and (part in _TYPE_TAGS or not part.replace("_", "a").isalnum())
+    (``constrained-int``, ``tuple[constrained-int, constrained-int]``, ``str``), not a recipe
+    key (identifiers, or dotted paths such as a sweep's ``train.lr``)."""
+    return isinstance(part, str) and (part in _TYPE_TAGS or re.fullmatch(r"[a-z]+(-[a-z]+)+(\[.*\])?|[a-z]+\[.*\]", part) is not None)
 
 
 def _one_error_per_union(errors: list[dict]) -> list[dict]:
