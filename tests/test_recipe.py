@@ -114,6 +114,8 @@ def test_all_errors_are_collected(tmp_path):
     (lambda t: t + "tracking: {experiment: ''}\n", "tracking.experiment: must not be empty"),
     (lambda t: t.replace("activation", "x") + "", None),
     (lambda t: t.replace("train: {steps: 20, batch_size: 4}", "train: {optimizer: sgd}"), "train.optimizer: must be 'adam' or 'adamw'"),
+    (lambda t: t.replace("train: {steps: 20, batch_size: 4}", "train: {optimizer: AdamW}"),
+     "train.optimizer: must be 'adam' or 'adamw' (did you mean 'adamw'?)"),
     (lambda t: t.replace("losses:\n  - {name: pixel-l1}\n  - {name: pixel-l2, weight: 0.5, start_step: 10}\n", "losses: []\n"), "losses: List should have at least 1 item"),
     (lambda t: t.replace("data: {name: t-folder, params: {root: /data}}", "data: {name: t-folder}"), "data.params.root: required key is missing"),
     (lambda t: t.replace("vqkit: 1", "vqkit: 2"), "vqkit: unsupported recipe schema version 2"),

@@ -20,7 +20,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vqkit import yamlsafe
-from vqkit.errors import Problem, RecipeWarning, VqkitError, suggest
+from vqkit.errors import Problem, RecipeWarning, VqkitError, closest, suggest
 from vqkit.interfaces import MAX_TRIALS, reject_bool_numbers
 from vqkit.plugins import NOUNS, get_registry
 
@@ -781,6 +781,9 @@ def _pydantic_problems(exc: ValidationError, base: Path_, loc: _Loc, model: type
             msg = "required key is missing"
         elif err["type"] == "literal_error":
             msg = msg.replace("Input should be", "must be")
+            close = closest(str(err.get("input")), re.findall(r"'([^']*)'", str((err.get("ctx") or {}).get("expected", ""))))
+            if close is not None:
+                msg += f" (did you mean {close!r}?)"
         elif err["type"] in ("model_type", "model_attributes_type", "dict_type"):  # not the class name
             msg = f"must be a mapping (got {err.get('input')!r})"
             if isinstance(err.get("input"), str) and _is_component_block(path):
