@@ -141,3 +141,15 @@ def test_linked_run_names_name_the_children(workdir, capsys):
         "grid": {"tracking.run_name": ["a-run", "b-run"], "train.lr": [0.001, 0.002]},
         "link": [["tracking.run_name", "train.lr"]]})
     assert names == ["a-run", "b-run"]
+
+
+def test_a_value_given_twice_is_located_at_its_grid_key(capsys):
+    from pathlib import Path
+
+    from vqkit.cli import main
+
+    quick = str(Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml")
+    assert main(["sweep", quick, "--dry-run", "--grid", "reset.name=none,none", "--grid", "seed=1,2"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "vqkit: error: --grid reset.name: a value is given twice, so two children would be the same: "
+        "reset=none seed=1, reset=none seed=2"]

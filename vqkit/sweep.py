@@ -553,8 +553,13 @@ def plan_sweep(recipe_path: str, grid_texts: Sequence[str] = (), overrides: Sequ
     plan.recipes = _validate_children(plan, [*children, *extra], where, keys)[: len(children)]
     names = [c.name for c in children]
     if len(set(names)) != len(names):
-        raise VqkitError(Problem("the grid gives two children the same values: " + ", ".join(
-            sorted({n for n in names if names.count(n) > 1}))))
+        twice = sorted({n for n in names if names.count(n) > 1})
+        repeated = [k for k, d in space.items() if d.is_choice and len(
+            {json.dumps(c, sort_keys=True, default=str) for c in d.choices}) < len(d.choices)]
+        if repeated:  # located at the key whose list repeats a value
+            raise VqkitError([dataclasses.replace(where_space(k), message="a value is given twice, so two children "
+                                                  f"would be the same: {', '.join(twice)}") for k in repeated])
+        raise VqkitError(Problem("the grid gives two children the same values: " + ", ".join(twice)))
     return plan
 
 
