@@ -176,7 +176,10 @@ def test_extends_merges_and_reports_child_locations(tmp_path):
 def test_extends_cycle_and_missing_parent(tmp_path):
     write(tmp_path, "extends: b.yaml\n", "a.yaml")
     write(tmp_path, "extends: a.yaml\n", "b.yaml")
-    assert "`extends` cycle" in problems(tmp_path / "a.yaml")[0]
+    # located at the `extends` that closes the cycle (b.yaml's)
+    assert problems(tmp_path / "a.yaml") == [
+        f"{tmp_path / 'b.yaml'}:1:10: extends: `extends` cycle: {tmp_path / 'a.yaml'} -> {tmp_path / 'b.yaml'} -> "
+        f"{tmp_path / 'a.yaml'}"]
     write(tmp_path, "extends: gone.yaml\nname: x\n", "c.yaml")
     [msg] = problems(tmp_path / "c.yaml")
     assert msg.startswith(f"{tmp_path / 'c.yaml'}:1:") and "gone.yaml" in msg

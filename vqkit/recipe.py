@@ -509,6 +509,10 @@ def _read_with_extends(
                             **own.find(("extends",), value=True))
                 )
                 parent = None
+            elif parent_path.resolve() in (*chain, resolved):  # located at the `extends` that closes the cycle
+                cycle = " -> ".join(str(p) for p in (*chain, resolved, parent_path.resolve()))
+                problems.append(Problem(f"`extends` cycle: {cycle}", path="extends", **own.find(("extends",), value=True)))
+                parent = None
             elif len(chain) + 1 >= MAX_EXTENDS_DEPTH:
                 problems.append(Problem(
                     f"`extends` chain deeper than {MAX_EXTENDS_DEPTH} recipe files (starting at {chain[0] if chain else resolved})",
