@@ -307,3 +307,11 @@ def test_an_output_dir_that_is_a_file_is_refused_before_a_run_exists(tmp_path, s
                 f"vqkit: error: {located_at(recipe, 'output_dir:')}: tracking.output_dir: {re.escape(str(afile))} is a "
                 "file, not a folder for run dirs", lines[0]), lines
     assert _runs(store) == []
+
+
+def test_a_failing_discriminator_is_reported_once_not_again_by_its_feature_loss(tmp_path, store, capsys):
+    recipe = _recipe(tmp_path, store, discriminator=PATCHGAN,
+                     losses=[{"name": "pixel-l1"}, {"name": "discriminator-features"}])
+    assert main(["validate", "--build", recipe]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "discriminator: discriminator 'patchgan' with n_layers=6 needs images" in lines[0], lines

@@ -428,13 +428,20 @@ def check_parts_meet(built: Built) -> None:
                         for p, g in zip(params, grads):
                             p.grad = g
 
-            checks = [lambda i=i, f=f: loss_check(i, f) for i, f in enumerate(built.losses)]
-            checks += [disc_check] if disc is not None else []
-            for check in checks:
+            disc_problems: list[Problem] = []
+            if disc is not None:  # first: a loss that runs a failing discriminator would fail alike
                 try:
-                    check()
+                    disc_check()
+                except VqkitError as exc:
+                    disc_problems = list(exc.problems)
+            for i, loss in enumerate(built.losses):
+                if disc_problems and getattr(loss, "needs_discriminator", False):
+                    continue  # the discriminator's own problem says it (once)
+                try:
+                    loss_check(i, loss)
                 except VqkitError as exc:
                     problems.extend(exc.problems)
+            problems += disc_problems  # reported after the losses, in recipe order
             if problems:
                 raise VqkitError(problems)
     finally:
