@@ -210,16 +210,18 @@ def test_flipped_bytes_fail_the_digest_and_format_1_files_still_load(tmp_path):
 
 
 # =========================================================================== OSError
-def test_a_run_folder_that_cannot_be_created_fails_the_run_with_one_line(workdir, store, capsys):
+def test_a_run_folder_that_cannot_be_created_is_refused_before_the_run_exists(workdir, store, capsys):
+    """A file where the runs folder should be: one line at the option, and no MLflow run
+    (it used to be created, then marked FAILED)."""
     (workdir / "blocked").write_text("a file where the runs folder should be\n")
     assert main(["train", "tiny.yaml", "--quiet", "--set", "tracking.output_dir=blocked/runs"]) == 2
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if "error" in line]
     assert len(lines) == 1 and "Traceback" not in err, err
-    assert lines[0].startswith("vqkit: error: ") and "blocked" in lines[0] and "Not a directory" in lines[0]
-    assert "marked FAILED" in lines[0]
-    _, run = _only_run(store)
-    assert run.info.status == "FAILED" and "Not a directory" in run.data.tags["vqkit.failure"]
+    assert lines[0] == "vqkit: error: --set: tracking.output_dir: blocked is a file, not a folder for run dirs", lines
+    client = _client(store)
+    experiment = client.get_experiment_by_name("faults")
+    assert experiment is None or client.search_runs([experiment.experiment_id]) == []
 
 
 def test_a_full_file_system_fails_the_run_and_keeps_the_previous_checkpoints(workdir, store, capsys, monkeypatch):
