@@ -111,6 +111,11 @@ def test_all_errors_are_collected(tmp_path):
     (lambda t: t.replace("decoder: {name: t-conv}", "decoder: {name: !!binary dC1jb252}"),
      "YAML error: tag 'tag:yaml.org,2002:binary' is not allowed"),
     (lambda t: t + "? {a: 1}\n: 2\n", "a key must be a name, not a mapping"),
+    # keys YAML reads as something else: a date, a boolean (YAML 1.1's on/off/yes/no)
+    (lambda t: t.replace("decoder: {name: t-conv}", "decoder: {name: t-conv, 2020-01-01: 1}"),
+     "decoder: key '2020-01-01' is read by YAML as a date, not a name; quote it if a name is meant"),
+    (lambda t: t.replace("decoder: {name: t-conv}", "decoder: {name: t-conv, on: 1}"),
+     "decoder: key 'on' is read by YAML as a boolean, not a name"),
     (lambda t: t + "tracking: {experiment: ''}\n", "tracking.experiment: must not be empty"),
     (lambda t: t.replace("activation", "x") + "", None),
     (lambda t: t.replace("train: {steps: 20, batch_size: 4}", "train: {optimizer: sgd}"), "train.optimizer: must be 'adam' or 'adamw'"),

@@ -380,6 +380,13 @@ def _walk(node: yaml.Node, path: Path_, file: str, loc: _Loc, dupes: list[Proble
                                      path=_dotted(path), file=file, line=key_node.start_mark.line + 1,
                                      col=key_node.start_mark.column + 1))
                 continue
+            kind = {"tag:yaml.org,2002:timestamp": "a date", "tag:yaml.org,2002:bool": "a boolean",
+                    "tag:yaml.org,2002:null": "null"}.get(key_node.tag)
+            if kind is not None:  # `2020-01-01:`, `on:`, `~:` -- YAML would not make it a name
+                dupes.append(Problem(f"key {key_node.value!r} is read by YAML as {kind}, not a name; quote it "
+                                     f"if a name is meant", path=_dotted(path), file=file,
+                                     line=key_node.start_mark.line + 1, col=key_node.start_mark.column + 1))
+                continue
             key = key_node.value
             if key in seen:
                 dupes.append(
