@@ -103,6 +103,9 @@ def test_all_errors_are_collected(tmp_path):
     # seeds numpy/torch can take; Adam's betas in [0, 1)
     (lambda t: t.replace("seed: 3", "seed: 99999999999999999999999"), "seed: Input should be less than or equal to 4294967295"),
     (lambda t: t.replace("seed: 3", "seed: -1"), "seed: Input should be greater than or equal to 0"),
+    # PyYAML reads 1e3 (no dot) as text: say so for a whole number
+    (lambda t: t.replace("train: {steps: 20, batch_size: 4}", "train: {steps: 1e3}"),
+     "train.steps: must be a whole number (got '1e3', which YAML reads as text: write it out, 1000)"),
     (lambda t: t.replace("train: {steps: 20, batch_size: 4}", "train: {betas: [1.5, 0.9]}"),
      "train.betas.0: Input should be less than 1"),
     # only plain YAML: names, not lists or mappings, as keys; no !!binary (bytes became names)

@@ -790,6 +790,12 @@ def _pydantic_problems(exc: ValidationError, base: Path_, loc: _Loc, model: type
                     msg += f"; a dotted key is --set syntax: in a recipe file, nest it ({head}: {{{rest}: ...}})"
         elif err["type"] == "missing":
             msg = "required key is missing"
+        elif err["type"] == "int_parsing" and isinstance(err.get("input"), str) and re.fullmatch(
+                r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", err["input"].strip()):
+            # PyYAML (YAML 1.1) reads 1e6 as text: only 1.0e6 is a number
+            value = float(err["input"])
+            msg = f"must be a whole number (got {err['input']!r}, which YAML reads as text: write it out" + (
+                f", {int(value)})" if abs(value) < 1e16 and value == int(value) else ")")
         elif err["type"] == "literal_error":
             msg = msg.replace("Input should be", "must be")
             close = closest(str(err.get("input")), re.findall(r"'([^']*)'", str((err.get("ctx") or {}).get("expected", ""))))
