@@ -354,3 +354,13 @@ def test_fd_samples_below_the_frechet_minimum_is_refused_before_training(capsys)
     assert capsys.readouterr().err.strip() == (
         "vqkit: error: --set: eval.fd_samples: needs at least 512 (the Frechet distance's minimum), or 0 for off; got 4")
     assert main(["validate", recipe, "--set", "eval.fd_samples=512"]) == 0
+
+
+def test_kind_prior_on_an_autoencoder_recipe_is_one_error(tmp_path, capsys):
+    recipe = tmp_path / "p.yaml"
+    recipe.write_text("extends: vqkit:quickstart.yaml\nkind: prior\n")
+    assert main(["validate", str(recipe)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [f"vqkit: error: {recipe}:2:7: kind: a prior recipe (kind: prior) has no autoencoder blocks, but "
+                     "this one has data, encoder, quantizer, decoder, reset, losses (does it extend an autoencoder "
+                     "recipe?); it names its trained autoencoder in `autoencoder: {run: ...}`"], lines

@@ -1146,6 +1146,12 @@ def _validate_prior(data: dict, loc: _Loc, source: str) -> Recipe:
             "autoencoder recipe)", path="kind", **loc.find(("kind",), value=True)))
     problems: list[Problem] = []
     model = None
+    blocks = [b for b in (*COMPONENT_BLOCKS, "losses") if b in data and b not in PriorRecipeModel.model_fields]
+    if blocks:  # e.g. `kind: prior` on top of an autoencoder recipe: one error, not one per block
+        raise VqkitError(Problem(
+            f"a prior recipe (kind: prior) has no autoencoder blocks, but this one has {', '.join(blocks)} "
+            "(does it extend an autoencoder recipe?); it names its trained autoencoder in "
+            "`autoencoder: {run: ...}`", path="kind", **loc.find(("kind",), value=True)))
     try:
         model = PriorRecipeModel.model_validate(data)
         if model.autoencoder.run is None and model.autoencoder.experiment is None:
