@@ -438,19 +438,30 @@ def test_resuming_a_run_another_process_is_training_is_refused(workdir, store, c
 #: a `vqkit train` child that sends itself SIGTERM at chosen instants: ``interrupt``: once
 #: inside step 5 (the run checkpoints step 5 on its way out) and again while that interrupt
 #: checkpoint is being written; ``periodic``: once while step 3's periodic checkpoint is
-#: being written; ``final``: once while ``final.pt`` is being written. The signal lands
-#: after the temp file has its first 2000 bytes.
+#: being written; ``final``: once while ``final.pt`` is being written (the signal lands
+#: after the temp file has its first 2000 bytes); ``logging``: once while the first periodic
+#: checkpoint (step 3) is being logged to MLflow, after its file is written.
 _SIGNALLED_AT = r"""
 import os, signal, sys
 from vqkit.train import checkpoint as c
 from vqkit.train.autoencoder import AutoencoderFamily
 case = sys.argv[1]
-target = {"interrupt": "step_00000005.pt", "periodic": "step_00000003.pt", "final": "final.pt"}[case]
+target = {"interrupt": "step_00000005.pt", "periodic": "step_00000003.pt", "final": "final.pt",
+          "logging": None}[case]
 sent = []
+from vqkit.tracking import Tracker
+original_log_artifact = Tracker.log_artifact
+def log_artifact(self, path, *args, **kwargs):
+    if case == "logging" and str(path).endswith("last.pt") and not sent:
+        sent.append(1)
+        sys.stderr.write("test: SIGTERM sent while logging the checkpoint\n")
+        os.kill(os.getpid(), signal.SIGTERM)
+    return original_log_artifact(self, path, *args, **kwargs)
+Tracker.log_artifact = log_artifact
 original_write = c._Recording.write
 def write(self, data):
     n = original_write(self, data)
-    if target in self.f.name and self.f.tell() > 2000 and not sent:
+    if target and target in self.f.name and self.f.tell() > 2000 and not sent:
         sent.append(1)
         sys.stderr.write(f"test: SIGTERM sent while writing {target}\n")
         os.kill(os.getpid(), signal.SIGTERM)
@@ -491,6 +502,21 @@ def test_a_signal_during_a_checkpoint_write_waits_for_the_write(workdir, store, 
     assert done.returncode == 0, done.stderr
     _assert_every_step_once(store)
     assert not _temp_files(run_dir), _temp_files(run_dir)
+
+
+def test_a_signal_while_a_checkpoint_is_logged_still_logs_it(workdir, store):
+    """SIGTERM after the checkpoint file is written but while it is being logged to MLflow
+    waits for the logging: the run ends KILLED with the `vqkit.last_checkpoint` tag of that
+    step (was: the tag was never set, since the way-out checkpoint is skipped for a step
+    already saved, and a resume from the store found no checkpoint)."""
+    proc = subprocess.run([sys.executable, "-c", _SIGNALLED_AT, "logging", "train", "tiny.yaml", "--quiet"],
+                          cwd=workdir, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 130, proc.stderr
+    assert "test: SIGTERM sent while logging the checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+    client, run = _only_run(store)
+    assert run.info.status == "KILLED"
+    assert json.loads(run.data.tags["vqkit.last_checkpoint"]) == {"artifact": "checkpoints/last.pt", "step": 3}
+    assert "checkpoints/last.pt" in {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
 
 
 def test_a_signal_during_the_final_checkpoint_write_lets_the_run_finish(workdir, store):

@@ -643,7 +643,7 @@ class TrainLoop:
         """Write a checkpoint of the current state (rank 0); never one with non-finite
         weights. Called on every rank (the weight check is collective) unless
         ``collective`` is false (rank 0 alone, after an interrupt). SIGINT/SIGTERM wait
-        while the file is written; one that came then interrupts once the checkpoint is
+        while the file is written and logged; one that came then interrupts once the checkpoint is
         complete (not after ``final.pt``, nor in a save on the way out, ``collective``
         false: the run ends anyway)."""
         if collective:
@@ -653,15 +653,18 @@ class TrainLoop:
         if not _finite_params(*self.family.modules()):
             raise NonFiniteLoss(f"model weights are NaN or infinite after step {self.step}")
         path = self.ckpt_dir / "final.pt" if final else ckpt.step_file(self.ckpt_dir, self.step)
-        with _signals_held_while_writing() as came:
-            ckpt.save_checkpoint(path, self.state())
-            ckpt.write_latest(self.ckpt_dir, path, self.step)
-            if not final:
-                ckpt.prune_checkpoints(self.ckpt_dir, self.cfg.train.keep_checkpoints)
-            self.last_good = path
-            self._saved_step = self.step
+        came: list = []
         try:
-            self._log_checkpoint(path, final)
+            with _signals_held_while_writing() as came:
+                ckpt.save_checkpoint(path, self.state())
+                ckpt.write_latest(self.ckpt_dir, path, self.step)
+                if not final:
+                    ckpt.prune_checkpoints(self.ckpt_dir, self.cfg.train.keep_checkpoints)
+                self.last_good = path
+                self._saved_step = self.step
+                # logged before a held signal stops the run: the way-out save skips a step
+                # already saved, so a checkpoint not logged now would never be in MLflow
+                self._log_checkpoint(path, final)
         finally:
             if came and collective and not final:  # after final.pt the run is complete: it ends FINISHED
                 signals = getattr(self, "_signals", None)
