@@ -344,10 +344,10 @@ def _load_yaml(path: Path, loc: _Loc, problems: list[Problem]) -> Any:
         if node is None:
             problems.append(Problem("recipe is empty", file=shown, line=1, col=1))
             return None
-        dupes: list[Problem] = []
-        _walk(node, (), shown, loc, dupes)
-        if dupes:
-            problems.extend(dupes)
+        key_problems: list[Problem] = []
+        _walk(node, (), shown, loc, key_problems)
+        if key_problems:
+            problems.extend(key_problems)
             return None
         return yamlsafe.construct(node)
     except yaml.MarkedYAMLError as exc:
@@ -370,26 +370,26 @@ def _load_yaml(path: Path, loc: _Loc, problems: list[Problem]) -> Any:
     return None
 
 
-def _walk(node: yaml.Node, path: Path_, file: str, loc: _Loc, dupes: list[Problem]) -> None:
+def _walk(node: yaml.Node, path: Path_, file: str, loc: _Loc, key_problems: list[Problem]) -> None:
     loc.marks[path] = (file, node.start_mark.line + 1, node.start_mark.column + 1)
     if isinstance(node, yaml.MappingNode):
         seen: dict[Any, int] = {}
         for key_node, value_node in node.value:
             if not isinstance(key_node, yaml.ScalarNode):  # `? [a, b] : 1`: not a name
-                dupes.append(Problem(f"a key must be a name, not a {'list' if isinstance(key_node, yaml.SequenceNode) else 'mapping'}",
+                key_problems.append(Problem(f"a key must be a name, not a {'list' if isinstance(key_node, yaml.SequenceNode) else 'mapping'}",
                                      path=_dotted(path), file=file, line=key_node.start_mark.line + 1,
                                      col=key_node.start_mark.column + 1))
                 continue
             kind = {"tag:yaml.org,2002:timestamp": "a date", "tag:yaml.org,2002:bool": "a boolean",
                     "tag:yaml.org,2002:null": "null"}.get(key_node.tag)
             if kind is not None:  # `2020-01-01:`, `on:`, `~:` -- YAML would not make it a name
-                dupes.append(Problem(f"key {key_node.value!r} is read by YAML as {kind}, not a name; quote it "
+                key_problems.append(Problem(f"key {key_node.value!r} is read by YAML as {kind}, not a name; quote it "
                                      f"if a name is meant", path=_dotted(path), file=file,
                                      line=key_node.start_mark.line + 1, col=key_node.start_mark.column + 1))
                 continue
             key = key_node.value
             if key in seen:
-                dupes.append(
+                key_problems.append(
                     Problem(
                         f"duplicate key {key!r} (first at line {seen[key]})",
                         path=_dotted(path + (key,)),
@@ -401,15 +401,15 @@ def _walk(node: yaml.Node, path: Path_, file: str, loc: _Loc, dupes: list[Proble
             seen[key] = key_node.start_mark.line + 1
             # point at the key: that is where a user looks for a wrong name
             loc.marks[path + (key,)] = (file, key_node.start_mark.line + 1, key_node.start_mark.column + 1)
-            _walk_value(value_node, path + (key,), file, loc, dupes)
+            _walk_value(value_node, path + (key,), file, loc, key_problems)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            _walk(item, path + (i,), file, loc, dupes)
+            _walk(item, path + (i,), file, loc, key_problems)
 
 
-def _walk_value(node: yaml.Node, path: Path_, file: str, loc: _Loc, dupes: list[Problem]) -> None:
+def _walk_value(node: yaml.Node, path: Path_, file: str, loc: _Loc, key_problems: list[Problem]) -> None:
     key_mark = loc.marks[path]
-    _walk(node, path, file, loc, dupes)
+    _walk(node, path, file, loc, key_problems)
     if not isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
         loc.values[path] = loc.marks[path]
         loc.marks[path] = key_mark

@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from vqkit import __version__
-from vqkit.errors import VqkitError
+from vqkit.errors import Problem, VqkitError
 from vqkit.recipe import Recipe
 from vqkit.runtime import sigterm_as_interrupt
 from vqkit.train import checkpoint as ckpt
@@ -64,8 +64,6 @@ __all__ = ["Family", "TrainLoop", "NonFiniteLoss", "TrainResult", "seed_everythi
 def check_output_dir(recipe) -> None:
     """``tracking.output_dir`` can hold run dirs: not a file, nor under one (a located
     error at that key, before any MLflow run is created)."""
-    from vqkit.errors import Problem
-
     folder = Path(recipe.model.tracking.output_dir).expanduser()
     for part in (folder, *folder.parents):
         if part.exists():
